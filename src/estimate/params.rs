@@ -1,0 +1,509 @@
+//! Exact parameter counts per component, in closed form, from a config alone.
+//!
+//! Each formula mirrors a module of the genuine network (`model/gpt2.rs`, `model/llama.rs`);
+//! the shape-only census of that network must agree to the parameter (tested).
+
+use crate::config::{Arch, ModelConfig};
+use crate::error::{Error, Result};
+use serde::{Serialize, Serializer};
+
+/// Parameter groups. The census groups checkpoint tensors into the same groups, so estimate and
+/// measurement are joined by this key, never by position.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Component {
+    /// Token embedding `[vocab, d]` (`wte` / `embed_tokens`).
+    EmbedTokens,
+    /// Learned positions `[block, d]` (GPT-2 `wpe`); RoPE models have none.
+    EmbedPositions,
+    /// q, k, v, o projections and their biases, all layers.
+    Attention,
+    /// Dense MLP (GELU: 2 matrices; SwiGLU: 3), all layers.
+    Mlp,
+    /// MoE router (`block_sparse_moe.gate`), all layers.
+    Router,
+    /// MoE experts (each a SwiGLU MLP), all layers.
+    Experts,
+    /// The two norms inside each layer.
+    Norms,
+    /// The norm after the last layer.
+    FinalNorm,
+    /// The output projection; 0 when tied to the token embedding.
+    LmHead,
+}
+
+impl Component {
+    pub const ALL: [Component; 9] = [
+        Component::EmbedTokens,
+        Component::EmbedPositions,
+        Component::Attention,
+        Component::Mlp,
+        Component::Router,
+        Component::Experts,
+        Component::Norms,
+        Component::FinalNorm,
+        Component::LmHead,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Component::EmbedTokens => "embed_tokens",
+            Component::EmbedPositions => "embed_positions",
+            Component::Attention => "attention",
+            Component::Mlp => "mlp",
+            Component::Router => "router",
+            Component::Experts => "experts",
+            Component::Norms => "norms",
+            Component::FinalNorm => "final_norm",
+            Component::LmHead => "lm_head",
+        }
+    }
+
+    /// Which group an HF checkpoint tensor belongs to, from its name.
+    pub fn of_tensor(name: &str) -> Option<Component> {
+        let n = name;
+        let last = |s: &str| n.ends_with(s) || n.contains(&format!("{s}."));
+        Some(if n.contains("wte.") || n.contains("embed_tokens.") {
+            Component::EmbedTokens
+        } else if n.contains("wpe.") {
+            Component::EmbedPositions
+        } else if n.starts_with("lm_head.") {
+            Component::LmHead
+        } else if n.contains("block_sparse_moe.gate.") {
+            Component::Router
+        } else if n.contains("block_sparse_moe.experts.") {
+            Component::Experts
+        } else if n.contains(".attn.") || n.contains(".self_attn.") {
+            Component::Attention
+        } else if n.contains(".mlp.") {
+            Component::Mlp
+        } else if last("ln_1") || last("ln_2") || n.contains("layernorm.") {
+            Component::Norms
+        } else if n.contains("ln_f.") || n.starts_with("model.norm.") || n.starts_with("norm.") {
+            Component::FinalNorm
+        } else {
+            return None;
+        })
+    }
+}
+
+/// One component's count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct ComponentCount {
+    pub component: Component,
+    pub params: u64,
+}
+
+/// A share of the gap between the 12·d² rule and the exact count, with its cause.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct GapTerm {
+    /// Which part of the rule it corrects.
+    pub term: &'static str,
+    /// exact − rule for that part (parameters, signed).
+    pub delta: i128,
+    /// Why the rule misses it.
+    pub why: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ParamEstimate {
+    /// Exact count, tied weights once.
+    pub total: u64,
+    /// Token and position embeddings excluded (Kaplan et al. 2020's N); an untied head stays in.
+    pub non_embedding: u64,
+    /// Parameters a token passes through (MoE: only `n_experts_per_tok` experts); = total if dense.
+    pub active_per_token: u64,
+    /// The seed's rule `(vocab + block)·d + 12·d²·L`.
+    pub rough_12d2: u64,
+    /// `(rough − total) / total`.
+    pub rough_rel_error: f64,
+    /// Whether the rule's assumptions hold (GPT-2-like): 4d GELU MLP, full heads, learned positions.
+    pub rough_applies: bool,
+    #[serde(serialize_with = "components_as_map")]
+    pub components: Vec<ComponentCount>,
+    /// Where the 12·d² rule and the exact count part, largest first.
+    pub rough_gap: Vec<GapTerm>,
+}
+
+fn components_as_map<S: Serializer>(c: &[ComponentCount], s: S) -> Result<S::Ok, S::Error> {
+    use serde::ser::SerializeMap;
+    let mut m = s.serialize_map(Some(c.len()))?;
+    for cc in c {
+        m.serialize_entry(cc.component.name(), &cc.params)?;
+    }
+    m.end()
+}
+
+impl ParamEstimate {
+    pub fn get(&self, c: Component) -> u64 {
+        self.components
+            .iter()
+            .find(|cc| cc.component == c)
+            .map_or(0, |cc| cc.params)
+    }
+}
+
+/// Per-layer counts, in u128 so that no valid config can overflow while summing.
+struct Layer {
+    attention: u128,
+    /// Attention weights without biases, to compare with the rule's 4·d².
+    attention_weights: u128,
+    mlp: u128,
+    router: u128,
+    experts: u128,
+    /// One expert's parameters (for the active count).
+    expert: u128,
+    norms: u128,
+}
+
+fn layer(cfg: &ModelConfig) -> Layer {
+    let d = cfg.n_embd as u128;
+    let q = cfg.q_dim() as u128;
+    let kv = cfg.kv_dim() as u128;
+    let ff = cfg.intermediate_size as u128;
+    match cfg.arch {
+        Arch::Gpt2 => {
+            let b = u128::from(cfg.bias);
+            // c_attn [d, 3d] (+3d), c_proj [d, d] (+d)
+            let attention_weights = d * 3 * d + d * d;
+            // c_fc [d, ff] (+ff), c_proj [ff, d] (+d)
+            let mlp = d * ff + b * ff + ff * d + b * d;
+            Layer {
+                attention: attention_weights + b * (3 * d + d),
+                attention_weights,
+                mlp,
+                router: 0,
+                experts: 0,
+                expert: 0,
+                // ln_1, ln_2: weight (+ bias)
+                norms: 2 * (d + b * d),
+            }
+        }
+        Arch::Llama => {
+            let qkv_b = u128::from(cfg.has_qkv_bias());
+            let o_b = u128::from(cfg.bias);
+            let attention_weights = d * q + 2 * d * kv + q * d;
+            let attention = attention_weights + qkv_b * (q + 2 * kv) + o_b * d;
+            // gate [ff, d], up [ff, d], down [d, ff] (+ biases when mlp_bias)
+            let swiglu = 3 * d * ff + u128::from(cfg.mlp_bias) * (2 * ff + d);
+            let (mlp, router, experts, expert) = if cfg.is_moe() {
+                let e = cfg.n_experts as u128;
+                (0, d * e, e * swiglu, swiglu)
+            } else {
+                (swiglu, 0, 0, 0)
+            };
+            Layer {
+                attention,
+                attention_weights,
+                mlp,
+                router,
+                experts,
+                expert,
+                // input_layernorm, post_attention_layernorm: weight only
+                norms: 2 * d,
+            }
+        }
+    }
+}
+
+fn to_u64(cfg: &ModelConfig, what: &str, v: u128) -> Result<u64> {
+    u64::try_from(v).map_err(|_| {
+        Error::field(
+            &cfg.name,
+            what,
+            v,
+            "parameter count overflows 64 bits: the config is absurd",
+        )
+    })
+}
+
+/// The seed's rule of thumb: `(vocab + block)·d + 12·d²·L`.
+pub fn rough_12d2(cfg: &ModelConfig) -> u128 {
+    let d = cfg.n_embd as u128;
+    (cfg.vocab_size as u128 + cfg.block_size as u128) * d + 12 * d * d * cfg.n_layer as u128
+}
+
+/// Whether the 12·d² rule's assumptions hold: GELU MLP of width 4d, full attention heads of
+/// width d/h, learned positions, dense. Where they don't, the rule is shown but does not gate.
+pub fn rough_applies(cfg: &ModelConfig) -> Vec<String> {
+    let mut why_not = Vec::new();
+    if cfg.arch == Arch::Llama {
+        why_not.push(format!(
+            "SwiGLU MLP: 3 matrices of width {} (3·d·ff = {:.2}·d²), not 2 of 4d (8·d²)",
+            cfg.intermediate_size,
+            3.0 * cfg.intermediate_size as f64 / cfg.n_embd as f64
+        ));
+        why_not.push("RoPE: no learned position embedding, yet the rule adds block·d".into());
+    } else if cfg.intermediate_size != 4 * cfg.n_embd {
+        why_not.push(format!(
+            "MLP width {} is not 4·d = {}",
+            cfg.intermediate_size,
+            4 * cfg.n_embd
+        ));
+    }
+    if cfg.n_kv_head != cfg.n_head {
+        why_not.push(format!(
+            "GQA: {} kv heads for {} query heads, so k/v are {} wide, not d = {}",
+            cfg.n_kv_head,
+            cfg.n_head,
+            cfg.kv_dim(),
+            cfg.n_embd
+        ));
+    }
+    if cfg.q_dim() != cfg.n_embd {
+        why_not.push(format!(
+            "explicit head_dim: n_head·head_dim = {} ≠ d = {}",
+            cfg.q_dim(),
+            cfg.n_embd
+        ));
+    }
+    if !cfg.tie_embeddings {
+        why_not.push(format!(
+            "untied lm_head adds vocab·d = {} parameters",
+            cfg.vocab_size as u128 * cfg.n_embd as u128
+        ));
+    }
+    if cfg.is_moe() {
+        why_not.push(format!(
+            "mixture of experts: {} expert MLPs per layer plus a router",
+            cfg.n_experts
+        ));
+    }
+    why_not
+}
+
+pub fn estimate(cfg: &ModelConfig) -> Result<ParamEstimate> {
+    let d = cfg.n_embd as u128;
+    let l = cfg.n_layer as u128;
+    let v = cfg.vocab_size as u128;
+    let lay = layer(cfg);
+    let embed_tokens = v * d;
+    let embed_positions = match cfg.arch {
+        Arch::Gpt2 => cfg.block_size as u128 * d,
+        Arch::Llama => 0,
+    };
+    let norm_b = u128::from(cfg.arch == Arch::Gpt2 && cfg.bias);
+    let final_norm = d + norm_b * d;
+    let lm_head = if cfg.tie_embeddings { 0 } else { v * d };
+    let parts: [(Component, u128); 9] = [
+        (Component::EmbedTokens, embed_tokens),
+        (Component::EmbedPositions, embed_positions),
+        (Component::Attention, l * lay.attention),
+        (Component::Mlp, l * lay.mlp),
+        (Component::Router, l * lay.router),
+        (Component::Experts, l * lay.experts),
+        (Component::Norms, l * lay.norms),
+        (Component::FinalNorm, final_norm),
+        (Component::LmHead, lm_head),
+    ];
+    let total: u128 = parts.iter().map(|(_, n)| n).sum();
+    let mut components = Vec::with_capacity(parts.len());
+    for (c, n) in parts {
+        components.push(ComponentCount {
+            component: c,
+            params: to_u64(cfg, c.name(), n)?,
+        });
+    }
+    let inactive_experts =
+        l * lay.expert * (cfg.n_experts.saturating_sub(cfg.n_experts_per_tok)) as u128;
+    let rough = rough_12d2(cfg);
+    let block_d = cfg.block_size as u128 * d;
+    let signed = |x: u128| x as i128;
+    let mut rough_gap = vec![
+        GapTerm {
+            term: "attention",
+            delta: signed(l * lay.attention) - signed(l * 4 * d * d),
+            why: if lay.attention_weights == 4 * d * d {
+                "rule's 4·d² per layer; the difference is biases".into()
+            } else {
+                format!(
+                    "q/k/v/o hold {:.3}·d² per layer, not 4·d² (GQA or head_dim ≠ d/h)",
+                    lay.attention_weights as f64 / (d * d) as f64
+                )
+            },
+        },
+        GapTerm {
+            term: "mlp",
+            delta: signed(l * (lay.mlp + lay.experts + lay.router)) - signed(l * 8 * d * d),
+            why: match (cfg.arch, cfg.is_moe()) {
+                (Arch::Gpt2, _) if cfg.intermediate_size == 4 * cfg.n_embd => {
+                    "rule's 8·d² per layer; the difference is biases".into()
+                }
+                (Arch::Gpt2, _) => format!("MLP width {} instead of 4·d", cfg.intermediate_size),
+                (Arch::Llama, false) => format!(
+                    "SwiGLU: 3 matrices d×{} = {:.3}·d² per layer, not 8·d²",
+                    cfg.intermediate_size,
+                    3.0 * cfg.intermediate_size as f64 / cfg.n_embd as f64
+                ),
+                (Arch::Llama, true) => format!(
+                    "{} SwiGLU experts of 3·d×{} plus a router per layer, not one 8·d² MLP",
+                    cfg.n_experts, cfg.intermediate_size
+                ),
+            },
+        },
+        GapTerm {
+            term: "lm_head",
+            delta: signed(lm_head),
+            why: if cfg.tie_embeddings {
+                "tied to the token embedding: counted once".into()
+            } else {
+                "untied output head (vocab·d) that the rule leaves out".into()
+            },
+        },
+        GapTerm {
+            term: "positions",
+            delta: signed(embed_positions) - signed(block_d),
+            why: if cfg.arch == Arch::Gpt2 {
+                "learned positions, as the rule assumes".into()
+            } else {
+                "RoPE has no position parameters; the rule counts block·d".into()
+            },
+        },
+        GapTerm {
+            term: "norms",
+            delta: signed(l * lay.norms + final_norm),
+            why: "norm weights (and biases) that the rule leaves out".into(),
+        },
+    ];
+    rough_gap.sort_by_key(|g| std::cmp::Reverse(g.delta.unsigned_abs()));
+    let total_u = to_u64(cfg, "total", total)?;
+    let rough_u = to_u64(cfg, "rough_12d2", rough)?;
+    Ok(ParamEstimate {
+        total: total_u,
+        non_embedding: to_u64(cfg, "non_embedding", total - embed_tokens - embed_positions)?,
+        active_per_token: to_u64(cfg, "active_per_token", total - inactive_experts)?,
+        rough_12d2: rough_u,
+        rough_rel_error: crate::units::rel_error(rough_u as f64, total_u as f64),
+        rough_applies: rough_applies(cfg).is_empty(),
+        components,
+        rough_gap,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::presets;
+
+    fn total(name: &str) -> u64 {
+        estimate(&presets::load(name).unwrap()).unwrap().total
+    }
+
+    /// Published counts of the HF-built models (see each preset file's first line).
+    #[test]
+    fn presets_match_published_counts() {
+        for (name, want) in [
+            ("baby-gpt", 3_481_088u64),
+            ("gpt2", 124_439_808),
+            ("gpt2-nobias", 124_337_664),
+            ("gpt2-medium", 354_823_168),
+            ("gpt2-large", 774_030_080),
+            ("gpt2-xl", 1_557_611_200),
+            ("llama2-7b", 6_738_415_616),
+            ("llama3-8b", 8_030_261_248),
+            ("llama3.1-70b", 70_553_706_496),
+            ("llama3.1-405b", 405_853_388_800),
+            ("mistral-7b", 7_241_732_096),
+            ("qwen2.5-7b", 7_615_616_512),
+            ("mixtral-8x7b", 46_702_792_704),
+        ] {
+            assert_eq!(total(name), want, "{name}");
+        }
+    }
+
+    #[test]
+    fn baby_gpt_rough_rule() {
+        let e = estimate(&presets::load("baby-gpt").unwrap()).unwrap();
+        // (1000 + 256)·256 + 12·256²·4
+        assert_eq!(e.rough_12d2, 3_467_264);
+        assert!((e.rough_rel_error - (3_467_264.0 / 3_481_088.0 - 1.0)).abs() < 1e-12);
+        assert!(e.rough_applies);
+    }
+
+    #[test]
+    fn llama3_rough_rule_misses_by_12_8_percent() {
+        let e = estimate(&presets::load("llama3-8b").unwrap()).unwrap();
+        assert_eq!(e.rough_12d2, 7_001_341_952);
+        assert_eq!(format!("{:.1}", e.rough_rel_error * 100.0), "-12.8");
+        assert!(!e.rough_applies);
+        let gap: i128 = e.rough_gap.iter().map(|g| g.delta).sum();
+        assert_eq!(gap, e.total as i128 - e.rough_12d2 as i128);
+    }
+
+    #[test]
+    fn mixtral_active_parameters() {
+        let e = estimate(&presets::load("mixtral-8x7b").unwrap()).unwrap();
+        // 6 of 8 experts idle per token: 32 layers · 6 · 3·4096·14336 fewer.
+        assert_eq!(
+            e.active_per_token,
+            46_702_792_704 - 32 * 6 * 3 * 4096 * 14336
+        );
+        assert_eq!(e.active_per_token, 12_879_925_248);
+    }
+
+    /// Hand-derived from the tensor shapes of a small GPT-2 (d=8, ff=32, V=10, T=6, L=2).
+    #[test]
+    fn hand_derived_small_gpt2() {
+        let cfg = crate::config::toml::parse(
+            "arch='gpt2'\nvocab_size=10\nblock_size=6\nn_embd=8\nn_layer=2\nn_head=2\n",
+            "t",
+        )
+        .unwrap();
+        let e = estimate(&cfg).unwrap();
+        assert_eq!(e.get(Component::EmbedTokens), 80);
+        assert_eq!(e.get(Component::EmbedPositions), 48);
+        // per layer: c_attn 8·24 + 24, c_proj 8·8 + 8 = 288
+        assert_eq!(e.get(Component::Attention), 2 * 288);
+        // per layer: c_fc 8·32 + 32, c_proj 32·8 + 8 = 552
+        assert_eq!(e.get(Component::Mlp), 2 * 552);
+        assert_eq!(e.get(Component::Norms), 2 * 32);
+        assert_eq!(e.get(Component::FinalNorm), 16);
+        assert_eq!(e.get(Component::LmHead), 0);
+        assert_eq!(e.total, 80 + 48 + 576 + 1104 + 64 + 16);
+        assert_eq!(e.non_embedding, e.total - 128);
+    }
+
+    /// Hand-derived small Llama with GQA, explicit head_dim, qkv bias, untied head.
+    #[test]
+    fn hand_derived_small_llama() {
+        let cfg = crate::config::toml::parse(
+            "arch='llama'\nvocab_size=10\nblock_size=6\nn_embd=8\nn_layer=1\nn_head=4\n\
+             n_kv_head=2\nhead_dim=4\nintermediate_size=12\nqkv_bias=true\ntie_embeddings=false\n",
+            "t",
+        )
+        .unwrap();
+        let e = estimate(&cfg).unwrap();
+        // q: 8→16 (+16), k,v: 8→8 (+8 each), o: 16→8
+        assert_eq!(e.get(Component::Attention), 128 + 16 + 64 + 8 + 64 + 8 + 128);
+        assert_eq!(e.get(Component::Mlp), 3 * 8 * 12);
+        assert_eq!(e.get(Component::Norms), 16);
+        assert_eq!(e.get(Component::FinalNorm), 8);
+        assert_eq!(e.get(Component::LmHead), 80);
+        assert_eq!(e.get(Component::EmbedPositions), 0);
+    }
+
+    #[test]
+    fn tensor_names_map_to_components() {
+        for (name, c) in [
+            ("transformer.wte.weight", Component::EmbedTokens),
+            ("transformer.wpe.weight", Component::EmbedPositions),
+            ("transformer.h.0.attn.c_attn.weight", Component::Attention),
+            ("transformer.h.0.mlp.c_fc.bias", Component::Mlp),
+            ("transformer.h.0.ln_1.weight", Component::Norms),
+            ("transformer.ln_f.bias", Component::FinalNorm),
+            ("model.embed_tokens.weight", Component::EmbedTokens),
+            ("model.layers.3.self_attn.k_proj.bias", Component::Attention),
+            ("model.layers.3.mlp.gate_proj.weight", Component::Mlp),
+            ("model.layers.3.input_layernorm.weight", Component::Norms),
+            ("model.layers.3.post_attention_layernorm.weight", Component::Norms),
+            ("model.layers.0.block_sparse_moe.gate.weight", Component::Router),
+            ("model.layers.0.block_sparse_moe.experts.3.w2.weight", Component::Experts),
+            ("model.norm.weight", Component::FinalNorm),
+            ("lm_head.weight", Component::LmHead),
+        ] {
+            assert_eq!(Component::of_tensor(name), Some(c), "{name}");
+        }
+        assert_eq!(Component::of_tensor("transformer.h.0.attn.bias_mask_x"), Some(Component::Attention));
+        assert_eq!(Component::of_tensor("something.else"), None);
+    }
+}

@@ -1,0 +1,11 @@
+//! truesize: size transformer language models from a config, then prove the numbers on real
+//! tensors.
+//!
+//! The data flows one way: `config` → `estimate` → `model` → `measure` → `verify` → `report`.
+
+pub mod config;
+pub mod dtype;
+pub mod error;
+pub mod estimate;
+pub mod model;
+pub mod units;
