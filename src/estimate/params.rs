@@ -125,7 +125,7 @@ pub struct ParamEstimate {
     pub rough_gap: Vec<GapTerm>,
 }
 
-fn components_as_map<S: Serializer>(c: &[ComponentCount], s: S) -> Result<S::Ok, S::Error> {
+pub fn components_as_map<S: Serializer>(c: &[ComponentCount], s: S) -> Result<S::Ok, S::Error> {
     use serde::ser::SerializeMap;
     let mut m = s.serialize_map(Some(c.len()))?;
     for cc in c {
@@ -269,7 +269,36 @@ pub fn rough_applies(cfg: &ModelConfig) -> Vec<String> {
             cfg.n_experts
         ));
     }
+    if why_not.is_empty() {
+        // The rule drops every O(d) term (biases, norm weights): fine for d in the hundreds,
+        // not for toy widths.
+        let l = layer(cfg);
+        let d = cfg.n_embd as u128;
+        let small = cfg.n_layer as u128 * (l.attention - l.attention_weights + l.mlp - 2 * d * cfg.intermediate_size as u128 + l.norms)
+            + d
+            + u128::from(cfg.bias) * d;
+        let total = estimate_total_unchecked(cfg);
+        if total > 0 && small * 100 > total {
+            why_not.push(format!(
+                "d = {} is too small: biases and norm weights the rule ignores are {:.2}% of the parameters",
+                cfg.n_embd,
+                100.0 * small as f64 / total as f64
+            ));
+        }
+    }
     why_not
+}
+
+fn estimate_total_unchecked(cfg: &ModelConfig) -> u128 {
+    let d = cfg.n_embd as u128;
+    let l = layer(cfg);
+    let pos = if cfg.arch == Arch::Gpt2 { cfg.block_size as u128 * d } else { 0 };
+    let head = if cfg.tie_embeddings { 0 } else { cfg.vocab_size as u128 * d };
+    cfg.vocab_size as u128 * d
+        + pos
+        + cfg.n_layer as u128 * (l.attention + l.mlp + l.router + l.experts + l.norms)
+        + 2 * d
+        + head
 }
 
 pub fn estimate(cfg: &ModelConfig) -> Result<ParamEstimate> {

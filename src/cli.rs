@@ -1,0 +1,114 @@
+//! Command-line definitions only (clap derive); `commands` does the work.
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+
+const EXIT_CODES: &str = "\
+Exit codes:
+  0  every check passed
+  1  a check failed, or a run was refused because it would not fit in memory
+  2  bad input: the message names the file, the field and the value";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "truesize",
+    version,
+    about = "Size transformer language models from a config, then prove the numbers on real tensors",
+    after_help = EXIT_CODES
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Exact parameter counts, bytes per dtype and training memory, from a config alone.
+    Estimate(EstimateArgs),
+    /// Build the genuine network, count its tensors, run forward + backward, compare with the estimate.
+    Verify(VerifyArgs),
+    /// List the built-in presets.
+    Presets(PresetsArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    Table,
+    Json,
+    Markdown,
+}
+
+/// Which model: a preset, a config file (truesize TOML or HF config.json) or a folder holding one.
+#[derive(Debug, Args)]
+pub struct ConfigArgs {
+    /// truesize TOML, HF config.json, or an HF model folder.
+    #[arg(long, value_name = "PATH", conflicts_with = "preset")]
+    pub config: Option<PathBuf>,
+    /// Built-in preset (see `truesize presets`); baby-gpt when nothing is given.
+    #[arg(long, value_name = "NAME")]
+    pub preset: Option<String>,
+}
+
+/// Shape of one training step.
+#[derive(Debug, Args)]
+pub struct StepArgs {
+    /// Sequences per batch (default: the config's [run] table, else 4).
+    #[arg(long, value_name = "B")]
+    pub batch: Option<usize>,
+    /// Tokens per sequence (default: the config's [run] table, else 64, at most block_size).
+    #[arg(long, value_name = "T")]
+    pub seq: Option<usize>,
+    /// Training dtype: f32, f16 or bf16 (default: the config's [run] table, else f32).
+    #[arg(long, value_name = "DTYPE")]
+    pub dtype: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct EstimateArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    #[command(flatten)]
+    pub step: StepArgs,
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    pub format: Format,
+}
+
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// HF checkpoint folder: config.json + model.safetensors (or a sharded index). Loads real weights.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["config", "preset"])]
+    pub model: Option<PathBuf>,
+    /// Reference outputs (expected.safetensors + expected.json) to check logits, loss and gradients.
+    #[arg(long, value_name = "PATH")]
+    pub reference: Option<PathBuf>,
+    /// cpu, cuda or cuda:N (cuda needs a build with `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    #[command(flatten)]
+    pub step: StepArgs,
+    /// Relative tolerance for the 12·d² rule where it applies (default 0.01: the seed's bound).
+    #[arg(long, value_name = "X")]
+    pub tolerance: Option<f64>,
+    /// Time the forward/backward pass N times and report medians.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub repeat: usize,
+    /// Count tensors by name and shape only, without allocating (any size, in milliseconds).
+    #[arg(long)]
+    pub shapes_only: bool,
+    /// Seed for the random weights.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Memory the run may use, in bytes (overrides the available memory the OS reports).
+    #[arg(long, value_name = "BYTES")]
+    pub max_memory: Option<u64>,
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    pub format: Format,
+}
+
+#[derive(Debug, Args)]
+pub struct PresetsArgs {
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    pub format: Format,
+}

@@ -1,0 +1,12 @@
+//! Measurement of the genuine model: census of its tensors, forward + backward under a memory
+//! probe, timings.
+
+pub mod alloc;
+pub mod census;
+#[cfg(feature = "cuda")]
+pub mod cuda;
+pub mod device;
+pub mod reference;
+pub mod peak;
+pub mod run;
+pub mod sysmem;

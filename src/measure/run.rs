@@ -1,0 +1,195 @@
+//! One training step (forward, next-token loss, backward) with the memory probe watching each
+//! phase, repeated for timing.
+
+use crate::error::{Error, Result};
+use crate::model::{next_token_loss, Model};
+use candle_core::{DType, Tensor};
+use candle_nn::VarMap;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+/// Where allocated bytes are read from.
+pub trait MemoryProbe {
+    /// What is measured, for the report.
+    fn source(&self) -> &'static str;
+    fn current(&self) -> Result<u64>;
+    fn peak(&self) -> Result<u64>;
+    fn reset_peak(&self) -> Result<()>;
+}
+
+/// CPU: the counting global allocator (exact bytes of every allocation).
+pub struct CpuProbe;
+
+impl MemoryProbe for CpuProbe {
+    fn source(&self) -> &'static str {
+        "counting global allocator (exact heap bytes)"
+    }
+    fn current(&self) -> Result<u64> {
+        Ok(super::alloc::current())
+    }
+    fn peak(&self) -> Result<u64> {
+        Ok(super::alloc::peak())
+    }
+    fn reset_peak(&self) -> Result<()> {
+        super::alloc::reset_peak();
+        Ok(())
+    }
+}
+
+/// Bytes per phase, all relative to the baseline taken before the model was built.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct PhaseBytes {
+    /// After building the model: the weights (and the VarMap's bookkeeping).
+    pub weights_bytes: u64,
+    /// Highest point during forward + loss.
+    pub forward_peak_bytes: u64,
+    /// After forward: weights + everything autograd keeps for backward.
+    pub after_forward_bytes: u64,
+    /// Highest point during backward.
+    pub backward_peak_bytes: u64,
+    /// After backward, graph released: weights + the gradients kept (+ runtime caches).
+    pub after_backward_bytes: u64,
+    /// Freed when the gradients are dropped: the gradients' real size.
+    pub gradients_bytes: u64,
+    /// Highest point of the whole step: max(forward peak, backward peak).
+    pub peak_bytes: u64,
+}
+
+pub struct StepResult {
+    pub memory: PhaseBytes,
+    pub loss: f64,
+    pub logits: Tensor,
+    /// L2 norm of each parameter's gradient (f32), by parameter name.
+    pub grad_norms: BTreeMap<String, f64>,
+    /// Parameters that got no gradient: each one is a bug (a non-differentiable op upstream).
+    pub missing_grads: Vec<String>,
+    pub forward_s: Vec<f64>,
+    pub backward_s: Vec<f64>,
+}
+
+/// Run `repeat` steps; memory is read on the first (it is identical on later ones), timings on all.
+/// `baseline` is the probe's reading before the model was built.
+pub fn train_step(
+    model: &Model,
+    varmap: &VarMap,
+    input_ids: &Tensor,
+    probe: &dyn MemoryProbe,
+    baseline: u64,
+    weights_after_build: u64,
+    repeat: usize,
+) -> Result<StepResult> {
+    let vars: Vec<(String, candle_core::Var)> = {
+        let data = varmap.data().lock().unwrap_or_else(|e| e.into_inner());
+        let mut v: Vec<_> = data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    };
+    let rel = |x: u64| x.saturating_sub(baseline);
+    let mut first: Option<StepResult> = None;
+    let mut forward_s = Vec::with_capacity(repeat);
+    let mut backward_s = Vec::with_capacity(repeat);
+    for _ in 0..repeat.max(1) {
+        probe.reset_peak()?;
+        let t0 = Instant::now();
+        let logits = model.forward(input_ids).map_err(ctx("forward pass"))?;
+        let loss = next_token_loss(&logits, input_ids).map_err(ctx("loss"))?;
+        // Reading the scalar synchronises a GPU, so the timing covers the real work.
+        let loss_value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        forward_s.push(t0.elapsed().as_secs_f64());
+        let forward_peak = probe.peak()?;
+        let after_forward = probe.current()?;
+
+        probe.reset_peak()?;
+        let t1 = Instant::now();
+        let store = loss.backward().map_err(ctx("backward pass"))?;
+        // Gradients from `backward()` still point into the graph; detach the ones we keep and
+        // drop the store, or the whole graph stays alive (DESIGN.md).
+        let mut grads = BTreeMap::new();
+        let mut missing = Vec::new();
+        for (name, var) in &vars {
+            match store.get(var.as_tensor()) {
+                Some(g) => {
+                    grads.insert(name.clone(), g.detach());
+                }
+                None => missing.push(name.clone()),
+            }
+        }
+        drop(store);
+        drop(loss);
+        // Shadowing would keep the graph-carrying logits alive to the end of the loop body.
+        let logits = {
+            let with_graph = logits;
+            with_graph.detach()
+        };
+        if let Some(g) = grads.values().next() {
+            // Force completion on asynchronous devices before stopping the clock.
+            g.device().synchronize()?;
+        }
+        backward_s.push(t1.elapsed().as_secs_f64());
+        let backward_peak = probe.peak()?;
+        let after_backward = probe.current()?.saturating_sub(logits_bytes(&logits));
+        if first.is_none() {
+            let mut grad_norms = BTreeMap::new();
+            for (name, g) in &grads {
+                grad_norms.insert(name.clone(), l2_norm(g)?);
+            }
+            let with_grads = probe.current()?;
+            drop(grads);
+            let gradients_bytes = with_grads.saturating_sub(probe.current()?);
+            first = Some(StepResult {
+                memory: PhaseBytes {
+                    weights_bytes: rel(weights_after_build),
+                    forward_peak_bytes: rel(forward_peak),
+                    after_forward_bytes: rel(after_forward),
+                    backward_peak_bytes: rel(backward_peak),
+                    after_backward_bytes: rel(after_backward),
+                    gradients_bytes,
+                    peak_bytes: rel(forward_peak.max(backward_peak)),
+                },
+                loss: loss_value,
+                logits,
+                grad_norms,
+                missing_grads: missing,
+                forward_s: Vec::new(),
+                backward_s: Vec::new(),
+            });
+        }
+    }
+    let mut r = first.ok_or_else(|| Error::Internal(anyhow::anyhow!("no step ran")))?;
+    r.forward_s = forward_s;
+    r.backward_s = backward_s;
+    Ok(r)
+}
+
+/// The detached logits we keep for reference checks are not part of the training state.
+fn logits_bytes(t: &Tensor) -> u64 {
+    (t.elem_count() * t.dtype().size_in_bytes()) as u64
+}
+
+fn ctx(what: &'static str) -> impl Fn(candle_core::Error) -> Error {
+    move |e| Error::Internal(anyhow::anyhow!("{what}: {e}"))
+}
+
+/// L2 norm of a tensor, computed in f32.
+pub fn l2_norm(t: &Tensor) -> Result<f64> {
+    Ok(t.to_dtype(DType::F32)?
+        .sqr()?
+        .sum_all()?
+        .sqrt()?
+        .to_scalar::<f32>()? as f64)
+}
+
+pub fn median(xs: &[f64]) -> f64 {
+    if xs.is_empty() {
+        return f64::NAN;
+    }
+    let mut v = xs.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}

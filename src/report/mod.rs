@@ -1,0 +1,94 @@
+//! Reports: one `Report` computed once, rendered by one exporter per format. Exporters turn
+//! numbers into text; they never compute.
+
+pub mod json;
+pub mod markdown;
+pub mod sections;
+pub mod table;
+
+use crate::cli::Format;
+use crate::config::ModelConfig;
+use crate::estimate::memory::{TrainingMemory, WeightBytes};
+use crate::estimate::ParamEstimate;
+use crate::measure::census::Census;
+use crate::measure::run::PhaseBytes;
+use crate::verify::Check;
+use serde::Serialize;
+
+/// Everything a command found, serialised as the JSON contract (DESIGN.md).
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub command: &'static str,
+    pub model: ModelConfig,
+    pub run: RunInfo,
+    pub params: ParamEstimate,
+    pub weights: Vec<WeightBytes>,
+    pub training: TrainingMemory,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub census: Option<Census>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory: Option<MemoryReport>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub timing: Option<Timing>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub loss: Option<f64>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub checks: Vec<Check>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pass: Option<bool>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RunInfo {
+    pub batch: usize,
+    pub seq: usize,
+    pub dtype: crate::dtype::TrainDtype,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tolerance: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub repeat: Option<usize>,
+    /// Where the weights came from: "random (seed N)" or the checkpoint path.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub weights: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct MemoryReport {
+    /// How bytes were measured.
+    pub source: &'static str,
+    #[serde(flatten)]
+    pub phases: PhaseBytes,
+    /// Analytic prediction of `peak_bytes` (estimate::activations).
+    pub predicted_peak_bytes: u64,
+    /// Measured peak minus the weights: what training adds on top of the model.
+    pub peak_above_weights_bytes: u64,
+    /// Process RSS at the end, for context only (includes the runtime, ~80–100 MiB).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rss_bytes: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Timing {
+    pub repeat: usize,
+    /// Median over `repeat` runs, seconds.
+    pub forward_s: f64,
+    pub backward_s: f64,
+    pub build_s: f64,
+}
+
+/// One output format.
+pub trait Exporter {
+    fn render(&self, report: &Report) -> String;
+}
+
+pub fn exporter(format: Format) -> Box<dyn Exporter> {
+    match format {
+        Format::Table => Box::new(table::TableExporter),
+        Format::Json => Box::new(json::JsonExporter),
+        Format::Markdown => Box::new(markdown::MarkdownExporter),
+    }
+}

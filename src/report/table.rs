@@ -1,0 +1,45 @@
+use super::sections::{sections, Section};
+use super::{Exporter, Report};
+use comfy_table::{presets::UTF8_FULL_CONDENSED, Cell, CellAlignment, ContentArrangement, Table};
+
+pub struct TableExporter;
+
+/// Render titled sections as comfy-table tables (also used by `presets`).
+pub fn render_sections(secs: &[Section]) -> String {
+    let mut out = String::new();
+    for sec in secs {
+        out.push_str(&sec.title);
+        out.push('\n');
+        if !sec.header.is_empty() {
+            let mut t = Table::new();
+            t.load_preset(UTF8_FULL_CONDENSED)
+                .set_content_arrangement(ContentArrangement::Disabled)
+                .set_header(sec.header.clone());
+            for row in &sec.rows {
+                t.add_row(row.iter().map(|c| {
+                    let numeric = c.chars().any(|ch| ch.is_ascii_digit())
+                        && c.chars().all(|ch| "0123456789,.+-%e ×/".contains(ch));
+                    Cell::new(c).set_alignment(if numeric {
+                        CellAlignment::Right
+                    } else {
+                        CellAlignment::Left
+                    })
+                }));
+            }
+            out.push_str(&t.to_string());
+            out.push('\n');
+        }
+        for n in &sec.notes {
+            out.push_str(n);
+            out.push('\n');
+        }
+        out.push('\n');
+    }
+    out
+}
+
+impl Exporter for TableExporter {
+    fn render(&self, report: &Report) -> String {
+        render_sections(&sections(report))
+    }
+}
