@@ -89,7 +89,7 @@ pub struct VerifyArgs {
     #[command(flatten)]
     pub step: StepArgs,
     /// Relative tolerance for the 12·d² rule where it applies (default 0.01: the seed's bound).
-    #[arg(long, value_name = "X")]
+    #[arg(long, value_name = "X", allow_negative_numbers = true)]
     pub tolerance: Option<f64>,
     /// Time the forward/backward pass N times and report medians.
     #[arg(long, default_value_t = 1, value_name = "N")]

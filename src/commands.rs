@@ -79,6 +79,7 @@ pub fn base_report(
         checks: Vec::new(),
         pass: None,
         notes: Vec::new(),
+        peak_rss_bytes: None,
     })
 }
 

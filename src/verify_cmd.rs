@@ -128,6 +128,7 @@ pub fn verify(a: VerifyArgs) -> Result<u8> {
     let pass = all_pass(&checks);
     report.checks = checks;
     report.pass = Some(pass);
+    report.peak_rss_bytes = sysmem::peak_rss_bytes();
     print!("{}", exporter(a.format).render(&report));
     if let Some(msg) = refused {
         eprintln!("error: refused: {msg}");

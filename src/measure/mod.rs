@@ -3,10 +3,12 @@
 
 pub mod alloc;
 pub mod census;
+pub mod checkpoint;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod device;
 pub mod reference;
 pub mod peak;
+pub mod quantize;
 pub mod run;
 pub mod sysmem;

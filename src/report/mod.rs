@@ -38,6 +38,9 @@ pub struct Report {
     pub pass: Option<bool>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub notes: Vec<String>,
+    /// Peak resident set size of this process (context: shows shape-only runs allocate nothing).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peak_rss_bytes: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -296,12 +296,16 @@ pub fn sections(r: &Report) -> Vec<Section> {
                 .collect(),
         });
     }
-    if !r.notes.is_empty() {
+    let mut notes = r.notes.clone();
+    if let Some(rss) = r.peak_rss_bytes {
+        notes.push(format!("peak RSS of this process: {}", Bytes(rss)));
+    }
+    if !notes.is_empty() {
         out.push(Section {
             title: "Notes".into(),
             header: vec![],
             rows: vec![],
-            notes: r.notes.clone(),
+            notes,
         });
     }
     out
