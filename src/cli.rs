@@ -103,6 +103,15 @@ pub struct VerifyArgs {
     /// Memory the run may use, in bytes (overrides the available memory the OS reports).
     #[arg(long, value_name = "BYTES")]
     pub max_memory: Option<u64>,
+    /// The device's peak in TFLOP/s (dense, at the run's dtype) for MFU; never assumed.
+    #[arg(long, value_name = "TFLOPS", conflicts_with = "measure_peak")]
+    pub peak_tflops: Option<f64>,
+    /// Measure the device's peak for MFU with a 2048×2048 f32 matmul probe (median of 5).
+    #[arg(long)]
+    pub measure_peak: bool,
+    /// Skip writing the checkpoint file and quantizing the weights.
+    #[arg(long)]
+    pub no_artifacts: bool,
     #[arg(long, value_enum, default_value_t = Format::Table)]
     pub format: Format,
 }

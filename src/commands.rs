@@ -55,6 +55,7 @@ pub fn base_report(
     step: activations::Step,
 ) -> Result<Report> {
     let p = params::estimate(cfg)?;
+    let flops = crate::estimate::flops::estimate(cfg, &p, step.seq, false)?;
     let act = activations::predicted_peak(cfg, p.total, step)
         .saturating_sub(2 * p.total.saturating_mul(step.dtype.bytes()));
     Ok(Report {
@@ -76,6 +77,10 @@ pub fn base_report(
         memory: None,
         timing: None,
         loss: None,
+        flops: Some(flops),
+        mfu: None,
+        checkpoint: None,
+        quantized: None,
         checks: Vec::new(),
         pass: None,
         notes: Vec::new(),

@@ -300,7 +300,76 @@ fn measure_real(
         build_s,
     });
     report.loss = Some(r.loss);
+    if let (Some(f), Some(t)) = (&report.flops, &report.timing) {
+        let peak = match (a.peak_tflops, a.measure_peak) {
+            (Some(tf), _) if tf.is_finite() && tf > 0.0 => Some((tf * 1e12, "given: --peak-tflops".to_string())),
+            (Some(tf), _) => return Err(Error::field("command line", "--peak-tflops", tf, "must be > 0")),
+            (None, true) => Some(crate::measure::peak::measure_matmul_peak(device)?),
+            (None, false) => None,
+        };
+        report.mfu = Some(crate::estimate::flops::mfu(f, step.batch, t.forward_s + t.backward_s, peak));
+    }
+    if !a.no_artifacts {
+        measure_artifacts(cfg, step, &varmap, real.numel, report, checks)?;
+    }
     report.census = Some(real);
+    Ok(())
+}
+
+/// Write the model to a real `.safetensors` file and quantize its weights (issue #6).
+fn measure_artifacts(
+    cfg: &ModelConfig,
+    step: Step,
+    varmap: &candle_nn::VarMap,
+    numel: u64,
+    report: &mut Report,
+    checks: &mut Vec<Check>,
+) -> Result<()> {
+    use crate::measure::{checkpoint, quantize};
+    let specs = build::shapes_only(cfg, step.dtype.candle())?;
+    let metas: Vec<checkpoint::TensorMeta> = specs
+        .iter()
+        .map(|s| checkpoint::TensorMeta { name: &s.name, shape: &s.shape, dtype: s.dtype })
+        .collect();
+    let predicted = checkpoint::predict(&metas)?;
+    if predicted.file_bytes <= checkpoint::MAX_CHECKPOINT_BYTES {
+        let c = checkpoint::save_and_measure(varmap, &metas, None)?;
+        checks.push(
+            Check::exact("checkpoint: file bytes == predicted", c.file_bytes, c.predicted_bytes)
+                .with_note("real .safetensors file vs 8 + header + Σ numel × element size"),
+        );
+        checks.push(Check::exact(
+            "checkpoint: header bytes == predicted",
+            c.header_bytes,
+            c.predicted_header_bytes,
+        ));
+        report.checkpoint = Some(c);
+    } else {
+        report.notes.push(format!(
+            "checkpoint not written: {} predicted exceeds the {} limit for a temp file",
+            Bytes(predicted.file_bytes),
+            Bytes(checkpoint::MAX_CHECKPOINT_BYTES)
+        ));
+    }
+    if numel <= quantize::MAX_QUANTIZE_PARAMS {
+        let q = quantize::quantize_varmap(varmap)?;
+        for (name, r) in &q {
+            checks.push(
+                Check::exact(
+                    format!("quantized {name}: storage bytes == blocks × block bytes"),
+                    r.quantized_bytes,
+                    r.predicted_quantized_bytes,
+                )
+                .with_note(format!("{:.3} bits/weight", r.bits_per_weight)),
+            );
+        }
+        report.quantized = Some(q);
+    } else {
+        report.notes.push(format!(
+            "weights not quantized: {numel} parameters exceed the {} limit",
+            quantize::MAX_QUANTIZE_PARAMS
+        ));
+    }
     Ok(())
 }
 

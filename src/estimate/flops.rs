@@ -54,6 +54,9 @@ pub struct FlopsEstimate {
     pub causal: bool,
     /// Forward FLOPs of one sequence (2·m·n·k per matmul).
     pub forward: u64,
+    /// The same forward with the attention terms counted over the causal lower triangle only
+    /// (`T(T+1)/2` query–key pairs per head instead of `T²`): the FLOPs a masked kernel needs.
+    pub forward_causal: u64,
     /// Backward FLOPs: 2 × forward.
     pub backward: u64,
     /// forward + backward.
@@ -138,7 +141,8 @@ pub fn estimate(
     let ff = cfg.intermediate_size as u128;
     let v = cfg.vocab_size as u128;
     // Query–key pairs per head: all T² (the notebook), or the causal lower triangle.
-    let pairs = if causal { t * (t + 1) / 2 } else { t * t };
+    let causal_pairs = t * (t + 1) / 2;
+    let pairs = if causal { causal_pairs } else { t * t };
     let mlp_matrices = match cfg.arch {
         Arch::Gpt2 => GELU_MLP_MATRICES,
         Arch::Llama => SWIGLU_MLP_MATRICES,
@@ -219,6 +223,8 @@ pub fn estimate(
         .saturating_sub(untied_embed);
     let palm_per_token = PALM_FLOPS_PER_PARAM as u128 * palm_params as u128
         + PALM_ATTENTION_FACTOR as u128 * l * q * t;
+    // Both attention terms are 2·pairs·q per layer.
+    let forward_causal = forward - l * (scores + reduce) + l * 2 * mac * causal_pairs * q;
     let backward = BACKWARD_PER_FORWARD as u128 * forward;
     let total = forward + backward;
     let palm_total = palm_per_token * t;
@@ -226,6 +232,7 @@ pub fn estimate(
         seq,
         causal,
         forward: to_u64(cfg, "flops.forward", forward)?,
+        forward_causal: to_u64(cfg, "flops.forward_causal", forward_causal)?,
         backward: to_u64(cfg, "flops.backward", backward)?,
         total: to_u64(cfg, "flops.total", total)?,
         forward_macs: to_u64(cfg, "flops.forward_macs", forward / mac)?,
@@ -333,6 +340,8 @@ mod tests {
         assert_eq!(c.term("mlp"), full.term("mlp"));
         assert_eq!(c.term("lm_head"), full.term("lm_head"));
         assert!(c.causal && !full.causal);
+        assert_eq!(full.forward_causal, c.forward);
+        assert_eq!(c.forward_causal, c.forward);
     }
 
     /// Llama-3-8B (GQA 32/8, SwiGLU 14336, untied), T = 1: the 2·N rule holds exactly when the

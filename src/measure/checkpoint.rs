@@ -23,6 +23,10 @@ pub const HEADER_LEN_BYTES: u64 = 8;
 /// "Force alignment to 8 bytes").
 pub const HEADER_ALIGN: u64 = 8;
 
+/// `verify` writes no checkpoint larger than this (it would fill a temp dir for nothing: the
+/// prediction is exact on small models and the format does not change with size); 4 GiB.
+pub const MAX_CHECKPOINT_BYTES: u64 = 4 << 30;
+
 /// One tensor as it will be written: name, shape, dtype.
 #[derive(Debug, Clone, Copy)]
 pub struct TensorMeta<'a> {

@@ -57,7 +57,7 @@ pub const FORMATS: [QuantFormat; 3] = [Q8_0, Q4_0, Q4_K];
 
 /// Models with more parameters than this are not quantized by `verify` (it would take seconds
 /// to minutes on a CPU and the per-format ratios are already clear on smaller ones).
-pub const MAX_QUANTIZE_PARAMS: u64 = 200_000_000;
+pub const MAX_QUANTIZE_PARAMS: u64 = 50_000_000;
 
 /// One format's result over the whole model.
 #[derive(Debug, Clone, PartialEq, Serialize)]

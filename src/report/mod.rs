@@ -32,6 +32,18 @@ pub struct Report {
     pub timing: Option<Timing>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub loss: Option<f64>,
+    /// FLOPs of one sequence of `run.seq` tokens (estimate::flops).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub flops: Option<crate::estimate::flops::FlopsEstimate>,
+    /// Achieved FLOP/s and MFU from the measured step (verify).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mfu: Option<crate::estimate::flops::Mfu>,
+    /// A real `.safetensors` file written and measured (verify).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<crate::measure::checkpoint::CheckpointReport>,
+    /// Sizes from real quantized tensors, by format (verify).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quantized: Option<crate::measure::quantize::QuantizedReport>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub checks: Vec<Check>,
     #[serde(skip_serializing_if = "Option::is_none")]

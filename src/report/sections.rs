@@ -153,7 +153,7 @@ pub fn sections(r: &Report) -> Vec<Section> {
         rows: p
             .rough_gap
             .iter()
-            .map(|g| vec![s(g.term), format!("{:+}", g.delta), g.why.clone()])
+            .map(|g| vec![s(g.term), signed_group(g.delta), g.why.clone()])
             .collect(),
         notes,
     });
@@ -259,6 +259,8 @@ pub fn sections(r: &Report) -> Vec<Section> {
         });
     }
 
+    out.extend(compute_and_artifact_sections(r));
+
     if !r.checks.is_empty() {
         let rows = r
             .checks
@@ -311,7 +313,130 @@ pub fn sections(r: &Report) -> Vec<Section> {
     out
 }
 
+fn signed_group(x: i128) -> String {
+    let sign = if x < 0 { "-" } else { "+" };
+    format!("{sign}{}", group(u64::try_from(x.unsigned_abs()).unwrap_or(u64::MAX)))
+}
+
 fn row_bytes(name: &str, b: u64) -> Vec<String> {
     let [x, h] = bytes_cells(b);
     vec![name.to_string(), x, h]
+}
+
+/// FLOPs, MFU, the saved checkpoint and quantized sizes (issue #6).
+fn compute_and_artifact_sections(r: &Report) -> Vec<Section> {
+    let mut out = Vec::new();
+    if let Some(f) = &r.flops {
+        let mut rows: Vec<Vec<String>> = f
+            .terms
+            .iter()
+            .map(|t| vec![s(t.term), group(t.forward), format!("{:.3e}", t.forward as f64)])
+            .collect();
+        rows.push(vec![s("forward"), group(f.forward), format!("{:.3e}", f.forward as f64)]);
+        rows.push(vec![
+            s("forward, causal attention"),
+            group(f.forward_causal),
+            format!("{:.3e}", f.forward_causal as f64),
+        ]);
+        rows.push(vec![s("backward (2 × forward)"), group(f.backward), format!("{:.3e}", f.backward as f64)]);
+        rows.push(vec![s("forward + backward"), group(f.total), format!("{:.3e}", f.total as f64)]);
+        rows.push(vec![
+            s("PaLM 6N + 12·L·H·Q·T, × T"),
+            group(f.palm_total),
+            format!("{:.3e}", f.palm_total as f64),
+        ]);
+        out.push(Section {
+            title: format!(
+                "FLOPs of one sequence of {} tokens (2·m·n·k per matmul; attention {})",
+                f.seq,
+                if f.causal { "causal" } else { "in full, as nanoGPT counts it" }
+            ),
+            header: vec![s("term"), s("FLOPs"), s("")],
+            rows,
+            notes: vec![
+                format!(
+                    "MACs = FLOPs / 2: forward {} MACs; per token {:.4e} FLOPs",
+                    group(f.forward_macs),
+                    f.forward_per_token
+                ),
+                format!(
+                    "PaLM / counted = {:.4} (N = {} parameters in a matmul per token)",
+                    f.palm_ratio,
+                    group(f.palm_params)
+                ),
+            ],
+        });
+    }
+    if let Some(m) = &r.mfu {
+        let mut rows = vec![
+            vec![s("model FLOPs of the step (batch × fwd+bwd)"), group(m.step_flops)],
+            vec![s("measured step (forward + backward), s"), format!("{:.4}", m.step_s)],
+            vec![s("achieved"), format!("{:.2} GFLOP/s", m.achieved_flops_per_s / 1e9)],
+        ];
+        let mut notes = Vec::new();
+        match (m.peak_flops_per_s, &m.peak_source, m.mfu) {
+            (Some(p), Some(src), Some(u)) => {
+                rows.push(vec![s("peak"), format!("{:.2} GFLOP/s ({src})", p / 1e9)]);
+                rows.push(vec![s("MFU"), format!("{:.2}%", u * 100.0)]);
+            }
+            _ => notes.push(
+                "MFU not computed: no peak given; pass --peak-tflops X or --measure-peak".to_string(),
+            ),
+        }
+        out.push(Section {
+            title: "Throughput and MFU".into(),
+            header: vec![s("measure"), s("value")],
+            rows,
+            notes,
+        });
+    }
+    if let Some(c) = &r.checkpoint {
+        out.push(Section {
+            title: "Checkpoint (.safetensors written and measured)".into(),
+            header: vec![s("part"), s("bytes"), s("binary")],
+            rows: vec![
+                row_bytes("file (measured)", c.file_bytes),
+                row_bytes("predicted: 8 + header + data", c.predicted_bytes),
+                row_bytes("header (JSON, padded to 8)", c.header_bytes),
+                row_bytes("tensor data", c.data_bytes),
+                row_bytes("training checkpoint: f32 weights + AdamW m, v", c.training_checkpoint_bytes),
+            ],
+            notes: vec![format!(
+                "{} tensors; overhead beyond the data {} B ({:.4}% of the file); written in {:.1} ms",
+                c.tensors,
+                group(c.overhead_bytes),
+                100.0 * c.overhead_bytes as f64 / c.file_bytes.max(1) as f64,
+                c.save_s * 1e3
+            )],
+        });
+    }
+    if let Some(q) = &r.quantized {
+        out.push(Section {
+            title: "Quantized weights (real candle QTensors)".into(),
+            header: ["format", "bytes", "binary", "bits/weight", "bits/param", "naive bytes", "vs naive", "vs f32", "kept (1-D / misfit)"]
+                .map(s)
+                .to_vec(),
+            rows: q
+                .iter()
+                .map(|(name, x)| {
+                    let [b, h] = bytes_cells(x.bytes);
+                    vec![
+                        s(name),
+                        b,
+                        h,
+                        format!("{:.3}", x.bits_per_weight),
+                        format!("{:.3}", x.bits_per_param),
+                        group(x.naive_bytes),
+                        format!("{:.3}×", x.vs_naive),
+                        format!("{:.2}× smaller", x.compression_vs_f32),
+                        format!("{} / {}", x.kept_tensors, x.kept_misfit_tensors),
+                    ]
+                })
+                .collect(),
+            notes: vec![s(
+                "2-D matrices whose rows are a multiple of the block are quantized; norms, biases and misfits stay in their dtype",
+            )],
+        });
+    }
+    out
 }
