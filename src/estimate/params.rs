@@ -260,7 +260,7 @@ pub fn rough_applies(cfg: &ModelConfig) -> Vec<String> {
     if !cfg.tie_embeddings {
         why_not.push(format!(
             "untied lm_head adds vocab·d = {} parameters",
-            cfg.vocab_size as u128 * cfg.n_embd as u128
+            crate::units::group((cfg.vocab_size as u64).saturating_mul(cfg.n_embd as u64))
         ));
     }
     if cfg.is_moe() {

@@ -4,6 +4,9 @@ use comfy_table::{presets::UTF8_FULL_CONDENSED, Cell, CellAlignment, ContentArra
 
 pub struct TableExporter;
 
+/// Width that long notes wrap at, so tables stay readable in a terminal and in CI logs.
+const TABLE_WIDTH: u16 = 150;
+
 /// Render titled sections as comfy-table tables (also used by `presets`).
 pub fn render_sections(secs: &[Section]) -> String {
     let mut out = String::new();
@@ -13,7 +16,8 @@ pub fn render_sections(secs: &[Section]) -> String {
         if !sec.header.is_empty() {
             let mut t = Table::new();
             t.load_preset(UTF8_FULL_CONDENSED)
-                .set_content_arrangement(ContentArrangement::Disabled)
+                .set_content_arrangement(ContentArrangement::Dynamic)
+                .set_width(TABLE_WIDTH)
                 .set_header(sec.header.clone());
             for row in &sec.rows {
                 t.add_row(row.iter().map(|c| {
