@@ -244,7 +244,7 @@ fn random_is_deterministic_per_seed() {
 #[test]
 fn every_parameter_gets_a_gradient() {
     for cfg in configs() {
-        for dtype in [DType::F32, DType::BF16] {
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
             let (varmap, model) = build::random(&cfg, dtype, &Device::Cpu, 1).unwrap();
             let input = ids(&cfg, 2, 8);
             let logits = model.forward(&input).unwrap();
@@ -321,7 +321,7 @@ fn tied_weight_recorded_once() {
     assert_eq!(json["dtype"], "f32");
 }
 
-fn copy_fixture(name: &str) -> (tempfile::TempDir, ModelConfig) {
+fn fixture_and_tmp(name: &str) -> (tempfile::TempDir, ModelConfig) {
     let src = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures")
         .join(name);
@@ -345,7 +345,7 @@ fn fixture_tensors(name: &str) -> BTreeMap<String, Tensor> {
 /// also be stored. All load; the extras are reported, not fatal.
 #[test]
 fn hub_gpt2_names_and_buffers_are_accepted() {
-    let (tmp, cfg) = copy_fixture("tiny-gpt2");
+    let (tmp, cfg) = fixture_and_tmp("tiny-gpt2");
     let mut ts: BTreeMap<String, Tensor> = fixture_tensors("tiny-gpt2")
         .into_iter()
         .map(|(k, v)| (k.trim_start_matches("transformer.").to_string(), v))
@@ -382,7 +382,7 @@ fn hub_gpt2_names_and_buffers_are_accepted() {
 /// Every missing and every mis-shaped tensor is named in one error; nothing panics.
 #[test]
 fn checkpoint_errors_list_every_problem() {
-    let (tmp, cfg) = copy_fixture("tiny-llama");
+    let (tmp, cfg) = fixture_and_tmp("tiny-llama");
     let mut ts = fixture_tensors("tiny-llama");
     ts.remove("model.norm.weight");
     ts.remove("model.layers.1.mlp.up_proj.weight");
@@ -418,7 +418,7 @@ fn checkpoint_errors_list_every_problem() {
 /// A sharded checkpoint (`model.safetensors.index.json`) loads like a single file.
 #[test]
 fn sharded_checkpoint_loads() {
-    let (tmp, cfg) = copy_fixture("tiny-qwen2");
+    let (tmp, cfg) = fixture_and_tmp("tiny-qwen2");
     let ts = fixture_tensors("tiny-qwen2");
     let (a, b): (Vec<_>, Vec<_>) = ts.into_iter().partition(|(k, _)| k.contains("layers.0"));
     let mut map = serde_json::Map::new();
