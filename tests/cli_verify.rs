@@ -44,7 +44,10 @@ fn baby_gpt_default_passes_with_census_equal_to_estimate() {
     let weights = m["weights_bytes"].as_u64().unwrap();
     let peak = m["peak_bytes"].as_u64().unwrap();
     // Allocator-measured weights: numel × 4 plus a little bookkeeping.
-    assert!(weights >= 3_481_088 * 4 && weights < 3_481_088 * 4 + 52 * 512, "{weights}");
+    assert!(
+        (3_481_088 * 4..3_481_088 * 4 + 52 * 512).contains(&weights),
+        "{weights}"
+    );
     // Forward keeps activations, backward adds gradients: the peak is well above the weights.
     assert!(peak > 2 * weights, "{peak}");
     assert!(m["after_forward_bytes"].as_u64().unwrap() > weights);
@@ -88,7 +91,10 @@ fn every_fixture_matches_its_reference() {
             assert!(names.contains(&want), "{d}: no check {want:?}");
         }
     }
-    assert!(n >= 4, "expected at least the four shared fixtures, found {n}");
+    assert!(
+        n >= 4,
+        "expected at least the four shared fixtures, found {n}"
+    );
 }
 
 #[test]
@@ -176,7 +182,10 @@ fn bad_verify_input() {
         (vec!["verify", "--repeat", "0"], "--repeat = 0"),
         (vec!["verify", "--tolerance", "-1"], "--tolerance = -1"),
         (vec!["verify", "--model", "/no/such/dir"], "/no/such/dir"),
-        (vec!["verify", "--reference", "/no/such/ref"], "/no/such/ref"),
+        (
+            vec!["verify", "--reference", "/no/such/ref"],
+            "/no/such/ref",
+        ),
     ] {
         truesize()
             .args(&args)

@@ -154,7 +154,7 @@ impl ModelConfig {
         }
         match self.arch {
             Arch::Gpt2 => {
-                if self.n_embd % self.n_head != 0 {
+                if !self.n_embd.is_multiple_of(self.n_head) {
                     return Err(Error::field(
                         src,
                         "n_head",
@@ -194,7 +194,7 @@ impl ModelConfig {
                 }
             }
             Arch::Llama => {
-                if self.n_head % self.n_kv_head != 0 {
+                if !self.n_head.is_multiple_of(self.n_kv_head) {
                     return Err(Error::field(
                         src,
                         "n_kv_head",
@@ -202,7 +202,7 @@ impl ModelConfig {
                         format!("does not divide n_head = {}", self.n_head),
                     ));
                 }
-                if self.head_dim % 2 != 0 {
+                if !self.head_dim.is_multiple_of(2) {
                     return Err(Error::field(
                         src,
                         "head_dim",
@@ -211,7 +211,12 @@ impl ModelConfig {
                     ));
                 }
                 if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
-                    return Err(Error::field(src, "rope_theta", self.rope_theta, "must be > 0"));
+                    return Err(Error::field(
+                        src,
+                        "rope_theta",
+                        self.rope_theta,
+                        "must be > 0",
+                    ));
                 }
             }
         }
@@ -222,6 +227,14 @@ impl ModelConfig {
                     "n_experts",
                     self.n_experts,
                     format!("is absurdly large (limit {MAX_EXPERTS})"),
+                ));
+            }
+            if self.mlp_bias {
+                return Err(Error::field(
+                    src,
+                    "mlp_bias",
+                    true,
+                    "Mixtral-style experts have no biases; drop mlp_bias or n_experts",
                 ));
             }
             if self.n_experts_per_tok == 0 || self.n_experts_per_tok > self.n_experts {

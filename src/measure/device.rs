@@ -68,6 +68,19 @@ fn open_cuda(n: usize) -> Result<Device> {
     ))
 }
 
+/// The memory probe of a non-CPU device.
+#[cfg(feature = "cuda")]
+pub fn cuda_probe(device: &Device) -> Result<Box<dyn super::run::MemoryProbe>> {
+    Ok(Box::new(super::cuda::CudaProbe::new(device)?))
+}
+
+#[cfg(not(feature = "cuda"))]
+pub fn cuda_probe(_device: &Device) -> Result<Box<dyn super::run::MemoryProbe>> {
+    Err(Error::Usage(
+        "no memory probe for this device in a build without CUDA".into(),
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -80,17 +93,4 @@ mod tests {
         assert!(DeviceSpec::parse("gpu").is_err());
         assert!(DeviceSpec::parse("cuda:x").is_err());
     }
-}
-
-/// The memory probe of a non-CPU device.
-#[cfg(feature = "cuda")]
-pub fn cuda_probe(device: &Device) -> Result<Box<dyn super::run::MemoryProbe>> {
-    Ok(Box::new(super::cuda::CudaProbe::new(device)?))
-}
-
-#[cfg(not(feature = "cuda"))]
-pub fn cuda_probe(_device: &Device) -> Result<Box<dyn super::run::MemoryProbe>> {
-    Err(Error::Usage(
-        "no memory probe for this device in a build without CUDA".into(),
-    ))
 }
