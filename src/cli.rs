@@ -29,6 +29,12 @@ pub enum Command {
     Verify(VerifyArgs),
     /// List the built-in presets.
     Presets(PresetsArgs),
+    /// Read a checkpoint's safetensors headers (no tensor data) and check it against the model.
+    Inspect(InspectArgs),
+    /// Chinchilla scaling: compute-optimal parameters and tokens for a FLOP budget or a model.
+    Scaling(ScalingArgs),
+    /// Which GPUs the training state fits on, and days to train D tokens on N of them.
+    Gpus(GpusArgs),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -118,6 +124,49 @@ pub struct VerifyArgs {
 
 #[derive(Debug, Args)]
 pub struct PresetsArgs {
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    pub format: Format,
+}
+
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// A .safetensors file, a model.safetensors.index.json, or an HF model folder.
+    #[arg(value_name = "PATH")]
+    pub path: PathBuf,
+    /// Config to check the checkpoint against (default: the folder's config.json, if any).
+    #[arg(long, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    pub format: Format,
+}
+
+#[derive(Debug, Args)]
+pub struct ScalingArgs {
+    /// Training budget in FLOPs (e.g. 1e21): compute-optimal N and D for it.
+    #[arg(long, value_name = "C")]
+    pub flops: Option<f64>,
+    /// The model to plan for (its exact parameter count is N).
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    pub format: Format,
+}
+
+#[derive(Debug, Args)]
+pub struct GpusArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    #[command(flatten)]
+    pub step: StepArgs,
+    /// Training tokens D (default: 20 per parameter, the Chinchilla rule of thumb).
+    #[arg(long, value_name = "D")]
+    pub tokens: Option<f64>,
+    /// Number of GPUs training together.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub gpus: u64,
+    /// Assumed model FLOPs utilisation, 0 < X ≤ 1 (default 0.40: an assumption, not a measurement).
+    #[arg(long, value_name = "X")]
+    pub mfu: Option<f64>,
     #[arg(long, value_enum, default_value_t = Format::Table)]
     pub format: Format,
 }

@@ -19,6 +19,9 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Estimate(a) => estimate(a),
         Command::Verify(a) => crate::verify_cmd::verify(a),
         Command::Presets(a) => list_presets(a),
+        Command::Inspect(a) => crate::inspect::run(a),
+        Command::Scaling(a) => crate::plan_cmd::scaling(a),
+        Command::Gpus(a) => crate::plan_cmd::gpus(a),
     }
 }
 
@@ -111,7 +114,10 @@ fn list_presets(a: PresetsArgs) -> Result<u8> {
                     serde_json::json!({"name": n, "file": format!("configs/{f}"), "params": t, "description": d})
                 })
                 .collect();
-            println!("{}", serde_json::to_string_pretty(&v).map_err(|e| Error::Internal(e.into()))?);
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&v).map_err(|e| Error::Internal(e.into()))?
+            );
         }
         Format::Table | Format::Markdown => {
             let sec = crate::report::sections::Section {

@@ -3,15 +3,17 @@
 //!
 //! The data flows one way: `config` → `estimate` → `model` → `measure` → `verify` → `report`.
 
+pub mod cli;
+pub mod commands;
 pub mod config;
 pub mod dtype;
 pub mod error;
 pub mod estimate;
-pub mod model;
-pub mod units;
-pub mod cli;
-pub mod commands;
+pub mod inspect;
 pub mod measure;
+pub mod model;
+pub mod plan_cmd;
 pub mod report;
+pub mod units;
 pub mod verify;
 pub mod verify_cmd;

@@ -1,8 +1,10 @@
 //! Closed forms from a config alone: no tensors are built here.
 
 pub mod activations;
-pub mod memory;
 pub mod flops;
+pub mod gpus;
+pub mod memory;
 pub mod params;
+pub mod scaling;
 
 pub use params::{Component, ParamEstimate};
