@@ -107,7 +107,10 @@ impl<'de> Deserialize<'de> for Entries {
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
                 f.write_str("a JSON object of tensor name -> {dtype, shape, data_offsets}")
             }
-            fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> std::result::Result<Entries, A::Error> {
+            fn visit_map<A: MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> std::result::Result<Entries, A::Error> {
                 let mut v = Vec::new();
                 while let Some((k, val)) = m.next_entry::<String, serde_json::Value>()? {
                     v.push((k, val));
@@ -136,7 +139,9 @@ pub fn read_header(path: &Path) -> Result<FileHeader> {
     if file_bytes < LEN_PREFIX_BYTES {
         return Err(bad(
             path,
-            format!("truncated: the file is {file_bytes} bytes, shorter than the 8-byte header length"),
+            format!(
+                "truncated: the file is {file_bytes} bytes, shorter than the 8-byte header length"
+            ),
         ));
     }
     let mut len = [0u8; LEN_PREFIX_BYTES as usize];
@@ -165,31 +170,50 @@ pub fn read_header(path: &Path) -> Result<FileHeader> {
         .map_err(|e| bad(path, format!("cannot read the {n}-byte header: {e}")))?;
     drop(f);
     let text = std::str::from_utf8(&buf).map_err(|e| {
-        bad(path, format!("header is not valid UTF-8 (byte {})", e.valid_up_to()))
+        bad(
+            path,
+            format!("header is not valid UTF-8 (byte {})", e.valid_up_to()),
+        )
     })?;
-    let Entries(entries) = serde_json::from_str(text)
-        .map_err(|e| bad(path, format!("header is not a valid safetensors JSON object: {e}")))?;
+    let Entries(entries) = serde_json::from_str(text).map_err(|e| {
+        bad(
+            path,
+            format!("header is not a valid safetensors JSON object: {e}"),
+        )
+    })?;
 
     let mut metadata = BTreeMap::new();
     let mut tensors: Vec<HeaderTensor> = Vec::with_capacity(entries.len());
     let mut seen = BTreeSet::new();
     for (name, value) in entries {
         if !seen.insert(name.clone()) {
-            return Err(bad(path, format!("tensor {name:?} appears twice in the header")));
+            return Err(bad(
+                path,
+                format!("tensor {name:?} appears twice in the header"),
+            ));
         }
         if name == "__metadata__" {
             metadata = serde_json::from_value(value).map_err(|e| {
-                bad(path, format!("__metadata__ must map strings to strings: {e}"))
+                bad(
+                    path,
+                    format!("__metadata__ must map strings to strings: {e}"),
+                )
             })?;
             continue;
         }
         let raw: RawInfo = serde_json::from_value(value).map_err(|e| {
-            bad(path, format!("tensor {name:?}: invalid entry (needs dtype, shape, data_offsets): {e}"))
+            bad(
+                path,
+                format!("tensor {name:?}: invalid entry (needs dtype, shape, data_offsets): {e}"),
+            )
         })?;
         let Some(&(_, bits)) = DTYPE_BITS.iter().find(|(d, _)| *d == raw.dtype) else {
             return Err(bad(
                 path,
-                format!("tensor {name:?}: dtype = {:?} is not a safetensors dtype", raw.dtype),
+                format!(
+                    "tensor {name:?}: dtype = {:?} is not a safetensors dtype",
+                    raw.dtype
+                ),
             ));
         };
         let numel = raw
@@ -197,10 +221,19 @@ pub fn read_header(path: &Path) -> Result<FileHeader> {
             .iter()
             .try_fold(1u64, |a, &d| a.checked_mul(d))
             .ok_or_else(|| {
-                bad(path, format!("tensor {name:?}: shape {:?} overflows 64 bits", raw.shape))
+                bad(
+                    path,
+                    format!("tensor {name:?}: shape {:?} overflows 64 bits", raw.shape),
+                )
             })?;
         let nbits = numel.checked_mul(bits).ok_or_else(|| {
-            bad(path, format!("tensor {name:?}: size of shape {:?} overflows 64 bits", raw.shape))
+            bad(
+                path,
+                format!(
+                    "tensor {name:?}: size of shape {:?} overflows 64 bits",
+                    raw.shape
+                ),
+            )
         })?;
         if nbits % 8 != 0 {
             return Err(bad(
@@ -211,7 +244,10 @@ pub fn read_header(path: &Path) -> Result<FileHeader> {
         let bytes = nbits / 8;
         let (s, e) = raw.data_offsets;
         if e < s {
-            return Err(bad(path, format!("tensor {name:?}: data_offsets [{s}, {e}] end before they start")));
+            return Err(bad(
+                path,
+                format!("tensor {name:?}: data_offsets [{s}, {e}] end before they start"),
+            ));
         }
         if e > data_bytes {
             return Err(bad(
@@ -261,7 +297,10 @@ pub fn read_header(path: &Path) -> Result<FileHeader> {
         if s > pos {
             return Err(bad(
                 path,
-                format!("data bytes {pos}..{s} belong to no tensor (before {:?}): corrupt", t.name),
+                format!(
+                    "data bytes {pos}..{s} belong to no tensor (before {:?}): corrupt",
+                    t.name
+                ),
             ));
         }
         pos = e;
@@ -293,37 +332,69 @@ struct Index {
     weight_map: BTreeMap<String, String>,
 }
 
+/// What a PATH argument names.
+struct Resolved {
+    files: Vec<PathBuf>,
+    /// The index file and its weight map, when sharded.
+    index: Option<(PathBuf, BTreeMap<String, String>)>,
+    /// The folder's config.json, when there is one.
+    config: Option<PathBuf>,
+}
+
 /// The files of a checkpoint and the folder's config.json (if any): a file, an index, or a folder.
-/// Returns (files, index weight map if sharded, config.json path if present).
-fn resolve(path: &Path) -> Result<(Vec<PathBuf>, Option<(PathBuf, BTreeMap<String, String>)>, Option<PathBuf>)> {
+fn resolve(path: &Path) -> Result<Resolved> {
     let (dir, index) = if path.is_dir() {
         let single = path.join(SINGLE_NAME);
         let cfg = Some(path.join("config.json")).filter(|p| p.is_file());
         if single.is_file() {
-            return Ok((vec![single], None, cfg));
+            return Ok(Resolved {
+                files: vec![single],
+                index: None,
+                config: cfg,
+            });
         }
         let index = path.join(INDEX_NAME);
         if !index.is_file() {
-            return Err(bad(path, format!("folder has no {SINGLE_NAME} or {INDEX_NAME}")));
+            return Err(bad(
+                path,
+                format!("folder has no {SINGLE_NAME} or {INDEX_NAME}"),
+            ));
         }
         (path.to_path_buf(), index)
     } else if path.is_file() {
-        if path.file_name().is_some_and(|n| n.to_string_lossy().ends_with(".json")) {
-            (path.parent().unwrap_or(Path::new(".")).to_path_buf(), path.to_path_buf())
+        if path
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().ends_with(".json"))
+        {
+            (
+                path.parent().unwrap_or(Path::new(".")).to_path_buf(),
+                path.to_path_buf(),
+            )
         } else {
-            return Ok((vec![path.to_path_buf()], None, None));
+            return Ok(Resolved {
+                files: vec![path.to_path_buf()],
+                index: None,
+                config: None,
+            });
         }
     } else {
         return Err(bad(path, "no such file or folder"));
     };
     let size = std::fs::metadata(&index).map_err(|e| bad(&index, e))?.len();
     if size > MAX_INDEX_BYTES {
-        return Err(bad(&index, format!("index is {size} bytes: absurd (limit {MAX_INDEX_BYTES})")));
+        return Err(bad(
+            &index,
+            format!("index is {size} bytes: absurd (limit {MAX_INDEX_BYTES})"),
+        ));
     }
     let text = std::fs::read(&index).map_err(|e| bad(&index, format!("cannot read: {e}")))?;
     let text = String::from_utf8(text).map_err(|_| bad(&index, "is not valid UTF-8"))?;
-    let parsed: Index = serde_json::from_str(&text)
-        .map_err(|e| bad(&index, format!("not a safetensors index (needs weight_map): {e}")))?;
+    let parsed: Index = serde_json::from_str(&text).map_err(|e| {
+        bad(
+            &index,
+            format!("not a safetensors index (needs weight_map): {e}"),
+        )
+    })?;
     let mut shards = BTreeSet::new();
     for (tensor, file) in &parsed.weight_map {
         let plain = Path::new(file)
@@ -344,12 +415,19 @@ fn resolve(path: &Path) -> Result<(Vec<PathBuf>, Option<(PathBuf, BTreeMap<Strin
     for s in shards {
         let f = dir.join(&s);
         if !f.is_file() {
-            return Err(bad(&index, format!("names shard {s:?}, which does not exist")));
+            return Err(bad(
+                &index,
+                format!("names shard {s:?}, which does not exist"),
+            ));
         }
         files.push(f);
     }
     let cfg = Some(dir.join("config.json")).filter(|p| p.is_file());
-    Ok((files, Some((index, parsed.weight_map)), cfg))
+    Ok(Resolved {
+        files,
+        index: Some((index, parsed.weight_map)),
+        config: cfg,
+    })
 }
 
 /// A tensor that is not a parameter: GPT-2's causal-mask buffers (`attn.bias` [1, 1, n, n] and
@@ -420,7 +498,11 @@ pub struct InspectReport {
 
 /// Inspect `path`; with `config` (or the folder's config.json) compare with the genuine model.
 pub fn inspect(path: &Path, config_path: Option<&Path>) -> Result<InspectReport> {
-    let (files, index, folder_cfg) = resolve(path)?;
+    let Resolved {
+        files,
+        index,
+        config: folder_cfg,
+    } = resolve(path)?;
     let cfg: Option<ModelConfig> = match config_path.or(folder_cfg.as_deref()) {
         Some(p) => Some(config::load(ConfigSource::Path(p))?),
         None => None,
@@ -453,8 +535,11 @@ pub fn inspect(path: &Path, config_path: Option<&Path>) -> Result<InspectReport>
         for (tensor, shard) in map {
             let name = normalise(tensor, arch);
             match all.get(&name) {
-                Some((_, file)) if Path::new(file).file_name() == Some(std::ffi::OsStr::new(shard)) => {}
-                Some((_, file)) => wrong.push(format!("{tensor} (index: {shard}, found in {file})")),
+                Some((_, file))
+                    if Path::new(file).file_name() == Some(std::ffi::OsStr::new(shard)) => {}
+                Some((_, file)) => {
+                    wrong.push(format!("{tensor} (index: {shard}, found in {file})"))
+                }
                 None => wrong.push(format!("{tensor} (index: {shard}, not in any shard)")),
             }
         }
@@ -473,7 +558,15 @@ pub fn inspect(path: &Path, config_path: Option<&Path>) -> Result<InspectReport>
                 format!(
                     "{}: {}",
                     index_path.display(),
-                    wrong.into_iter().chain(unindexed.into_iter().map(|u| format!("{u} (not in the index)"))).collect::<Vec<_>>().join(", ")
+                    wrong
+                        .into_iter()
+                        .chain(
+                            unindexed
+                                .into_iter()
+                                .map(|u| format!("{u} (not in the index)"))
+                        )
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 )
             },
         ));
@@ -483,6 +576,7 @@ pub fn inspect(path: &Path, config_path: Option<&Path>) -> Result<InspectReport>
     let mut buffers_numel = 0u64;
     let mut duplicate_tied_head = None;
     let mut rows = Vec::new();
+    let mut param_bytes = 0u64;
     let tied = cfg.as_ref().is_some_and(|c| c.tie_embeddings);
     for (name, (t, _)) in &all {
         if is_buffer(name) {
@@ -494,6 +588,7 @@ pub fn inspect(path: &Path, config_path: Option<&Path>) -> Result<InspectReport>
             duplicate_tied_head = Some(name.clone());
             continue;
         }
+        param_bytes = param_bytes.saturating_add(t.bytes);
         rows.push(TensorRow {
             name: name.clone(),
             shape: t.shape.iter().map(|&d| d as usize).collect(),
@@ -502,11 +597,6 @@ pub fn inspect(path: &Path, config_path: Option<&Path>) -> Result<InspectReport>
             component: Component::of_tensor(name),
         });
     }
-    let param_bytes: u64 = all
-        .iter()
-        .filter(|(n, _)| !is_buffer(n) && !(tied && *n == "lm_head.weight"))
-        .map(|(_, (t, _))| t.bytes)
-        .sum();
     let mut census = Census::from_rows(rows, None, false);
     // Census::from_rows sizes elements by candle's dtypes; the header's sizes are exact for all.
     census.bytes = param_bytes;
@@ -517,8 +607,10 @@ pub fn inspect(path: &Path, config_path: Option<&Path>) -> Result<InspectReport>
         let p = params::estimate(cfg)?;
         expected_params = Some(p.total);
         let specs = crate::model::build::shapes_only(cfg, candle_core::DType::F32)?;
-        let want: BTreeMap<&str, &[usize]> =
-            specs.iter().map(|s| (s.name.as_str(), s.shape.as_slice())).collect();
+        let want: BTreeMap<&str, &[usize]> = specs
+            .iter()
+            .map(|s| (s.name.as_str(), s.shape.as_slice()))
+            .collect();
         for (name, shape) in &want {
             match all.get(*name) {
                 None => missing.push(name.to_string()),
@@ -565,19 +657,29 @@ pub fn inspect(path: &Path, config_path: Option<&Path>) -> Result<InspectReport>
                 misshaped.join("; ")
             },
         ));
-        checks.push(Check::exact("census numel == exact estimate", census.numel, p.total));
+        checks.push(Check::exact(
+            "census numel == exact estimate",
+            census.numel,
+            p.total,
+        ));
         let tied_note = match (&duplicate_tied_head, all.get("lm_head.weight")) {
             (Some(_), Some((t, _))) => Some(format!(
                 "tied head stored twice: lm_head.weight duplicates the token embedding, {} wasted",
                 Bytes(t.bytes)
             )),
-            _ if cfg.tie_embeddings => Some("tied head stored once (no lm_head.weight)".to_string()),
+            _ if cfg.tie_embeddings => {
+                Some("tied head stored once (no lm_head.weight)".to_string())
+            }
             _ => None,
         };
         if let Some(n) = tied_note {
             checks.push(
-                Check::holds("tied weights stored once", duplicate_tied_head.is_none(), n.clone())
-                    .informational(n),
+                Check::holds(
+                    "tied weights stored once",
+                    duplicate_tied_head.is_none(),
+                    n.clone(),
+                )
+                .informational(n),
             );
         }
     } else {
@@ -640,7 +742,13 @@ pub fn sections(r: &InspectReport) -> Vec<Section> {
     let mut out = Vec::new();
     out.push(Section {
         title: format!("Checkpoint {}", r.path),
-        header: vec![s("file"), s("tensors"), s("file bytes"), s("header bytes"), s("data bytes")],
+        header: vec![
+            s("file"),
+            s("tensors"),
+            s("file bytes"),
+            s("header bytes"),
+            s("data bytes"),
+        ],
         rows: r
             .files
             .iter()
@@ -675,8 +783,17 @@ pub fn sections(r: &InspectReport) -> Vec<Section> {
         rows.push(vec![s("exact estimate from the config"), group(e)]);
     }
     let mut notes = vec![
-        format!("{} parameter tensors, dtype {}, {}", c.tensors, c.dtype, Bytes(c.bytes)),
-        format!("all tensors in the files: {} ({} elements)", r.file_tensors, group(r.file_numel)),
+        format!(
+            "{} parameter tensors, dtype {}, {}",
+            c.tensors,
+            c.dtype,
+            Bytes(c.bytes)
+        ),
+        format!(
+            "all tensors in the files: {} ({} elements)",
+            r.file_tensors,
+            group(r.file_numel)
+        ),
     ];
     notes.extend(r.notes.iter().cloned());
     out.push(Section {
@@ -701,7 +818,11 @@ pub fn sections(r: &InspectReport) -> Vec<Section> {
                             (false, false) => s("info"),
                         },
                         c.note.clone().unwrap_or_else(|| {
-                            format!("{} vs {}", group(c.measured as u64), group(c.expected as u64))
+                            format!(
+                                "{} vs {}",
+                                group(c.measured as u64),
+                                group(c.expected as u64)
+                            )
                         }),
                     ]
                 })
@@ -716,7 +837,9 @@ pub fn sections(r: &InspectReport) -> Vec<Section> {
 pub fn run(a: InspectArgs) -> Result<u8> {
     let r = inspect(&a.path, a.config.as_deref())?;
     let text = match a.format {
-        Format::Json => serde_json::to_string_pretty(&r).map_err(|e| Error::Internal(e.into()))? + "\n",
+        Format::Json => {
+            serde_json::to_string_pretty(&r).map_err(|e| Error::Internal(e.into()))? + "\n"
+        }
         Format::Table => crate::report::table::render_sections(&sections(&r)),
         Format::Markdown => crate::report::markdown::render_sections(&sections(&r)),
     };
@@ -747,11 +870,21 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let d = d.path();
         let ok = r#"{"a":{"dtype":"F32","shape":[2,2],"data_offsets":[0,16]}}"#;
-        assert_eq!(read_header(&write(d, "ok.safetensors", ok, 16)).unwrap().entries[0].numel, 4);
+        assert_eq!(
+            read_header(&write(d, "ok.safetensors", ok, 16))
+                .unwrap()
+                .entries[0]
+                .numel,
+            4
+        );
         assert!(err(d, ok, 8).contains("run past the data section"));
         assert!(err(d, ok, 20).contains("trailing bytes"));
-        assert!(err(d, r#"{"a":{"dtype":"F33","shape":[1],"data_offsets":[0,4]}}"#, 4)
-            .contains("not a safetensors dtype"));
+        assert!(err(
+            d,
+            r#"{"a":{"dtype":"F33","shape":[1],"data_offsets":[0,4]}}"#,
+            4
+        )
+        .contains("not a safetensors dtype"));
         assert!(err(
             d,
             r#"{"a":{"dtype":"F32","shape":[4294967296,4294967296,16],"data_offsets":[0,4]}}"#,
@@ -764,7 +897,12 @@ mod tests {
             12
         )
         .contains("overlap"));
-        assert!(err(d, r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,4]}}"#, 4).contains("needs 8"));
+        assert!(err(
+            d,
+            r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,4]}}"#,
+            4
+        )
+        .contains("needs 8"));
         assert!(err(d, "not json", 0).contains("not a valid safetensors JSON"));
         assert!(err(
             d,
@@ -775,11 +913,17 @@ mod tests {
         // header length beyond the file, absurd length, truncated prefix, non-UTF-8
         let p = d.join("y.safetensors");
         std::fs::write(&p, [200u8, 0, 0, 0, 0, 0, 0, 0, b'{']).unwrap();
-        assert!(read_header(&p).unwrap_err().to_string().contains("runs past the end"));
+        assert!(read_header(&p)
+            .unwrap_err()
+            .to_string()
+            .contains("runs past the end"));
         std::fs::write(&p, u64::MAX.to_le_bytes()).unwrap();
         assert!(read_header(&p).unwrap_err().to_string().contains("absurd"));
         std::fs::write(&p, [1u8, 2, 3]).unwrap();
-        assert!(read_header(&p).unwrap_err().to_string().contains("truncated"));
+        assert!(read_header(&p)
+            .unwrap_err()
+            .to_string()
+            .contains("truncated"));
         std::fs::write(&p, [2u8, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xfe]).unwrap();
         assert!(read_header(&p).unwrap_err().to_string().contains("UTF-8"));
     }
@@ -790,8 +934,17 @@ mod tests {
         assert!(is_buffer("transformer.h.11.attn.masked_bias"));
         assert!(is_buffer("model.layers.0.self_attn.rotary_emb.inv_freq"));
         assert!(!is_buffer("transformer.h.0.attn.c_attn.bias"));
-        assert_eq!(normalise("h.0.mlp.c_fc.weight", None), "transformer.h.0.mlp.c_fc.weight");
-        assert_eq!(normalise("wte.weight", Some(Arch::Gpt2)), "transformer.wte.weight");
-        assert_eq!(normalise("model.norm.weight", Some(Arch::Llama)), "model.norm.weight");
+        assert_eq!(
+            normalise("h.0.mlp.c_fc.weight", None),
+            "transformer.h.0.mlp.c_fc.weight"
+        );
+        assert_eq!(
+            normalise("wte.weight", Some(Arch::Gpt2)),
+            "transformer.wte.weight"
+        );
+        assert_eq!(
+            normalise("model.norm.weight", Some(Arch::Llama)),
+            "model.norm.weight"
+        );
     }
 }

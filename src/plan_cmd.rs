@@ -5,7 +5,9 @@ use crate::commands::{base_report, load_config, resolve_step};
 use crate::dtype::TrainDtype;
 use crate::error::{Error, Result, EXIT_OK};
 use crate::estimate::gpus::{self, FitInputs, GpuReport, DEFAULT_ASSUMED_MFU};
-use crate::estimate::scaling::{self, BudgetPlan, Law, ModelPlan, Plan, CHINCHILLA, TOKENS_PER_PARAM};
+use crate::estimate::scaling::{
+    self, BudgetPlan, Law, ModelPlan, Plan, CHINCHILLA, TOKENS_PER_PARAM,
+};
 use crate::report::sections::Section;
 use crate::units::group;
 use serde::Serialize;
@@ -19,7 +21,9 @@ fn s(x: impl ToString) -> String {
 
 fn print(format: Format, json: &impl Serialize, secs: &[Section]) -> Result<()> {
     let text = match format {
-        Format::Json => serde_json::to_string_pretty(json).map_err(|e| Error::Internal(e.into()))? + "\n",
+        Format::Json => {
+            serde_json::to_string_pretty(json).map_err(|e| Error::Internal(e.into()))? + "\n"
+        }
         Format::Table => crate::report::table::render_sections(secs),
         Format::Markdown => crate::report::markdown::render_sections(secs),
     };
@@ -31,7 +35,12 @@ fn positive(field: &str, v: f64, max: f64) -> Result<f64> {
     if v.is_finite() && v > 0.0 && v <= max {
         Ok(v)
     } else {
-        Err(Error::field("command line", field, v, format!("must be > 0 and at most {max:e}")))
+        Err(Error::field(
+            "command line",
+            field,
+            v,
+            format!("must be > 0 and at most {max:e}"),
+        ))
     }
 }
 
@@ -70,7 +79,16 @@ fn plan_row(what: &str, p: &Plan) -> Vec<String> {
 }
 
 fn plan_header() -> Vec<String> {
-    ["plan", "params N", "tokens D", "D / N", "FLOPs 6ND", "loss L(N, D)"].map(s).to_vec()
+    [
+        "plan",
+        "params N",
+        "tokens D",
+        "D / N",
+        "FLOPs 6ND",
+        "loss L(N, D)",
+    ]
+    .map(s)
+    .to_vec()
 }
 
 pub fn scaling(a: ScalingArgs) -> Result<u8> {
@@ -82,7 +100,10 @@ pub fn scaling(a: ScalingArgs) -> Result<u8> {
     }
     let law = CHINCHILLA;
     let budget = match a.flops {
-        Some(c) => Some(scaling::for_budget(&law, positive("--flops", c, MAX_BUDGET)?)),
+        Some(c) => Some(scaling::for_budget(
+            &law,
+            positive("--flops", c, MAX_BUDGET)?,
+        )),
         None => None,
     };
     let model = if has_model {
@@ -117,18 +138,31 @@ pub fn scaling(a: ScalingArgs) -> Result<u8> {
             header: plan_header(),
             rows: vec![
                 plan_row("Chinchilla fit (approach 3)", &b.chinchilla),
-                plan_row(&format!("{TOKENS_PER_PARAM} tokens per parameter"), &b.rule_20),
+                plan_row(
+                    &format!("{TOKENS_PER_PARAM} tokens per parameter"),
+                    &b.rule_20,
+                ),
             ],
             notes: vec![law_note.clone()],
         });
     }
     if let Some(m) = &r.model {
         secs.push(Section {
-            title: format!("Compute-optimal data for {} ({} parameters)", m.name, group(m.params)),
+            title: format!(
+                "Compute-optimal data for {} ({} parameters)",
+                m.name,
+                group(m.params)
+            ),
             header: plan_header(),
             rows: vec![
-                plan_row("Chinchilla fit: tokens that make N optimal", &m.plan.chinchilla),
-                plan_row(&format!("{TOKENS_PER_PARAM} tokens per parameter"), &m.plan.rule_20),
+                plan_row(
+                    "Chinchilla fit: tokens that make N optimal",
+                    &m.plan.chinchilla,
+                ),
+                plan_row(
+                    &format!("{TOKENS_PER_PARAM} tokens per parameter"),
+                    &m.plan.rule_20,
+                ),
             ],
             notes: vec![
                 law_note,
@@ -164,7 +198,12 @@ pub fn gpus(a: GpusArgs) -> Result<u8> {
         ),
     };
     if a.gpus == 0 || a.gpus > 1 << 24 {
-        return Err(Error::field("command line", "--gpus", a.gpus, "must be between 1 and 2^24"));
+        return Err(Error::field(
+            "command line",
+            "--gpus",
+            a.gpus,
+            "must be between 1 and 2^24",
+        ));
     }
     let (mfu, mfu_source) = match a.mfu {
         Some(m) if m.is_finite() && m > 0.0 && m <= 1.0 => (m, "assumed: --mfu".to_string()),

@@ -399,7 +399,12 @@ mod tests {
         let m = mfu(&f, 4, 2.0, None);
         assert!(m.mfu.is_none());
         assert_eq!(m.step_flops, 4 * f.total);
-        let m = mfu(&f, 4, 2.0, Some((m.achieved_flops_per_s * 4.0, "given".into())));
+        let m = mfu(
+            &f,
+            4,
+            2.0,
+            Some((m.achieved_flops_per_s * 4.0, "given".into())),
+        );
         assert!((m.mfu.unwrap() - 0.25).abs() < 1e-12);
     }
 }

@@ -48,34 +48,100 @@ impl Gpu {
 pub const GPUS: &[Gpu] = &[
     // NVIDIA H200 Tensor Core GPU datasheet (2024), H200 SXM: 141 GB HBM3e; BF16/FP16 1,979
     // TFLOPS with sparsity (989.5 dense); FP32 67 TFLOPS.
-    Gpu { name: "H200 SXM 141GB", memory_bytes: 141 * GIB, bf16_tflops: Some(989.5), fp16_tflops: 989.5, fp32_tflops: 67.0 },
+    Gpu {
+        name: "H200 SXM 141GB",
+        memory_bytes: 141 * GIB,
+        bf16_tflops: Some(989.5),
+        fp16_tflops: 989.5,
+        fp32_tflops: 67.0,
+    },
     // NVIDIA H100 Tensor Core GPU datasheet (2023), H100 SXM: 80 GB; BF16/FP16 1,979 TFLOPS
     // with sparsity (989.5 dense); FP32 67 TFLOPS.
-    Gpu { name: "H100 SXM 80GB", memory_bytes: 80 * GIB, bf16_tflops: Some(989.5), fp16_tflops: 989.5, fp32_tflops: 67.0 },
+    Gpu {
+        name: "H100 SXM 80GB",
+        memory_bytes: 80 * GIB,
+        bf16_tflops: Some(989.5),
+        fp16_tflops: 989.5,
+        fp32_tflops: 67.0,
+    },
     // Same datasheet, H100 PCIe: 80 GB; BF16/FP16 1,513 with sparsity (756.5 dense); FP32 51.
-    Gpu { name: "H100 PCIe 80GB", memory_bytes: 80 * GIB, bf16_tflops: Some(756.5), fp16_tflops: 756.5, fp32_tflops: 51.0 },
+    Gpu {
+        name: "H100 PCIe 80GB",
+        memory_bytes: 80 * GIB,
+        bf16_tflops: Some(756.5),
+        fp16_tflops: 756.5,
+        fp32_tflops: 51.0,
+    },
     // NVIDIA A100 Tensor Core GPU datasheet (2021): BF16/FP16 312 TFLOPS dense (624 sparse);
     // FP32 19.5 TFLOPS; 80 GB HBM2e.
-    Gpu { name: "A100 80GB", memory_bytes: 80 * GIB, bf16_tflops: Some(312.0), fp16_tflops: 312.0, fp32_tflops: 19.5 },
+    Gpu {
+        name: "A100 80GB",
+        memory_bytes: 80 * GIB,
+        bf16_tflops: Some(312.0),
+        fp16_tflops: 312.0,
+        fp32_tflops: 19.5,
+    },
     // Same datasheet, A100 40GB HBM2.
-    Gpu { name: "A100 40GB", memory_bytes: 40 * GIB, bf16_tflops: Some(312.0), fp16_tflops: 312.0, fp32_tflops: 19.5 },
+    Gpu {
+        name: "A100 40GB",
+        memory_bytes: 40 * GIB,
+        bf16_tflops: Some(312.0),
+        fp16_tflops: 312.0,
+        fp32_tflops: 19.5,
+    },
     // NVIDIA L4 datasheet (2023): FP16/BF16 242 TFLOPS with sparsity (121 dense); FP32 30.3;
     // 24 GB GDDR6.
-    Gpu { name: "L4 24GB", memory_bytes: 24 * GIB, bf16_tflops: Some(121.0), fp16_tflops: 121.0, fp32_tflops: 30.3 },
+    Gpu {
+        name: "L4 24GB",
+        memory_bytes: 24 * GIB,
+        bf16_tflops: Some(121.0),
+        fp16_tflops: 121.0,
+        fp32_tflops: 30.3,
+    },
     // NVIDIA A10 datasheet (2021): BF16/FP16 125 TFLOPS dense (250 sparse); FP32 31.2; 24 GB.
-    Gpu { name: "A10 24GB", memory_bytes: 24 * GIB, bf16_tflops: Some(125.0), fp16_tflops: 125.0, fp32_tflops: 31.2 },
+    Gpu {
+        name: "A10 24GB",
+        memory_bytes: 24 * GIB,
+        bf16_tflops: Some(125.0),
+        fp16_tflops: 125.0,
+        fp32_tflops: 31.2,
+    },
     // NVIDIA Ada Lovelace architecture whitepaper v1.1, appendix table (GeForce RTX 4090): peak
     // FP16/BF16 tensor with FP32 accumulate 165.2 dense (330.4 sparse); FP32 82.6; 24 GB GDDR6X.
-    Gpu { name: "RTX 4090 24GB", memory_bytes: 24 * GIB, bf16_tflops: Some(165.2), fp16_tflops: 165.2, fp32_tflops: 82.6 },
+    Gpu {
+        name: "RTX 4090 24GB",
+        memory_bytes: 24 * GIB,
+        bf16_tflops: Some(165.2),
+        fp16_tflops: 165.2,
+        fp32_tflops: 82.6,
+    },
     // NVIDIA Ampere GA102 GPU architecture whitepaper v2.1 (GeForce RTX 3090): peak FP16/BF16
     // tensor with FP32 accumulate 71 dense (142 sparse); FP32 35.6; 24 GB GDDR6X.
-    Gpu { name: "RTX 3090 24GB", memory_bytes: 24 * GIB, bf16_tflops: Some(71.0), fp16_tflops: 71.0, fp32_tflops: 35.6 },
+    Gpu {
+        name: "RTX 3090 24GB",
+        memory_bytes: 24 * GIB,
+        bf16_tflops: Some(71.0),
+        fp16_tflops: 71.0,
+        fp32_tflops: 35.6,
+    },
     // NVIDIA V100 Tensor Core GPU datasheet (2020), V100 SXM2: tensor 125 TFLOPS (fp16);
     // FP32 15.7; 32 GB HBM2; no bf16.
-    Gpu { name: "V100 SXM2 32GB", memory_bytes: 32 * GIB, bf16_tflops: None, fp16_tflops: 125.0, fp32_tflops: 15.7 },
+    Gpu {
+        name: "V100 SXM2 32GB",
+        memory_bytes: 32 * GIB,
+        bf16_tflops: None,
+        fp16_tflops: 125.0,
+        fp32_tflops: 15.7,
+    },
     // NVIDIA T4 datasheet (2019): mixed-precision FP16/FP32 65 TFLOPS; FP32 8.1; 16 GB GDDR6;
     // no bf16.
-    Gpu { name: "T4 16GB", memory_bytes: 16 * GIB, bf16_tflops: None, fp16_tflops: 65.0, fp32_tflops: 8.1 },
+    Gpu {
+        name: "T4 16GB",
+        memory_bytes: 16 * GIB,
+        bf16_tflops: None,
+        fp16_tflops: 65.0,
+        fp32_tflops: 8.1,
+    },
 ];
 
 /// One GPU's row for a model.
@@ -182,7 +248,10 @@ mod tests {
         // 16 B/param × 124.4M = 1.99 GB of 40 GiB
         assert!((a100.training_share - 1_991_036_928.0 / 42_949_672_960.0).abs() < 1e-12);
         assert!(a100.fits);
-        let v100 = rows.iter().find(|r| r.gpu.name == "V100 SXM2 32GB").unwrap();
+        let v100 = rows
+            .iter()
+            .find(|r| r.gpu.name == "V100 SXM2 32GB")
+            .unwrap();
         assert!(v100.days.is_none(), "V100 has no bf16");
     }
 

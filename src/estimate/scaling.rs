@@ -62,7 +62,10 @@ impl Law {
     /// Compute-optimal (N, D) for a budget of C FLOPs.
     pub fn optimal(&self, c: f64) -> (f64, f64) {
         let x = c / FLOPS_PER_PARAM_TOKEN;
-        (self.g() * x.powf(self.exp_n()), x.powf(self.exp_d()) / self.g())
+        (
+            self.g() * x.powf(self.exp_n()),
+            x.powf(self.exp_d()) / self.g(),
+        )
     }
     /// The budget for which N is compute-optimal: invert `N = G·(C/6)^a`.
     pub fn budget_for(&self, n: f64) -> f64 {
@@ -152,9 +155,17 @@ mod tests {
     #[test]
     fn chinchilla_budget() {
         let p = for_budget(&CHINCHILLA, 5.76e23);
-        assert!(close(p.chinchilla.params, 3.22e10, 5e-3), "{}", p.chinchilla.params);
+        assert!(
+            close(p.chinchilla.params, 3.22e10, 5e-3),
+            "{}",
+            p.chinchilla.params
+        );
         assert!(close(p.chinchilla.flops, 5.76e23, 1e-12));
-        assert!(close(p.chinchilla.tokens, 9.6e22 / p.chinchilla.params, 1e-12));
+        assert!(close(
+            p.chinchilla.tokens,
+            9.6e22 / p.chinchilla.params,
+            1e-12
+        ));
         // 20 tokens/param: N = sqrt(5.76e23 / 120) = 6.928e10, D = 1.386e12
         assert!(close(p.rule_20.params, 6.928_203e10, 1e-6));
         assert!(close(p.rule_20.tokens, 1.385_641e12, 1e-6));

@@ -226,7 +226,11 @@ mod tests {
         let dev = Device::Cpu;
         {
             let mut data = vm.data().lock().unwrap();
-            for (name, shape) in [("b.weight", vec![3usize, 5]), ("a.bias", vec![7]), ("c\"q", vec![2, 2, 2])] {
+            for (name, shape) in [
+                ("b.weight", vec![3usize, 5]),
+                ("a.bias", vec![7]),
+                ("c\"q", vec![2, 2, 2]),
+            ] {
                 let t = Tensor::zeros(shape.as_slice(), DType::F32, &dev).unwrap();
                 data.insert(name.to_string(), candle_core::Var::from_tensor(&t).unwrap());
             }
@@ -235,7 +239,11 @@ mod tests {
         let metas: Vec<TensorMeta> = ["b.weight", "a.bias", "c\"q"]
             .iter()
             .zip(&shapes)
-            .map(|(n, s)| TensorMeta { name: n, shape: s, dtype: DType::F32 })
+            .map(|(n, s)| TensorMeta {
+                name: n,
+                shape: s,
+                dtype: DType::F32,
+            })
             .collect();
         let r = save_and_measure(&vm, &metas, None).unwrap();
         assert_eq!(r.file_bytes, r.predicted_bytes);

@@ -32,6 +32,9 @@ pub fn measure_matmul_peak(device: &Device) -> Result<(f64, String)> {
     let med = super::run::median(&secs);
     Ok((
         flops / med,
-        format!("measured: f32 matmul {n}×{n}, median of {PROBE_RUNS} runs ({:.1} ms each)", med * 1e3),
+        format!(
+            "measured: f32 matmul {n}×{n}, median of {PROBE_RUNS} runs ({:.1} ms each)",
+            med * 1e3
+        ),
     ))
 }

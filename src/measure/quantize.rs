@@ -210,7 +210,10 @@ mod tests {
         assert_eq!(qk.bits_per_weight, 4.5);
         assert_eq!(qk.kept_misfit_tensors, 1);
         assert_eq!(qk.kept_tensors, 1);
-        assert_eq!(qk.kept_bytes, (512 + 288) * DType::F32.size_in_bytes() as u64);
+        assert_eq!(
+            qk.kept_bytes,
+            (512 + 288) * DType::F32.size_in_bytes() as u64
+        );
         for r in q.values() {
             assert_eq!(r.quantized_bytes, r.predicted_quantized_bytes);
         }
