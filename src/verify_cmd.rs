@@ -360,7 +360,10 @@ fn measure_artifacts(
                     r.quantized_bytes,
                     r.predicted_quantized_bytes,
                 )
-                .with_note(format!("{:.3} bits/weight", r.bits_per_weight)),
+                .with_note(match r.bits_per_weight {
+                    Some(b) => format!("{b:.3} bits/weight"),
+                    None => format!("no matrix row is a multiple of the {name} block"),
+                }),
             );
         }
         report.quantized = Some(q);

@@ -77,8 +77,8 @@ pub struct QuantizedSize {
     /// 2-D matrices whose rows are not a multiple of the block size.
     pub kept_misfit_tensors: usize,
     pub kept_params: u64,
-    /// quantized_bytes × 8 / quantized_params.
-    pub bits_per_weight: f64,
+    /// quantized_bytes × 8 / quantized_params; `None` when no tensor fits the format's block.
+    pub bits_per_weight: Option<f64>,
     /// bytes × 8 / all params.
     pub bits_per_param: f64,
     /// params × nominal bits / 8: the "4-bit = 8× smaller" arithmetic.
@@ -129,7 +129,7 @@ fn quantize_tensors(tensors: &[(String, Tensor)], f: &QuantFormat) -> Result<Qua
         kept_tensors: 0,
         kept_misfit_tensors: 0,
         kept_params: 0,
-        bits_per_weight: 0.0,
+        bits_per_weight: None,
         bits_per_param: 0.0,
         naive_bytes: 0,
         vs_naive: 0.0,
@@ -157,7 +157,8 @@ fn quantize_tensors(tensors: &[(String, Tensor)], f: &QuantFormat) -> Result<Qua
     }
     let params = r.quantized_params + r.kept_params;
     r.bytes = r.quantized_bytes + r.kept_bytes;
-    r.bits_per_weight = ratio(r.quantized_bytes * 8, r.quantized_params);
+    r.bits_per_weight =
+        (r.quantized_params > 0).then(|| ratio(r.quantized_bytes * 8, r.quantized_params));
     r.bits_per_param = ratio(r.bytes * 8, params);
     r.naive_bytes = (params as u128 * f.nominal_bits as u128).div_ceil(8) as u64;
     r.vs_naive = ratio(r.bytes, r.naive_bytes);
@@ -199,15 +200,15 @@ mod tests {
         let q = quantize_varmap(&vm).unwrap();
         let q8 = &q["q8_0"];
         assert_eq!(q8.quantized_bytes, (2048 + 288) / 32 * 34);
-        assert_eq!(q8.bits_per_weight, 8.5);
+        assert_eq!(q8.bits_per_weight, Some(8.5));
         let q4 = &q["q4_0"];
         assert_eq!(q4.quantized_bytes, (2048 + 288) / 32 * 18);
-        assert_eq!(q4.bits_per_weight, 4.5);
+        assert_eq!(q4.bits_per_weight, Some(4.5));
         // 96 is a multiple of 32 (q4_0 quantizes "odd"), not of 256 (q4_k keeps it)
         assert_eq!(q4.quantized_tensors, 2);
         let qk = &q["q4_k"];
         assert_eq!(qk.quantized_bytes, 2048 / 256 * 144);
-        assert_eq!(qk.bits_per_weight, 4.5);
+        assert_eq!(qk.bits_per_weight, Some(4.5));
         assert_eq!(qk.kept_misfit_tensors, 1);
         assert_eq!(qk.kept_tensors, 1);
         assert_eq!(

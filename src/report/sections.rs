@@ -424,7 +424,7 @@ fn compute_and_artifact_sections(r: &Report) -> Vec<Section> {
                         s(name),
                         b,
                         h,
-                        format!("{:.3}", x.bits_per_weight),
+                        x.bits_per_weight.map_or_else(|| s("none fit"), |b| format!("{b:.3}")),
                         format!("{:.3}", x.bits_per_param),
                         group(x.naive_bytes),
                         format!("{:.3}×", x.vs_naive),
