@@ -621,6 +621,31 @@ fn fuzz_regressions_and_seeds_replay_without_panic() {
     assert!(replayed > 0, "no fuzz seeds found under {}", root.display());
 }
 
+/// Config crashes kept from fuzzing (fuzz/regressions/{toml_config,hf_config}), now through the
+/// binary: a GPT-2 config with an absurd `n_embd` and no MLP width overflowed `4 * n_embd`
+/// while filling in the default (a panic in debug builds); now validate names n_embd.
+#[test]
+fn fuzz_config_regressions_are_bad_input_through_the_binary() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fuzz/regressions");
+    let mut n = 0;
+    for target in ["toml_config", "hf_config"] {
+        for p in files_under(&root.join(target)) {
+            fails(&["estimate", "--config", s(&p)], 2, &[s(&p)]);
+            n += 1;
+        }
+    }
+    assert!(n >= 2, "regression inputs missing under {}", root.display());
+    fails(
+        &[
+            "estimate",
+            "--config",
+            s(&root.join("hf_config/gpt2-n_inner-default-overflows.json")),
+        ],
+        2,
+        &["n_embd = 18446744073709551615", "absurd"],
+    );
+}
+
 /// Found by the toml_config fuzz target (seed configs/llama3.1-70b.toml at the largest step the
 /// CLI accepts): the activation simulator's byte counter overflows u64 (src/estimate/
 /// activations.rs `Mem::alloc`, `self.cur.get() + bytes`): a panic in debug builds, a wrapped
