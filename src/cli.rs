@@ -29,6 +29,12 @@ pub enum Command {
     Verify(VerifyArgs),
     /// List the built-in presets.
     Presets(PresetsArgs),
+    /// Measure the peak memory of one training step over a grid of batch sizes and sequence lengths,
+    /// beside our prediction and the rules of thumb; writes CSV, JSON and an SVG chart.
+    Sweep(SweepArgs),
+    /// Time a large square f32 matmul through candle: this machine's roofline (for scripts/bench.sh).
+    #[command(hide = true)]
+    BenchMatmul,
     /// Read a checkpoint's safetensors headers (no tensor data) and check it against the model.
     Inspect(InspectArgs),
     /// Chinchilla scaling: compute-optimal parameters and tokens for a FLOP budget or a model.
@@ -118,6 +124,37 @@ pub struct VerifyArgs {
     /// Skip writing the checkpoint file and quantizing the weights.
     #[arg(long)]
     pub no_artifacts: bool,
+    /// Also measure 1- and 2-layer versions of the config and extrapolate the peak to its depth
+    /// (works when the full model is refused for memory; compared with it when it ran).
+    #[arg(long, conflicts_with = "shapes_only")]
+    pub extrapolate: bool,
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    pub format: Format,
+}
+
+#[derive(Debug, Args)]
+pub struct SweepArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// Batch sizes, comma-separated.
+    #[arg(long, value_name = "B,B,...", default_value = "1,2,4,8")]
+    pub batch: String,
+    /// Sequence lengths, comma-separated (each between 2 and block_size).
+    #[arg(long, value_name = "T,T,...", default_value = "64,128,256")]
+    pub seq: String,
+    /// Training dtype: f32, f16 or bf16 (default: the config's [run] table, else f32).
+    #[arg(long, value_name = "DTYPE")]
+    pub dtype: Option<String>,
+    /// Folder for sweep.csv, sweep.json and sweep.svg (created if missing).
+    #[arg(long, value_name = "DIR", default_value = "sweep-out")]
+    pub out: PathBuf,
+    /// Seed for the random weights and tokens.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Memory the sweep may use, in bytes (overrides the available memory the OS reports).
+    #[arg(long, value_name = "BYTES")]
+    pub max_memory: Option<u64>,
+    /// Format of the summary printed on stdout.
     #[arg(long, value_enum, default_value_t = Format::Table)]
     pub format: Format,
 }

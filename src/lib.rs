@@ -14,6 +14,7 @@ pub mod measure;
 pub mod model;
 pub mod plan_cmd;
 pub mod report;
+pub mod sweep;
 pub mod units;
 pub mod verify;
 pub mod verify_cmd;

@@ -6,6 +6,11 @@ use truesize::{cli::Cli, commands};
 static ALLOC: truesize::measure::alloc::CountingAlloc = truesize::measure::alloc::CountingAlloc;
 
 fn main() -> ExitCode {
+    if std::env::var_os(truesize::measure::alloc::NO_COUNT_ENV).is_some() {
+        // Record that the allocator is installed, then stop counting (benchmarks only).
+        truesize::measure::alloc::installed();
+        truesize::measure::alloc::disable_counting();
+    }
     let cli = Cli::parse();
     match commands::run(cli) {
         Ok(code) => ExitCode::from(code),

@@ -125,6 +125,7 @@ pub fn verify(a: VerifyArgs) -> Result<u8> {
         let device = device_spec.open()?;
         measure_real(&a, &cfg, step, &device, tolerance, predicted_peak, reference.as_ref(), &mut report, &mut checks)?;
     }
+    rules_and_extrapolation(&a, &cfg, step, device_spec, &mut report, &mut checks)?;
     let pass = all_pass(&checks);
     report.checks = checks;
     report.pass = Some(pass);
@@ -134,6 +135,55 @@ pub fn verify(a: VerifyArgs) -> Result<u8> {
         eprintln!("error: refused: {msg}");
     }
     Ok(verdict(pass))
+}
+
+/// Rules of thumb beside our prediction, scored against the measured peak, and with
+/// `--extrapolate` the peak predicted from 1- and 2-layer runs (issue #5, items 3 and 4).
+fn rules_and_extrapolation(
+    a: &VerifyArgs,
+    cfg: &ModelConfig,
+    step: Step,
+    device_spec: DeviceSpec,
+    report: &mut Report,
+    checks: &mut Vec<Check>,
+) -> Result<()> {
+    use crate::estimate::rules;
+    let measured = report.memory.as_ref().map(|m| m.phases.peak_bytes);
+    // The measured step runs no optimizer, so the rules get no AdamW states added.
+    let mut rs = rules::predict(cfg, report.params.total, step, false);
+    if let Some(m) = measured {
+        rules::score(&mut rs, m);
+    }
+    report.rules = rs;
+    if !alloc::counting() {
+        report.notes.push(format!(
+            "{}: the counting allocator was switched off; memory figures are not measured",
+            alloc::NO_COUNT_ENV
+        ));
+    }
+    if a.extrapolate {
+        let device = device_spec.open()?;
+        // The full model's step ran first in this process: its residue is the runtime's.
+        let runtime = report
+            .memory
+            .as_ref()
+            .map(|m| crate::measure::extrapolate::runtime_residue(&m.phases));
+        let mut e = crate::measure::extrapolate::extrapolate(cfg, step, a.seed, &device, runtime)?;
+        if let Some(m) = measured {
+            e = e.with_measured(m);
+            checks.push(
+                Check::rel(
+                    "peak memory: extrapolated from 1 and 2 layers vs measured",
+                    e.predicted_peak_bytes as f64,
+                    m as f64,
+                    0.05,
+                )
+                .informational("peak(L) = base + L · (peak(2) − peak(1))"),
+            );
+        }
+        report.extrapolation = Some(e);
+    }
+    Ok(())
 }
 
 /// Census against the estimate: total, per component, bytes, and the 12·d² rule.

@@ -5,6 +5,7 @@ pub mod flops;
 pub mod gpus;
 pub mod memory;
 pub mod params;
+pub mod rules;
 pub mod scaling;
 
 pub use params::{Component, ParamEstimate};

@@ -10,17 +10,30 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 static CURRENT: AtomicU64 = AtomicU64::new(0);
 static PEAK: AtomicU64 = AtomicU64::new(0);
 static SEEN: AtomicBool = AtomicBool::new(false);
+/// Counting on (the default) or off: off only for benchmarking the allocator's own overhead.
+static COUNTING: AtomicBool = AtomicBool::new(true);
+
+/// Environment variable that switches counting off for the whole run (`main` reads it once), so
+/// `scripts/bench.sh` can time the same binary with and without the counting allocator's work.
+/// Memory figures are meaningless then, and verify says so.
+pub const NO_COUNT_ENV: &str = "TRUESIZE_NO_ALLOC_COUNT";
 
 pub struct CountingAlloc;
 
 #[inline]
 fn add(n: usize) {
+    if !COUNTING.load(Relaxed) {
+        return;
+    }
     let now = CURRENT.fetch_add(n as u64, Relaxed) + n as u64;
     PEAK.fetch_max(now, Relaxed);
 }
 
 #[inline]
 fn sub(n: usize) {
+    if !COUNTING.load(Relaxed) {
+        return;
+    }
     CURRENT.fetch_sub(n as u64, Relaxed);
 }
 
@@ -82,4 +95,15 @@ pub fn peak() -> u64 {
 /// Start a new phase: the peak restarts from what is allocated now.
 pub fn reset_peak() {
     PEAK.store(CURRENT.load(Relaxed), Relaxed);
+}
+
+/// Stop counting for the rest of the process (benchmarks of the allocator's overhead only).
+/// Call it first thing in `main`, after `installed()`, so no block is counted in and not out.
+pub fn disable_counting() {
+    COUNTING.store(false, Relaxed);
+}
+
+/// Whether allocations are being counted.
+pub fn counting() -> bool {
+    COUNTING.load(Relaxed)
 }

@@ -7,8 +7,9 @@ pub mod checkpoint;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod device;
-pub mod reference;
+pub mod extrapolate;
 pub mod peak;
 pub mod quantize;
+pub mod reference;
 pub mod run;
 pub mod sysmem;

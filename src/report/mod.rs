@@ -1,9 +1,13 @@
 //! Reports: one `Report` computed once, rendered by one exporter per format. Exporters turn
 //! numbers into text; they never compute.
 
+pub mod csv;
 pub mod json;
 pub mod markdown;
+pub mod memory_rules;
 pub mod sections;
+pub mod svg;
+pub mod sweep;
 pub mod table;
 
 use crate::cli::Format;
@@ -44,6 +48,12 @@ pub struct Report {
     /// Sizes from real quantized tensors, by format (verify).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub quantized: Option<crate::measure::quantize::QuantizedReport>,
+    /// Rules of thumb for the peak beside our prediction, each scored against the measured peak.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub rules: Vec<crate::estimate::rules::RuleOfThumb>,
+    /// `verify --extrapolate`: the peak predicted from 1- and 2-layer runs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub extrapolation: Option<crate::measure::extrapolate::Extrapolation>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub checks: Vec<Check>,
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -245,6 +245,10 @@ pub fn sections(r: &Report) -> Vec<Section> {
             notes,
         });
     }
+    out.extend(super::memory_rules::rules_section(&r.rules));
+    if let Some(e) = &r.extrapolation {
+        out.push(super::memory_rules::extrapolation_section(e));
+    }
 
     if let Some(t) = &r.timing {
         out.push(Section {

@@ -1,0 +1,236 @@
+//! `truesize sweep`: one measured training step per (batch, seq) over one model, beside our
+//! prediction and the rules of thumb; writes sweep.csv, sweep.json and sweep.svg.
+//! Also the hidden `truesize bench-matmul` (the roofline for scripts/bench.sh).
+
+use crate::cli::{Format, SweepArgs};
+use crate::commands::load_config;
+use crate::config::{self, ModelConfig};
+use crate::dtype::TrainDtype;
+use crate::error::{Error, Result, EXIT_OK};
+use crate::estimate::activations::{self, Step};
+use crate::estimate::{params, rules};
+use crate::measure::extrapolate::{probe_for, random_tokens};
+use crate::measure::{run, sysmem};
+use crate::model::build;
+use crate::report::sweep::{SweepPoint, SweepReport};
+use crate::report::{csv, svg};
+use crate::units::Bytes;
+use candle_core::Device;
+use indicatif::{ProgressBar, ProgressStyle};
+use std::path::Path;
+
+/// Most grid points one sweep runs (each is a full training step).
+pub const MAX_POINTS: usize = 1024;
+/// The shortest sequence a next-token loss can use (one prediction needs two positions).
+pub const MIN_SEQ: usize = 2;
+
+/// `"1,2, 4"` -> `[1, 2, 4]`: positive integers, duplicates dropped, order kept.
+pub fn parse_list(flag: &str, text: &str) -> Result<Vec<usize>> {
+    let mut out = Vec::new();
+    for item in text.split(',') {
+        let item = item.trim();
+        let v: usize = item.parse().map_err(|_| {
+            Error::field(
+                "command line",
+                flag,
+                format!("{item:?}"),
+                "expected a comma-separated list of positive integers, e.g. 1,2,4,8",
+            )
+        })?;
+        if !out.contains(&v) {
+            out.push(v);
+        }
+    }
+    Ok(out)
+}
+
+fn resolve(a: &SweepArgs, cfg: &ModelConfig) -> Result<(Vec<usize>, Vec<usize>, TrainDtype)> {
+    let batches = parse_list("--batch", &a.batch)?;
+    for &b in &batches {
+        config::check_run_size("command line", "--batch", b)?;
+    }
+    let seqs = parse_list("--seq", &a.seq)?;
+    for &t in &seqs {
+        cfg.check_seq(t)?;
+        if t < MIN_SEQ {
+            return Err(Error::field(
+                "command line",
+                "--seq",
+                t,
+                format!("must be at least {MIN_SEQ}: the next-token loss needs two positions"),
+            ));
+        }
+    }
+    if batches.len() * seqs.len() > MAX_POINTS {
+        return Err(Error::field(
+            "command line",
+            "--batch × --seq",
+            batches.len() * seqs.len(),
+            format!("at most {MAX_POINTS} grid points"),
+        ));
+    }
+    let dtype = match a.dtype.as_deref().or(cfg.run.dtype.as_deref()) {
+        Some(d) => TrainDtype::parse(d)?,
+        None => TrainDtype::F32,
+    };
+    Ok((batches, seqs, dtype))
+}
+
+pub fn sweep(a: SweepArgs) -> Result<u8> {
+    let cfg = load_config(&a.config)?;
+    let (batches, seqs, dtype) = resolve(&a, &cfg)?;
+    let p = params::estimate(&cfg)?;
+    let grid: Vec<Step> = batches
+        .iter()
+        .flat_map(|&batch| seqs.iter().map(move |&seq| Step { batch, seq, dtype }))
+        .collect();
+
+    // Preflight on the largest predicted point: refuse before allocating anything.
+    let worst = grid
+        .iter()
+        .map(|&s| activations::predicted_peak(&cfg, p.total, s))
+        .max()
+        .unwrap_or(0);
+    if let Some(limit) = a.max_memory.or_else(sysmem::available_bytes) {
+        if worst > limit {
+            return Err(Error::Refused(format!(
+                "the largest point of this sweep needs about {} but only {} is available; \
+                 use smaller --batch/--seq values or --max-memory BYTES",
+                Bytes(worst),
+                Bytes(limit)
+            )));
+        }
+    }
+
+    let device = Device::Cpu;
+    let probe = probe_for(&device)?;
+    probe.reset_peak()?;
+    let baseline = probe.current()?;
+    // The model is built once; each point runs one step on it.
+    let (varmap, model) = build::random(&cfg, dtype.candle(), &device, a.seed)?;
+    let after_build = probe.current()?;
+
+    let bar = ProgressBar::new(grid.len() as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} sweep [{bar:30}] {pos}/{len} {msg} ({elapsed})")
+            .map_err(|e| Error::Internal(anyhow::anyhow!("progress bar template: {e}")))?
+            .progress_chars("=> "),
+    );
+    let mut points = Vec::with_capacity(grid.len());
+    for step in &grid {
+        bar.set_message(format!("batch {} × seq {}", step.batch, step.seq));
+        let ids = random_tokens(cfg.vocab_size, step.batch, step.seq, a.seed, &device)?;
+        let r = run::train_step(
+            &model,
+            &varmap,
+            &ids,
+            probe.as_ref(),
+            baseline,
+            after_build,
+            1,
+        )?;
+        let measured = r.memory.peak_bytes;
+        let mut rs = rules::predict(&cfg, p.total, *step, false);
+        rules::score(&mut rs, measured);
+        let predicted = activations::predicted_peak(&cfg, p.total, *step);
+        points.push(SweepPoint {
+            batch: step.batch,
+            seq: step.seq,
+            tokens: step.batch * step.seq,
+            measured_peak_bytes: measured,
+            predicted_peak_bytes: predicted,
+            predicted_rel_error: crate::units::rel_error(predicted as f64, measured as f64),
+            forward_s: run::median(&r.forward_s),
+            backward_s: run::median(&r.backward_s),
+            rules: rs,
+        });
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+
+    let report = SweepReport {
+        command: "sweep",
+        model: cfg.name.clone(),
+        arch: cfg.arch.name(),
+        params: p.total,
+        dtype,
+        device: "cpu".into(),
+        weights_bytes: after_build.saturating_sub(baseline),
+        batches,
+        seqs,
+        points,
+        notes: vec![
+            "peaks are bytes above the pre-build baseline, read by the counting allocator; the \
+             model is built once and each point runs one forward + backward (no optimizer)"
+                .into(),
+        ],
+    };
+    write_outputs(&a.out, &report)?;
+    match a.format {
+        Format::Json => print!("{}", to_json(&report)?),
+        Format::Table => print!(
+            "{}",
+            crate::report::table::render_sections(&crate::report::sweep::sections(&report))
+        ),
+        Format::Markdown => print!(
+            "{}",
+            crate::report::markdown::render_sections(&crate::report::sweep::sections(&report))
+        ),
+    }
+    eprintln!(
+        "wrote {0}/sweep.csv, {0}/sweep.json, {0}/sweep.svg",
+        a.out.display()
+    );
+    Ok(EXIT_OK)
+}
+
+fn to_json(r: &SweepReport) -> Result<String> {
+    let mut s = serde_json::to_string_pretty(r).map_err(|e| Error::Internal(e.into()))?;
+    s.push('\n');
+    Ok(s)
+}
+
+fn write_outputs(dir: &Path, r: &SweepReport) -> Result<()> {
+    std::fs::create_dir_all(dir)
+        .map_err(|e| Error::file(dir, format!("cannot create the output folder: {e}")))?;
+    let write = |name: &str, text: &str| {
+        let path = dir.join(name);
+        std::fs::write(&path, text).map_err(|e| Error::file(&path, format!("cannot write: {e}")))
+    };
+    write("sweep.csv", &csv::render_sweep(r))?;
+    write("sweep.json", &to_json(r)?)?;
+    write("sweep.svg", &svg::render_sweep(r)?)?;
+    Ok(())
+}
+
+/// `truesize bench-matmul`: the f32 matmul probe (`measure::peak`) as one JSON object.
+pub fn bench_matmul() -> Result<u8> {
+    let (flops_per_s, source) = crate::measure::peak::measure_matmul_peak(&Device::Cpu)?;
+    println!(
+        "{}",
+        serde_json::json!({
+            "matmul_size": crate::measure::peak::PROBE_SIZE,
+            "flops_per_s": flops_per_s,
+            "source": source,
+        })
+    );
+    Ok(EXIT_OK)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lists_parse_trim_and_dedupe() {
+        assert_eq!(parse_list("--batch", "1, 2,4,2").unwrap(), vec![1, 2, 4]);
+    }
+
+    #[test]
+    fn bad_lists_name_the_flag_and_item() {
+        for bad in ["", "1,,2", "a", "-1", "1.5"] {
+            let e = parse_list("--seq", bad).unwrap_err().to_string();
+            assert!(e.contains("--seq"), "{e}");
+        }
+    }
+}

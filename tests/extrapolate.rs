@@ -1,0 +1,93 @@
+//! `verify --extrapolate`: the peak of the full depth from 1- and 2-layer runs (issue #5, item 4).
+
+mod common;
+use common::*;
+
+fn verify_json(args: &[&str]) -> serde_json::Value {
+    let out = truesize()
+        .args([
+            "verify",
+            "--extrapolate",
+            "--no-artifacts",
+            "--format",
+            "json",
+        ])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        matches!(out.status.code(), Some(0 | 1)),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    json_of(&out.stdout)
+}
+
+/// The peak is affine in depth (every layer keeps one copy of its activations and gradients at
+/// the backward peak), so two shallow runs predict the 4-layer baby-gpt almost to the byte:
+/// at batch 4 × seq 64, 137,507,028 B predicted vs 137,506,444 B measured (+0.0004%). The issue
+/// asks for 5%; we hold it to 0.1%. (Small step here: debug builds of candle are slow.)
+#[test]
+fn baby_gpt_four_layers_from_one_and_two() {
+    let j = verify_json(&["--batch", "2", "--seq", "16"]);
+    let e = &j["extrapolation"];
+    assert_eq!(e["n_layer"], 4);
+    assert_eq!(e["measured_peak_bytes"], j["memory"]["peak_bytes"]);
+    let err = e["rel_error"].as_f64().unwrap();
+    assert!(err.abs() <= 1e-3, "extrapolation error {err}");
+    assert!(err.abs() <= 0.05);
+    let per_layer = e["per_layer_bytes"].as_u64().unwrap();
+    // One layer holds at least its f32 weights and gradients: 12·d² + 13·d params.
+    assert!(per_layer > 2 * 4 * (12 * 256 * 256 + 13 * 256));
+}
+
+#[test]
+fn llama_bf16_extrapolates_too() {
+    let fixture = fixtures().join("tiny-llama");
+    let j = verify_json(&[
+        "--config",
+        fixture.to_str().unwrap(),
+        "--dtype",
+        "bf16",
+        "--batch",
+        "3",
+        "--seq",
+        "20",
+    ]);
+    let err = j["extrapolation"]["rel_error"].as_f64().unwrap();
+    assert!(err.abs() <= 0.01, "extrapolation error {err}");
+}
+
+/// A model refused for memory is still extrapolated: that is what the mode is for.
+#[test]
+fn refused_model_is_still_extrapolated() {
+    let j = verify_json(&["--max-memory", "1000", "--batch", "1", "--seq", "16"]);
+    let e = &j["extrapolation"];
+    // At least the f32 weights and gradients of baby-gpt.
+    assert!(e["predicted_peak_bytes"].as_u64().unwrap() > 2 * 4 * 3_481_088);
+    assert!(e.get("measured_peak_bytes").is_none());
+    assert!(j.get("memory").is_none());
+}
+
+/// The rules of thumb sit beside the measured peak in the JSON report (issue #5, item 3).
+#[test]
+fn rules_are_scored_against_the_measured_peak() {
+    let j = verify_json(&["--batch", "1", "--seq", "16"]);
+    let rules = j["rules"].as_array().unwrap();
+    let keys: Vec<&str> = rules.iter().map(|r| r["key"].as_str().unwrap()).collect();
+    assert_eq!(
+        keys,
+        [
+            "truesize",
+            "korthikanti_16bit",
+            "korthikanti_dtype",
+            "weights_x3",
+            "weights_x4",
+            "weights_grads_adam"
+        ]
+    );
+    for r in rules {
+        assert_eq!(r["measured_peak_bytes"], j["memory"]["peak_bytes"]);
+        assert!(r["rel_error"].is_number());
+    }
+}
