@@ -1,5 +1,5 @@
 //! A sweep as an SVG chart (plotters): peak memory against batch size, one colour per sequence
-//! length; measured (solid, dots), our prediction (dashed), Korthikanti in the run dtype (dotted),
+//! length; measured (solid, dots), our prediction (dashed, rings), Korthikanti in the run dtype (dotted),
 //! and the flat rules of thumb (grey and black).
 //!
 //! Text: plotters is built without a font feature, so it estimates label widths itself and
@@ -132,6 +132,14 @@ pub fn render_sweep(r: &SweepReport) -> Result<String> {
                         .map(|&(x, y)| Circle::new((x, y), 4, color.filled())),
                 )
                 .map_err(plot_err)?;
+            // Rings around the measured dots: visible even where the two lines coincide.
+            chart
+                .draw_series(
+                    predicted
+                        .iter()
+                        .map(|&(x, y)| Circle::new((x, y), 8, color.stroke_width(2))),
+                )
+                .map_err(plot_err)?;
             chart
                 .draw_series(DashedLineSeries::new(
                     predicted,
@@ -140,7 +148,7 @@ pub fn render_sweep(r: &SweepReport) -> Result<String> {
                     color.stroke_width(2),
                 ))
                 .map_err(plot_err)?
-                .label(format!("truesize predicted, seq {seq}"))
+                .label(format!("truesize predicted, seq {seq} (rings)"))
                 .legend(move |(x, y)| {
                     PathElement::new(vec![(x, y), (x + 9, y)], color.stroke_width(2))
                 });
