@@ -128,8 +128,18 @@ pub struct VerifyArgs {
     /// (works when the full model is refused for memory; compared with it when it ran).
     #[arg(long, conflicts_with = "shapes_only")]
     pub extrapolate: bool,
+    /// After backward, take one real optimizer step and measure its peak (moments included).
+    #[arg(long, value_enum, value_name = "OPT")]
+    pub optimizer: Option<Optimizer>,
     #[arg(long, value_enum, default_value_t = Format::Table)]
     pub format: Format,
+}
+
+/// Optimizers `verify --optimizer` can step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Optimizer {
+    /// candle-nn AdamW (moments in the parameter dtype).
+    Adamw,
 }
 
 #[derive(Debug, Args)]

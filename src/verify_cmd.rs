@@ -18,6 +18,9 @@ use candle_core::{Device, Tensor};
 use rand::{Rng, SeedableRng};
 use std::time::Instant;
 
+/// Predicted vs measured peak memory (issue #5): the replay is exact to ~0.5% on the grid in
+/// tests/activations.rs; 5% leaves room for data-dependent MoE routing and gemm's threading.
+const PEAK_TOLERANCE: f64 = 0.05;
 /// Largest accepted `--repeat`.
 const MAX_REPEAT: usize = 1000;
 /// Allocated weight and gradient bytes exceed numel × element size by the bookkeeping of each
@@ -297,7 +300,19 @@ fn measure_real(
         )),
     );
 
-    let r = run::train_step(&model, &varmap, &input_ids, probe.as_ref(), baseline, after_build, a.repeat)?;
+    let optimizer = a.optimizer.map(|o| match o {
+        crate::cli::Optimizer::Adamw => run::OptimizerStep::AdamW,
+    });
+    let r = run::train_step_with(
+        &model,
+        &varmap,
+        &input_ids,
+        probe.as_ref(),
+        baseline,
+        after_build,
+        a.repeat,
+        optimizer,
+    )?;
     checks.push(Check::holds(
         "every parameter got a gradient",
         r.missing_grads.is_empty(),
@@ -316,15 +331,35 @@ fn measure_real(
         )
         .with_note("bytes freed when the gradients are dropped"),
     );
-    checks.push(
-        Check::rel(
-            "peak memory: predicted vs measured",
-            predicted_peak as f64,
-            r.memory.peak_bytes as f64,
-            0.05,
-        )
-        .informational("first-order activation model; the per-op model is issue #5"),
+    // The activation model replays candle's CPU allocations (estimate::activations): it gates
+    // on CPU; on a GPU the pool's high-water mark follows other rules (no bf16 widening, no
+    // gemm slabs), so there it is shown only.
+    let on_cpu = matches!(device, Device::Cpu);
+    let peak_check = Check::rel(
+        "peak memory: predicted vs measured",
+        predicted_peak as f64,
+        r.memory.peak_bytes as f64,
+        PEAK_TOLERANCE,
     );
+    checks.push(if on_cpu {
+        peak_check.with_note("per-op replay of candle's forward/backward allocations")
+    } else {
+        peak_check.informational("the per-op model describes candle's CPU backend")
+    });
+    if let Some(measured) = r.memory.optimizer_peak_bytes {
+        let predicted = activations::predicted_adamw_peak(cfg, report.params.total, step);
+        let c = Check::rel(
+            "optimizer peak (AdamW): predicted vs measured",
+            predicted as f64,
+            measured as f64,
+            PEAK_TOLERANCE,
+        );
+        checks.push(if on_cpu {
+            c.with_note("weights + gradients + 2 moments + the update's temporaries")
+        } else {
+            c.informational("the per-op model describes candle's CPU backend")
+        });
+    }
     if reference.is_none() {
         // At initialisation every token is about equally likely: loss ≈ ln(vocab).
         let ln_v = (cfg.vocab_size as f64).ln();

@@ -58,10 +58,12 @@ const GEMM_THREADING_THRESHOLD: u64 = 48 * 48 * 256;
 const GEMM_KC: u64 = 512;
 /// gemm-common 0.19 `CACHE_INFO_DEFAULT`'s L2 when sysfs says nothing: 1 MiB.
 const DEFAULT_L2_BYTES: u64 = 1 << 20;
-/// AdamW (candle-nn-0.11.1/src/optim.rs:169-178): the most per-parameter temporaries alive at
-/// once in `step` is 7 (next_m, next_v, m_hat, v_hat, next_theta, sqrt(v_hat), sqrt + eps, then
-/// the quotient), each the size of the parameter.
-const ADAMW_TEMPORARIES: u64 = 7;
+/// AdamW (candle-nn-0.11.1/src/optim.rs:169-178): θ, m and v are `Var`s, so every expression
+/// of the update is *tracked* and the final `next_theta` holds its whole history until the end of
+/// the iteration: m·β1, g·(1−β1), next_m, v·β2, g²·(1−β2), next_v, m̂, v̂, θ·(1−lr·λ), √v̂,
+/// √v̂+ε, the quotient, its ·lr, next_theta = 14 tensors the size of the parameter (g² itself is
+/// untracked and freed early). The largest parameter sets the peak.
+const ADAMW_TEMPORARIES: u64 = 14;
 
 // ---------------------------------------------------------------------------------------------
 // The breakdown a reader sees.
@@ -211,6 +213,10 @@ pub struct Machine {
     pub threads: u64,
     /// gemm's per-thread L2 slab: L2 bytes / CPUs sharing it (gemm-common cache.rs).
     pub l2_bytes: u64,
+    /// f32 SIMD lanes of gemm's kernel (16 with AVX-512F, 8 with FMA/AVX2).
+    pub gemm_lanes: u64,
+    /// gemm's microkernel rows MR (3 vectors of lanes in gemm-f32's x86 kernels).
+    pub gemm_mr: u64,
 }
 
 impl Machine {
@@ -225,10 +231,24 @@ impl Machine {
                     .map(|n| n.get() as u64)
             })
             .unwrap_or(1);
+        let lanes = if avx512() { 16 } else { 8 };
         Machine {
             threads,
             l2_bytes: l2_from_sysfs().unwrap_or(DEFAULT_L2_BYTES),
+            gemm_lanes: lanes,
+            gemm_mr: 3 * lanes,
         }
+    }
+}
+
+fn avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
     }
 }
 
@@ -380,12 +400,12 @@ enum Op {
     Broadcast(T),
     Copy(T),
     ToDType(T),
-    Sum(T, Vec<usize>),
-    Max(T, Vec<usize>),
+    Sum(T),
+    Max(T),
     Cat(Vec<T>, usize),
     IndexSelect(T, T),
-    Gather(T, T, usize),
-    ScatterAdd(T, T, T, usize),
+    Gather(T, T),
+    ScatterAdd(T, T, T),
     IndexAdd(T, T, T, usize),
     Cmp(T),
 }
@@ -687,9 +707,9 @@ impl T {
         }
         let op = op_if(&[self], || {
             if max {
-                Op::Max(self.clone(), dims.clone())
+                Op::Max(self.clone())
             } else {
-                Op::Sum(self.clone(), dims.clone())
+                Op::Sum(self.clone())
             }
         });
         let r = T::fresh(dims.clone(), self.dt(), op);
@@ -745,13 +765,13 @@ impl T {
         let op = op_if(&[self, ids], || Op::IndexSelect(self.clone(), ids.clone()));
         T::fresh(dims, self.dt(), op)
     }
-    fn gather(&self, ids: &T, dim: usize) -> T {
-        let op = op_if(&[self, ids], || Op::Gather(self.clone(), ids.clone(), dim));
+    fn gather(&self, ids: &T) -> T {
+        let op = op_if(&[self, ids], || Op::Gather(self.clone(), ids.clone()));
         T::fresh(ids.0.dims.clone(), self.dt(), op)
     }
-    fn scatter_add(&self, ids: &T, src: &T, dim: usize) -> T {
+    fn scatter_add(&self, ids: &T, src: &T) -> T {
         let op = op_if(&[self, ids, src], || {
-            Op::ScatterAdd(self.clone(), ids.clone(), src.clone(), dim)
+            Op::ScatterAdd(self.clone(), ids.clone(), src.clone())
         });
         T::fresh(self.0.dims.clone(), self.dt(), op)
     }
@@ -772,7 +792,9 @@ impl T {
         dims.extend([m, n]);
         let op = op_if(&[self, rhs], || Op::Matmul(self.clone(), rhs.clone()));
         let c = ctx();
-        gemm_slabs(&c, m as u64, n as u64, k as u64);
+        let (ls, rs) = (&self.0.stride, &rhs.0.stride);
+        let strides = [ls[r - 2], ls[r - 1], rs[r - 2], rs[r - 1]];
+        gemm_slabs(&c, m as u64, n as u64, k as u64, strides);
         if self.dt() == Dt::Bf16 {
             let _l32 = c.mem.alloc(self.0.storage.numel * 4);
             let _r32 = c.mem.alloc(rhs.0.storage.numel * 4);
@@ -787,8 +809,29 @@ impl T {
 /// gemm-common 0.19 gemm.rs:505-520 and :809: a gemm below the threading threshold runs on the
 /// calling thread and uses that thread's `L2_SLAB`; above it every pool thread does. gemv/gevv
 /// shapes (k ≤ 2, m or n = 1) take no slab.
-fn gemm_slabs(c: &Ctx, m: u64, n: u64, k: u64) {
-    if k <= 2 || m <= 1 || n <= 1 {
+fn gemm_slabs(c: &Ctx, m: u64, n: u64, k: u64, strides: [usize; 4]) {
+    let [lhs_rs, lhs_cs, rhs_rs, rhs_cs] = strides.map(|x| x as u64);
+    // gemm.rs (crate gemm) transposes a row-major destination: gemm-common sees m' = n, n' = m,
+    // lhs' = rhsᵀ, rhs' = lhsᵀ.
+    let (mp, np) = (n, m);
+    let (lhsp_rs, lhsp_cs, rhsp_rs) = (rhs_cs, rhs_rs, lhs_cs);
+    let _ = lhs_rs;
+    if k <= 2 || mp <= 1 || np <= 1 {
+        return; // gevv / gemv
+    }
+    if mp * np <= 16 * 16 && lhsp_cs == 1 && rhsp_rs == 1 {
+        return; // the horizontal small-matrix kernels
+    }
+    // gemm-common gemm.rs:402: a short or strided lhs' is prepacked once into its own buffer
+    // and the per-thread L2 slab is never touched (gemm.rs:795).
+    let small = mp <= 64 && np <= 64;
+    let mc = if small {
+        u64::MAX / 4
+    } else {
+        8 * c.machine.gemm_mr
+    };
+    let prepack = mp <= 2 * mc && (mp % c.machine.gemm_lanes != 0 || lhsp_rs != 1);
+    if prepack {
         return;
     }
     let work = m * n * k.min(GEMM_KC);
@@ -798,9 +841,14 @@ fn gemm_slabs(c: &Ctx, m: u64, n: u64, k: u64) {
             s.0 = Some(c.mem.alloc(c.machine.l2_bytes));
         }
     } else if s.1.is_empty() {
-        for _ in 0..c.machine.threads {
-            let b = c.mem.alloc(c.machine.l2_bytes);
-            s.1.push(b);
+        // The first pool thread always runs a task; whether the others steal one before it is
+        // done is a race (measured on 2 cores: tiny-llama at batch 4 × seq 64 ended with 2 or 3
+        // slabs over six runs). Count the first fully and the others at half, the expectation
+        // that minimises the worst error: ± (threads − 1) / 2 slabs.
+        s.1.push(c.mem.alloc(c.machine.l2_bytes));
+        let rest = (c.machine.threads - 1) * c.machine.l2_bytes / 2;
+        if rest > 0 {
+            s.1.push(c.mem.alloc(rest));
         }
     }
 }
@@ -941,7 +989,7 @@ fn gpt2_forward(cfg: &ModelConfig, dt: Dt, b: usize, t: usize, ids: &T, w: &mut 
         ln2: (T, Option<T>),
         mlp: (T, Option<T>, T, Option<T>),
     }
-    let mut ob = |w: &mut Weights, n: usize| if bias { Some(w.get(&[n], dt)) } else { None };
+    let ob = |w: &mut Weights, n: usize| if bias { Some(w.get(&[n], dt)) } else { None };
     let blocks: Vec<Blk> = (0..cfg.n_layer)
         .map(|_| Blk {
             ln1: (w.get(&[d], dt), ob(w, d)),
@@ -1091,7 +1139,7 @@ fn llama_forward(cfg: &ModelConfig, dt: Dt, b: usize, t: usize, ids: &T, w: &mut
     );
     let qb = cfg.has_qkv_bias();
     let embed = w.get(&[cfg.vocab_size, d], dt);
-    let mut lin = |w: &mut Weights, i: usize, o: usize, bias: bool| {
+    let lin = |w: &mut Weights, i: usize, o: usize, bias: bool| {
         (
             w.get(&[o, i], dt),
             if bias { Some(w.get(&[o], dt)) } else { None },
@@ -1207,7 +1255,7 @@ fn next_token_loss(logits: &T, ids: &T) -> T {
     let log_sm = diff.bcast(&sum_exp.unary(Un::Log), 1);
     let n = b * (t - 1);
     log_sm
-        .gather(&target.unsqueeze(1), 1)
+        .gather(&target.unsqueeze(1))
         .sum_all()
         .affine(-1.0 / n as f64)
 }
@@ -1220,8 +1268,8 @@ fn op_args(op: &Op) -> Vec<&T> {
         Op::Add(a, b) | Op::Sub(a, b) | Op::Mul(a, b) | Op::Div(a, b) | Op::Matmul(a, b) => {
             vec![a, b]
         }
-        Op::IndexSelect(a, b) | Op::Gather(a, b, _) => vec![a, b],
-        Op::IndexAdd(a, b, c, _) | Op::ScatterAdd(a, b, c, _) => vec![a, b, c],
+        Op::IndexSelect(a, b) | Op::Gather(a, b) => vec![a, b],
+        Op::IndexAdd(a, b, c, _) | Op::ScatterAdd(a, b, c) => vec![a, b, c],
         Op::Cat(args, _) => args.iter().collect(),
         Op::Affine(a, mul) => {
             if *mul == 0.0 {
@@ -1244,8 +1292,8 @@ fn op_args(op: &Op) -> Vec<&T> {
         | Op::Narrow(a, ..)
         | Op::Broadcast(a)
         | Op::Copy(a)
-        | Op::Sum(a, _)
-        | Op::Max(a, _)
+        | Op::Sum(a)
+        | Op::Max(a)
         | Op::Cmp(a) => vec![a],
     }
 }
@@ -1302,11 +1350,10 @@ fn backward(root: &T) -> Store {
         if node.0.var {
             continue;
         }
-        let grad = grads
-            .map
-            .remove(&node.id())
-            .expect("grad populated")
-            .detach();
+        // backprop.rs binds the removed gradient and then shadows it with its detached copy:
+        // the original (and the history it pins) lives until the end of this iteration.
+        let grad = grads.map.remove(&node.id()).expect("grad populated");
+        let grad = grad.detach();
         let Some(op) = &node.0.op else { continue };
         match op {
             Op::Add(l, r) => {
@@ -1412,12 +1459,12 @@ fn backward(root: &T) -> Store {
                 let sd = s.dims().to_vec();
                 *s = s.add(&ag.broadcast_as(&sd));
             }
-            Op::Sum(a, _) => {
+            Op::Sum(a) => {
                 let g = grad.broadcast_as(a.dims());
                 let s = grads.or_insert(a);
                 *s = s.add(&g);
             }
-            Op::Max(a, _) => {
+            Op::Max(a) => {
                 let nb = node.broadcast_as(a.dims());
                 let g = grad.broadcast_as(a.dims());
                 let g = nb.cmp(a).to_dtype(g.dt()).mul(&g);
@@ -1440,9 +1487,9 @@ fn backward(root: &T) -> Store {
                 let ids = ids.contiguous();
                 *s = s.index_add(&ids, &grad, 0);
             }
-            Op::Gather(a, ids, dim) => {
+            Op::Gather(a, ids) => {
                 let s = grads.or_insert(a);
-                *s = s.scatter_add(ids, &grad, *dim);
+                *s = s.scatter_add(ids, &grad);
             }
             Op::IndexAdd(init, ids, src, dim) => {
                 let s = grads.or_insert(init);
@@ -1613,7 +1660,11 @@ fn replay(cfg: &ModelConfig, params: u64, step: Step, machine: Machine) -> Activ
     let bwd_terms = mem.at_peak.borrow().clone();
     drop(store);
     drop(loss);
-    let logits = logits.detach();
+    // a block, not shadowing: a shadowed binding would keep the graph alive (run.rs does this)
+    let logits = {
+        let with_graph = logits;
+        with_graph.detach()
+    };
     let slab_bytes = {
         let s = c.slabs.borrow();
         s.0.as_ref().map_or(0, |b| b.bytes) + s.1.iter().map(|b| b.bytes).sum::<u64>()

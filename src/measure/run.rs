@@ -54,6 +54,20 @@ pub struct PhaseBytes {
     pub gradients_bytes: u64,
     /// Highest point of the whole step: max(forward peak, backward peak).
     pub peak_bytes: u64,
+    /// With `--optimizer adamw`: highest point of building AdamW and taking one step, after
+    /// backward (weights + gradients + moments + the update's temporaries).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub optimizer_peak_bytes: Option<u64>,
+    /// With `--optimizer adamw`: bytes of AdamW's first and second moments.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub optimizer_state_bytes: Option<u64>,
+}
+
+/// Optimizer step taken once after the first backward (issue #5, item 2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OptimizerStep {
+    /// candle-nn's `AdamW` with default hyper-parameters; its moments are in the parameter dtype.
+    AdamW,
 }
 
 pub struct StepResult {
@@ -78,6 +92,31 @@ pub fn train_step(
     baseline: u64,
     weights_after_build: u64,
     repeat: usize,
+) -> Result<StepResult> {
+    train_step_with(
+        model,
+        varmap,
+        input_ids,
+        probe,
+        baseline,
+        weights_after_build,
+        repeat,
+        None,
+    )
+}
+
+/// `train_step`, optionally followed (on the first repeat) by one optimizer step whose peak is
+/// measured on its own.
+#[allow(clippy::too_many_arguments)]
+pub fn train_step_with(
+    model: &Model,
+    varmap: &VarMap,
+    input_ids: &Tensor,
+    probe: &dyn MemoryProbe,
+    baseline: u64,
+    weights_after_build: u64,
+    repeat: usize,
+    optimizer: Option<OptimizerStep>,
 ) -> Result<StepResult> {
     let vars: Vec<(String, candle_core::Var)> = {
         let data = varmap.data().lock().unwrap_or_else(|e| e.into_inner());
@@ -130,6 +169,15 @@ pub fn train_step(
         let backward_peak = probe.peak()?;
         let after_backward = probe.current()?.saturating_sub(logits_bytes(&logits));
         if first.is_none() {
+            // --- optimizer step (issue #5): once, after backward, graph already released.
+            let (optimizer_peak_bytes, optimizer_state_bytes) = match optimizer {
+                Some(OptimizerStep::AdamW) => {
+                    let (peak, state) = adamw_step(&vars, &grads, probe)?;
+                    (Some(rel(peak)), Some(state))
+                }
+                None => (None, None),
+            };
+            // --- end optimizer step
             let mut grad_norms = BTreeMap::new();
             for (name, g) in &grads {
                 grad_norms.insert(name.clone(), l2_norm(g)?);
@@ -146,6 +194,8 @@ pub fn train_step(
                     after_backward_bytes: rel(after_backward),
                     gradients_bytes,
                     peak_bytes: rel(forward_peak.max(backward_peak)),
+                    optimizer_peak_bytes,
+                    optimizer_state_bytes,
                 },
                 loss: loss_value,
                 logits,
@@ -160,6 +210,37 @@ pub fn train_step(
     r.forward_s = forward_s;
     r.backward_s = backward_s;
     Ok(r)
+}
+
+/// One real `candle_nn::AdamW` step on the detached gradients. Returns the probe's peak during
+/// `AdamW::new` + `step` and the bytes of the moments it allocated (freed again on return).
+fn adamw_step(
+    vars: &[(String, candle_core::Var)],
+    grads: &BTreeMap<String, Tensor>,
+    probe: &dyn MemoryProbe,
+) -> Result<(u64, u64)> {
+    use candle_nn::optim::{AdamW, Optimizer, ParamsAdamW};
+    probe.reset_peak()?;
+    let before = probe.current()?;
+    let opt_err = ctx("AdamW step");
+    let mut opt = AdamW::new(
+        vars.iter().map(|(_, v)| v.clone()).collect(),
+        ParamsAdamW::default(),
+    )
+    .map_err(&opt_err)?;
+    let state = probe.current()?.saturating_sub(before);
+    // `step` reads gradients from a GradStore; the detached gradients share storage (no copy).
+    let mut store = candle_core::backprop::GradStore::default();
+    for (name, var) in vars {
+        if let Some(g) = grads.get(name) {
+            store.insert(var.as_tensor(), g.clone());
+        }
+    }
+    opt.step(&store).map_err(&opt_err)?;
+    let peak = probe.peak()?;
+    drop(store);
+    drop(opt);
+    Ok((peak, state))
 }
 
 /// The detached logits we keep for reference checks are not part of the training state.
