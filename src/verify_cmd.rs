@@ -335,24 +335,30 @@ fn measure_real(
     // on CPU; on a GPU the pool's high-water mark follows other rules (no bf16 widening, no
     // gemm slabs), so there it is shown only.
     let on_cpu = matches!(device, Device::Cpu);
+    let act = activations::model(cfg, report.params.total, step);
+    // gemm's pool threads beyond the first allocate their L2 slab only if they win a race
+    // for a task: the model states that ± and the tolerance widens by it (tiny models only).
+    let race = |measured: u64| act.gemm_slab_uncertainty_bytes as f64 / measured.max(1) as f64;
     let peak_check = Check::rel(
         "peak memory: predicted vs measured",
         predicted_peak as f64,
         r.memory.peak_bytes as f64,
-        PEAK_TOLERANCE,
+        PEAK_TOLERANCE + race(r.memory.peak_bytes),
     );
     checks.push(if on_cpu {
-        peak_check.with_note("per-op replay of candle's forward/backward allocations")
+        peak_check.with_note(format!(
+            "per-op replay of candle's allocations; ±{} gemm-slab race",
+            Bytes(act.gemm_slab_uncertainty_bytes)
+        ))
     } else {
         peak_check.informational("the per-op model describes candle's CPU backend")
     });
     if let Some(measured) = r.memory.optimizer_peak_bytes {
-        let predicted = activations::predicted_adamw_peak(cfg, report.params.total, step);
         let c = Check::rel(
             "optimizer peak (AdamW): predicted vs measured",
-            predicted as f64,
+            act.adamw_peak_bytes as f64,
             measured as f64,
-            PEAK_TOLERANCE,
+            PEAK_TOLERANCE + race(measured),
         );
         checks.push(if on_cpu {
             c.with_note("weights + gradients + 2 moments + the update's temporaries")

@@ -18,6 +18,26 @@
 //! counter that records the peak and which component held what at the peak. Nothing is
 //! fitted; the constants below are struct sizes and CPU cache sizes, each cited.
 //!
+//! # What the replay accounts for (each was seen in the allocator's trace first)
+//! - Everything the forward allocates stays alive through the whole backward (the loss owns the
+//!   graph), so the backward peak sits on top of the after-forward level.
+//! - backprop.rs binds `grads.remove(node)` and *shadows* it with `grad.detach()`: the tracked
+//!   original, with every tensor its history pins, lives until the end of that node's iteration.
+//!   At the loss this is what stacks ~7 [B·(T−1), V] f32 tensors on top of the 4 the forward
+//!   keeps (the dominant term for small models with large vocabularies).
+//! - Weight gradients of GPT-2's `x.matmul(W)` are tracked (`lhs.t().matmul(grad)` involves a
+//!   forward tensor): each pins its zeros, its partial product and the node gradient `[B·T,
+//!   out]` until the store is dropped. Llama's `W.t()` goes through a Transpose node, which
+//!   drops that history once processed.
+//! - Gradients reach untracked broadcast inputs (the causal mask, RoPE's cos/sin): candle
+//!   creates and keeps them in the store, never processes them.
+//! - bf16 matmul widens both *whole storages* to f32 and multiplies into an f32 buffer
+//!   (cpu_backend `matmul`), e.g. the logits gradient `[B·T, V]` at 4 B per element.
+//! - gemm's thread-local L2 slab (gemm-common gemm.rs:59) per thread that ran an unpacked gemm.
+//!
+//! Not modelled: gemm's transient packing buffers (measured ≤ 6.3 MB on GPT-2's head at 4,096
+//! rows, < 0.5% of that peak) and hash-map/`Vec` bookkeeping of the backward (kilobytes).
+//!
 //! The replay is cheap (shapes only, no data): Llama-3.1-405B's 126 layers replay in well under a
 //! second, so it also serves as the preflight estimate before a run.
 
@@ -56,8 +76,8 @@ const GEMM_THREADING_THRESHOLD: u64 = 48 * 48 * 256;
 /// gemm-common 0.19 `kernel_params` (cache.rs:514): the depth block kc is at least 512 (and at
 /// most k); with a 32 KiB, 8-way L1 the `max(512)` is what wins.
 const GEMM_KC: u64 = 512;
-/// gemm-common 0.19 `CACHE_INFO_DEFAULT`'s L2 when sysfs says nothing: 1 MiB.
-const DEFAULT_L2_BYTES: u64 = 1 << 20;
+/// gemm-common 0.19 `CACHE_INFO_DEFAULT`'s L2 (cache.rs:402) when sysfs says nothing: 256 KiB.
+const DEFAULT_L2_BYTES: u64 = 256 * 1024;
 /// AdamW (candle-nn-0.11.1/src/optim.rs:169-178): θ, m and v are `Var`s, so every expression
 /// of the update is *tracked* and the final `next_theta` holds its whole history until the end of
 /// the iteration: m·β1, g·(1−β1), next_m, v·β2, g²·(1−β2), next_v, m̂, v̂, θ·(1−lr·λ), √v̂,
@@ -91,6 +111,10 @@ pub struct ActivationModel {
     pub gradients_bytes: u64,
     /// gemm's thread-local L2 packing slabs (one per thread that ran a gemm), included above.
     pub gemm_slab_bytes: u64,
+    /// How far the measurement can stray from the prediction because of a scheduling race:
+    /// whether pool threads beyond the first steal a gemm task (and so allocate their slab) is
+    /// not determined by shapes. ± this many bytes (half a slab per extra pool thread).
+    pub gemm_slab_uncertainty_bytes: u64,
     /// The step's peak with `--optimizer adamw`: after backward, AdamW's two moment buffers and
     /// the per-parameter temporaries of its update.
     pub adamw_peak_bytes: u64,
@@ -138,8 +162,8 @@ pub fn closed_form_kept(cfg: &ModelConfig, step: Step) -> Vec<(&'static str, u64
     // RMSNorm: [to f32], squared, normalised, [back], ·w
     let norm_llama = n * d * (2 * 4 + if half { 4 + e } else { 0 } + e);
     let bias = |on: bool, w: u64| if on { n * w * e } else { 0 };
-    // softmax: scaled, masked, max-shifted, exp, normalised = 5 score-sized tensors
-    let attn_core = 5 * scores + 2 * b * h * t * hd * e /* k^T copy, att@v */;
+    // q·kᵀ, scaled, masked, max-shifted, exp, normalised = 6 score-sized tensors
+    let attn_core = 6 * scores + 2 * b * h * t * hd * e /* k^T copy, att@v */;
     let mut terms = Vec::new();
     match cfg.arch {
         Arch::Gpt2 => {
@@ -1665,6 +1689,14 @@ fn replay(cfg: &ModelConfig, params: u64, step: Step, machine: Machine) -> Activ
         let with_graph = logits;
         with_graph.detach()
     };
+    let slab_uncertainty = {
+        let s = c.slabs.borrow();
+        if s.1.is_empty() {
+            0
+        } else {
+            machine.threads.saturating_sub(1) * machine.l2_bytes / 2
+        }
+    };
     let slab_bytes = {
         let s = c.slabs.borrow();
         s.0.as_ref().map_or(0, |b| b.bytes) + s.1.iter().map(|b| b.bytes).sum::<u64>()
@@ -1710,7 +1742,7 @@ fn replay(cfg: &ModelConfig, params: u64, step: Step, machine: Machine) -> Activ
         .filter(|(_, v)| *v > 0)
         .map(|(k, v)| (k.to_string(), v))
         .collect();
-    terms.sort_by(|a, b| b.1.cmp(&a.1));
+    terms.sort_by_key(|t| std::cmp::Reverse(t.1));
     let cf = closed_form_kept(cfg, step);
     let get = |k: &str| cf.iter().find(|x| x.0 == k).map_or(0, |x| x.1);
     let per_layer = get("layers (all)") / (cfg.n_layer.max(1) as u64);
@@ -1725,6 +1757,7 @@ fn replay(cfg: &ModelConfig, params: u64, step: Step, machine: Machine) -> Activ
         peak_bytes: peak,
         gradients_bytes,
         gemm_slab_bytes: slab_bytes,
+        gemm_slab_uncertainty_bytes: slab_uncertainty,
         adamw_peak_bytes: adamw_peak,
         adamw_state_bytes,
         terms,
