@@ -150,8 +150,8 @@ impl Obj<'_> {
 }
 
 pub fn parse(text: &str, src: &str) -> Result<ModelConfig> {
-    let value: Value = serde_json::from_str(text)
-        .map_err(|e| Error::file(src, format!("invalid JSON: {e}")))?;
+    let value: Value =
+        serde_json::from_str(text).map_err(|e| Error::file(src, format!("invalid JSON: {e}")))?;
     let Value::Object(map) = &value else {
         return Err(Error::file(src, "config.json must be a JSON object"));
     };
@@ -216,8 +216,9 @@ fn parse_gpt2(o: &Obj<'_>, src: &str) -> Result<ModelConfig> {
         n_head,
         n_kv_head: n_head,
         head_dim: n_embd / n_head,
-        // `n_inner: null` means 4·d.
-        intermediate_size: o.usize_or("n_inner", 4 * n_embd)?,
+        // `n_inner: null` means 4·d (saturating: an absurd n_embd is reported by validate, not
+        // as an overflow; fuzz/regressions/hf_config).
+        intermediate_size: o.usize_or("n_inner", n_embd.saturating_mul(4))?,
         tie_embeddings: o.bool_or("tie_word_embeddings", true)?,
         bias: true,
         qkv_bias: false,
@@ -256,7 +257,11 @@ fn parse_llama(o: &Obj<'_>, src: &str, model_type: &str, d: &LlamaDefaults) -> R
     // transformers 5 nests RoPE settings in `rope_parameters`; older configs use `rope_theta` and
     // `rope_scaling` at the top level. Either may be present.
     let rope_params = o.obj("rope_parameters")?;
-    let rope_theta = match rope_params.as_ref().map(|p| p.f64_opt("rope_theta")).transpose()? {
+    let rope_theta = match rope_params
+        .as_ref()
+        .map(|p| p.f64_opt("rope_theta"))
+        .transpose()?
+    {
         Some(Some(t)) => t,
         _ => o.f64_opt("rope_theta")?.unwrap_or(d.rope_theta),
     };

@@ -56,7 +56,10 @@ fn size_or_zero(src: &str, field: &str, v: i64) -> Result<usize> {
 pub fn parse(text: &str, src: &str) -> Result<ModelConfig> {
     let raw: TomlConfig = ::toml::from_str(text).map_err(|e| {
         // toml's message already carries line, column and the offending key.
-        Error::file(src, format!("invalid truesize TOML: {}", e.to_string().trim_end()))
+        Error::file(
+            src,
+            format!("invalid truesize TOML: {}", e.to_string().trim_end()),
+        )
     })?;
     let arch = match raw.arch.as_str() {
         "gpt2" => Arch::Gpt2,
@@ -82,7 +85,8 @@ pub fn parse(text: &str, src: &str) -> Result<ModelConfig> {
     };
     let intermediate_size = match (raw.intermediate_size, arch) {
         (Some(v), _) => size(src, "intermediate_size", v)?,
-        (None, Arch::Gpt2) => 4 * n_embd,
+        // Saturating: an absurd n_embd is reported by validate (fuzz/regressions/toml_config).
+        (None, Arch::Gpt2) => n_embd.saturating_mul(4),
         (None, Arch::Llama) => {
             return Err(Error::field(
                 src,
@@ -127,14 +131,25 @@ pub fn parse(text: &str, src: &str) -> Result<ModelConfig> {
         },
     };
     if let Some(d) = &run.dtype {
-        crate::dtype::TrainDtype::parse(d)
-            .map_err(|_| Error::field(src, "run.dtype", format!("{d:?}"), "expected f32, f16 or bf16"))?;
+        crate::dtype::TrainDtype::parse(d).map_err(|_| {
+            Error::field(
+                src,
+                "run.dtype",
+                format!("{d:?}"),
+                "expected f32, f16 or bf16",
+            )
+        })?;
     }
     let is_gpt2 = arch == Arch::Gpt2;
     Ok(ModelConfig {
         name: raw.name.unwrap_or_else(|| src.to_string()),
         arch,
-        model_type: if n_experts > 0 { "mixtral" } else { arch.name() }.to_string(),
+        model_type: if n_experts > 0 {
+            "mixtral"
+        } else {
+            arch.name()
+        }
+        .to_string(),
         vocab_size: size(src, "vocab_size", raw.vocab_size)?,
         block_size: size(src, "block_size", raw.block_size)?,
         n_embd,
