@@ -61,8 +61,16 @@ pub fn base_report(
 ) -> Result<Report> {
     let p = params::estimate(cfg)?;
     let flops = crate::estimate::flops::estimate(cfg, &p, step.seq, false)?;
-    let act = activations::predicted_peak(cfg, p.total, step)
-        .saturating_sub(2 * p.total.saturating_mul(step.dtype.bytes()));
+    // What the step adds at its peak beyond weights and gradients: kept activations, the
+    // gradients in flight and the largest op's transients (the per-op replay).
+    let am = activations::model(cfg, p.total, step);
+    let act = (am.peak_bytes != u64::MAX).then(|| {
+        crate::units::Bytes(
+            am.peak_bytes
+                .saturating_sub(am.weights_bytes)
+                .saturating_sub(am.gradients_bytes),
+        )
+    });
     Ok(Report {
         command,
         model: cfg.clone(),
@@ -76,7 +84,7 @@ pub fn base_report(
             weights: None,
         },
         weights: memory::weight_bytes(p.total),
-        training: memory::training(&p, step.dtype, Some(crate::units::Bytes(act))),
+        training: memory::training(&p, step.dtype, act),
         params: p,
         census: None,
         memory: None,

@@ -6,6 +6,7 @@ use truesize::{cli::Cli, commands};
 static ALLOC: truesize::measure::alloc::CountingAlloc = truesize::measure::alloc::CountingAlloc;
 
 fn main() -> ExitCode {
+    truesize::measure::alloc::keep_large_blocks_in_heap();
     if std::env::var_os(truesize::measure::alloc::NO_COUNT_ENV).is_some() {
         // Record that the allocator is installed, then stop counting (benchmarks only).
         truesize::measure::alloc::installed();

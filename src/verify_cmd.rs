@@ -33,10 +33,15 @@ const LOSS_TOLERANCE: f64 = 1e-5;
 const GRAD_NORM_TOLERANCE: f64 = 1e-3;
 
 pub fn verify(a: VerifyArgs) -> Result<u8> {
-    let cfg = match &a.model {
-        Some(dir) => config::load(ConfigSource::Path(dir))?,
-        None => load_config(&a.config)?,
-    };
+    let cfg =
+        match &a.model {
+            Some(dir) if dir.is_file() => return Err(Error::file(
+                dir,
+                "--model takes an HF model folder (config.json + model.safetensors), not a file",
+            )),
+            Some(dir) => config::load(ConfigSource::Path(dir))?,
+            None => load_config(&a.config)?,
+        };
     if a.repeat == 0 || a.repeat > MAX_REPEAT {
         return Err(Error::field(
             "command line",
@@ -45,9 +50,17 @@ pub fn verify(a: VerifyArgs) -> Result<u8> {
             format!("must be between 1 and {MAX_REPEAT}"),
         ));
     }
-    let tolerance = a.tolerance.or(cfg.run.tolerance).unwrap_or(DEFAULT_TOLERANCE);
+    let tolerance = a
+        .tolerance
+        .or(cfg.run.tolerance)
+        .unwrap_or(DEFAULT_TOLERANCE);
     if !(tolerance.is_finite() && tolerance >= 0.0) {
-        return Err(Error::field("command line", "--tolerance", tolerance, "must be >= 0"));
+        return Err(Error::field(
+            "command line",
+            "--tolerance",
+            tolerance,
+            "must be >= 0",
+        ));
     }
     let device_spec = DeviceSpec::parse(&a.device)?;
     let reference = match &a.reference {
@@ -63,6 +76,27 @@ pub fn verify(a: VerifyArgs) -> Result<u8> {
             step.seq = *t;
             cfg.check_seq(*t)?;
         }
+        if let Some(max) = r.max_token_id {
+            if max as usize >= cfg.vocab_size {
+                return Err(Error::field(
+                    r.source.display().to_string(),
+                    "input_ids",
+                    max,
+                    format!(
+                        "token id beyond the model's vocab_size = {}",
+                        cfg.vocab_size
+                    ),
+                ));
+            }
+        }
+    }
+    if step.seq < 2 && !a.shapes_only {
+        return Err(Error::field(
+            "command line",
+            "--seq",
+            step.seq,
+            "a next-token loss needs at least 2 positions",
+        ));
     }
     let mut report = base_report("verify", &cfg, step)?;
     report.run.device = Some(device_spec.label());
@@ -84,9 +118,15 @@ pub fn verify(a: VerifyArgs) -> Result<u8> {
 
     let predicted_peak = activations::predicted_peak(&cfg, report.params.total, step);
     let weights_need = shape_census.bytes;
-    let limit = a.max_memory.or_else(|| match device_spec {
-        DeviceSpec::Cpu => sysmem::available_bytes(),
-        DeviceSpec::Cuda(_) => None,
+    // Open the device before deciding anything: an absent device is an input error (exit 2).
+    let device = if a.shapes_only {
+        None
+    } else {
+        Some(device_spec.open()?)
+    };
+    let limit = a.max_memory.or_else(|| match &device {
+        Some(d) if !d.is_cpu() => crate::measure::device::free_bytes(d),
+        _ => sysmem::available_bytes(),
     });
     let mut checks = census_checks(&report, &shape_census, tolerance, &cfg);
     let mut refused: Option<String> = None;
@@ -122,11 +162,20 @@ pub fn verify(a: VerifyArgs) -> Result<u8> {
         refused = Some(msg);
     }
 
-    if a.shapes_only || refused.is_some() {
-        report.census = Some(shape_census);
+    if let (Some(device), None) = (&device, &refused) {
+        measure_real(
+            &a,
+            &cfg,
+            step,
+            device,
+            tolerance,
+            predicted_peak,
+            reference.as_ref(),
+            &mut report,
+            &mut checks,
+        )?;
     } else {
-        let device = device_spec.open()?;
-        measure_real(&a, &cfg, step, &device, tolerance, predicted_peak, reference.as_ref(), &mut report, &mut checks)?;
+        report.census = Some(shape_census);
     }
     rules_and_extrapolation(&a, &cfg, step, device_spec, &mut report, &mut checks)?;
     let pass = all_pass(&checks);
@@ -192,7 +241,11 @@ fn rules_and_extrapolation(
 /// Census against the estimate: total, per component, bytes, and the 12·d² rule.
 fn census_checks(report: &Report, c: &Census, tolerance: f64, cfg: &ModelConfig) -> Vec<Check> {
     let p = &report.params;
-    let mut checks = vec![Check::exact("census numel == exact estimate", c.numel, p.total)];
+    let mut checks = vec![Check::exact(
+        "census numel == exact estimate",
+        c.numel,
+        p.total,
+    )];
     for comp in Component::ALL {
         let (e, m) = (p.get(comp), c.get(comp));
         if e != 0 || m != 0 {
@@ -220,7 +273,12 @@ fn census_checks(report: &Report, c: &Census, tolerance: f64, cfg: &ModelConfig)
                 .with_note("bytes of the real tensor buffers, each once"),
         );
     }
-    let rough = Check::rel("12·d² rule vs census", p.rough_12d2 as f64, c.numel as f64, tolerance);
+    let rough = Check::rel(
+        "12·d² rule vs census",
+        p.rough_12d2 as f64,
+        c.numel as f64,
+        tolerance,
+    );
     let why_not = params::rough_applies(cfg);
     checks.push(if why_not.is_empty() {
         rough.with_note("rule's assumptions hold: gates")
@@ -242,17 +300,7 @@ fn measure_real(
     report: &mut Report,
     checks: &mut Vec<Check>,
 ) -> Result<()> {
-    let probe: Box<dyn MemoryProbe> = match device {
-        Device::Cpu => {
-            if !alloc::installed() {
-                return Err(Error::Internal(anyhow::anyhow!(
-                    "the counting allocator is not installed in this process"
-                )));
-            }
-            Box::new(run::CpuProbe)
-        }
-        _ => crate::measure::device::cuda_probe(device)?,
-    };
+    let probe: Box<dyn MemoryProbe> = run::probe_for(device)?;
     let input_ids = match reference {
         Some(r) => r.input_ids.to_device(device)?,
         None => random_tokens(cfg.vocab_size, step.batch, step.seq, a.seed, device)?,
@@ -393,12 +441,26 @@ fn measure_real(
     report.loss = Some(r.loss);
     if let (Some(f), Some(t)) = (&report.flops, &report.timing) {
         let peak = match (a.peak_tflops, a.measure_peak) {
-            (Some(tf), _) if tf.is_finite() && tf > 0.0 => Some((tf * 1e12, "given: --peak-tflops".to_string())),
-            (Some(tf), _) => return Err(Error::field("command line", "--peak-tflops", tf, "must be > 0")),
+            (Some(tf), _) if tf.is_finite() && tf > 0.0 => {
+                Some((tf * 1e12, "given: --peak-tflops".to_string()))
+            }
+            (Some(tf), _) => {
+                return Err(Error::field(
+                    "command line",
+                    "--peak-tflops",
+                    tf,
+                    "must be > 0",
+                ))
+            }
             (None, true) => Some(crate::measure::peak::measure_matmul_peak(device)?),
             (None, false) => None,
         };
-        report.mfu = Some(crate::estimate::flops::mfu(f, step.batch, t.forward_s + t.backward_s, peak));
+        report.mfu = Some(crate::estimate::flops::mfu(
+            f,
+            step.batch,
+            t.forward_s + t.backward_s,
+            peak,
+        ));
     }
     if !a.no_artifacts {
         measure_artifacts(cfg, step, &varmap, real.numel, report, checks)?;
@@ -420,14 +482,22 @@ fn measure_artifacts(
     let specs = build::shapes_only(cfg, step.dtype.candle())?;
     let metas: Vec<checkpoint::TensorMeta> = specs
         .iter()
-        .map(|s| checkpoint::TensorMeta { name: &s.name, shape: &s.shape, dtype: s.dtype })
+        .map(|s| checkpoint::TensorMeta {
+            name: &s.name,
+            shape: &s.shape,
+            dtype: s.dtype,
+        })
         .collect();
     let predicted = checkpoint::predict(&metas)?;
     if predicted.file_bytes <= checkpoint::MAX_CHECKPOINT_BYTES {
         let c = checkpoint::save_and_measure(varmap, &metas, None)?;
         checks.push(
-            Check::exact("checkpoint: file bytes == predicted", c.file_bytes, c.predicted_bytes)
-                .with_note("real .safetensors file vs 8 + header + Σ numel × element size"),
+            Check::exact(
+                "checkpoint: file bytes == predicted",
+                c.file_bytes,
+                c.predicted_bytes,
+            )
+            .with_note("real .safetensors file vs 8 + header + Σ numel × element size"),
         );
         checks.push(Check::exact(
             "checkpoint: header bytes == predicted",
@@ -474,7 +544,10 @@ fn reference_checks(
     checks: &mut Vec<Check>,
 ) -> Result<()> {
     use crate::measure::reference::max_rel_error;
-    let logits = r.logits.to_dtype(candle_core::DType::F32)?.to_device(&Device::Cpu)?;
+    let logits = r
+        .logits
+        .to_dtype(candle_core::DType::F32)?
+        .to_device(&Device::Cpu)?;
     let err = max_rel_error(&logits, &refr.logits)?;
     checks.push(Check::error_bound(
         "reference: logits max relative error",
@@ -519,10 +592,17 @@ fn reference_checks(
     Ok(())
 }
 
-fn random_tokens(vocab: usize, batch: usize, seq: usize, seed: u64, device: &Device) -> Result<Tensor> {
+fn random_tokens(
+    vocab: usize,
+    batch: usize,
+    seq: usize,
+    seed: u64,
+    device: &Device,
+) -> Result<Tensor> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x5eed_70c5);
     let n = batch * seq;
-    let v = u32::try_from(vocab).map_err(|_| Error::field("config", "vocab_size", vocab, "exceeds u32 token ids"))?;
+    let v = u32::try_from(vocab)
+        .map_err(|_| Error::field("config", "vocab_size", vocab, "exceeds u32 token ids"))?;
     let ids: Vec<u32> = (0..n).map(|_| rng.random_range(0..v)).collect();
     Ok(Tensor::from_vec(ids, (batch, seq), device)?)
 }

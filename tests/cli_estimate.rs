@@ -11,7 +11,11 @@ fn estimate_json(args: &[&str]) -> serde_json::Value {
         .args(["--format", "json"])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     json_of(&out.stdout)
 }
 
@@ -57,7 +61,12 @@ fn fixture_hf_configs_match_hf_counts() {
         // Both the folder and the config.json itself are accepted.
         for arg in [dir.clone(), dir.join("config.json")] {
             let j = estimate_json(&["--config", arg.to_str().unwrap()]);
-            assert_eq!(j["params"]["total"], expected["params"], "{}", arg.display());
+            assert_eq!(
+                j["params"]["total"],
+                expected["params"],
+                "{}",
+                arg.display()
+            );
         }
     }
 }
@@ -150,14 +159,26 @@ const BABY: &str = "arch = \"gpt2\"\nvocab_size = 1000\nblock_size = 256\nn_laye
 
 #[test]
 fn bad_configs_name_the_field_and_value() {
-    bad_toml(&format!("{BABY}n_embd = 256\nn_head = 7\n"), &["n_head = 7", "does not divide n_embd = 256"]);
-    bad_toml(&format!("{BABY}n_embd = 0\nn_head = 4\n"), &["n_embd = 0", "must be > 0"]);
-    bad_toml(&format!("{BABY}n_embd = -3\nn_head = 4\n"), &["n_embd = -3"]);
+    bad_toml(
+        &format!("{BABY}n_embd = 256\nn_head = 7\n"),
+        &["n_head = 7", "does not divide n_embd = 256"],
+    );
+    bad_toml(
+        &format!("{BABY}n_embd = 0\nn_head = 4\n"),
+        &["n_embd = 0", "must be > 0"],
+    );
+    bad_toml(
+        &format!("{BABY}n_embd = -3\nn_head = 4\n"),
+        &["n_embd = -3"],
+    );
     // A typo must not pass silently.
     bad_toml(&format!("{BABY}n_embed = 256\nn_head = 4\n"), &["n_embed"]);
     bad_toml("arch = \"gpt2\"\nvocab_size = 1000\n", &["missing field"]);
     bad_toml("this is = = not toml", &["invalid truesize TOML"]);
-    bad_toml(&format!("{BABY}n_embd = 256\nn_head = 4\narch2 = 1\n"), &["arch2"]);
+    bad_toml(
+        &format!("{BABY}n_embd = 256\nn_head = 4\narch2 = 1\n"),
+        &["arch2"],
+    );
     bad_toml(
         "arch = \"llama\"\nvocab_size = 10\nblock_size = 8\nn_embd = 8\nn_layer = 1\nn_head = 4\nn_kv_head = 3\nintermediate_size = 8\n",
         &["n_kv_head = 3", "does not divide n_head = 4"],
@@ -166,32 +187,65 @@ fn bad_configs_name_the_field_and_value() {
         "arch = \"mamba\"\nvocab_size = 10\nblock_size = 8\nn_embd = 8\nn_layer = 1\nn_head = 4\n",
         &["arch = \"mamba\""],
     );
-    bad_toml(&format!("{BABY}n_embd = 256\nn_head = 4\n[run]\nseq = 512\n"), &["run.seq = 512", "block_size = 256"]);
-    bad_toml(&format!("{BABY}n_embd = 99999999999\nn_head = 4\n"), &["n_embd = 99999999999", "absurd"]);
+    bad_toml(
+        &format!("{BABY}n_embd = 256\nn_head = 4\n[run]\nseq = 512\n"),
+        &["run.seq = 512", "block_size = 256"],
+    );
+    bad_toml(
+        &format!("{BABY}n_embd = 99999999999\nn_head = 4\n"),
+        &["n_embd = 99999999999", "absurd"],
+    );
 }
 
 #[test]
 fn bad_hf_configs() {
     let (_d, p) = temp_file("config.json", br#"{"model_type":"bert","hidden_size":768}"#);
-    bad(&["estimate", "--config", p.to_str().unwrap()], &["model_type = \"bert\"", "supported"]);
-    let (_d, p) = temp_file("config.json", br#"{"model_type":"llama","hidden_size":"big"}"#);
-    bad(&["estimate", "--config", p.to_str().unwrap()], &["hidden_size = \"big\""]);
+    bad(
+        &["estimate", "--config", p.to_str().unwrap()],
+        &["model_type = \"bert\"", "supported"],
+    );
+    let (_d, p) = temp_file(
+        "config.json",
+        br#"{"model_type":"llama","hidden_size":"big"}"#,
+    );
+    bad(
+        &["estimate", "--config", p.to_str().unwrap()],
+        &["hidden_size = \"big\""],
+    );
     let (_d, p) = temp_file("config.json", br#"{"model_type":"llama", "#);
-    bad(&["estimate", "--config", p.to_str().unwrap()], &["config.json", "invalid JSON"]);
+    bad(
+        &["estimate", "--config", p.to_str().unwrap()],
+        &["config.json", "invalid JSON"],
+    );
     let (_d, p) = temp_file("config.json", br#"{"hidden_size":768}"#);
-    bad(&["estimate", "--config", p.to_str().unwrap()], &["model_type"]);
+    bad(
+        &["estimate", "--config", p.to_str().unwrap()],
+        &["model_type"],
+    );
     let (_d, p) = temp_file("config.json", &[0xff, 0xfe, 0x00]);
     bad(&["estimate", "--config", p.to_str().unwrap()], &["UTF-8"]);
 }
 
 #[test]
 fn bad_command_line_input() {
-    bad(&["estimate", "--preset", "gpt5"], &["unknown preset \"gpt5\""]);
-    bad(&["estimate", "--config", "/no/such/file.toml"], &["/no/such/file.toml", "cannot read"]);
+    bad(
+        &["estimate", "--preset", "gpt5"],
+        &["unknown preset \"gpt5\""],
+    );
+    bad(
+        &["estimate", "--config", "/no/such/file.toml"],
+        &["/no/such/file.toml", "cannot read"],
+    );
     let d = tempfile::tempdir().unwrap();
-    bad(&["estimate", "--config", d.path().to_str().unwrap()], &["no config.json"]);
+    bad(
+        &["estimate", "--config", d.path().to_str().unwrap()],
+        &["no config.json"],
+    );
     bad(&["estimate", "--dtype", "f8"], &["dtype = \"f8\""]);
-    bad(&["estimate", "--seq", "100000"], &["seq = 100000", "block_size = 256"]);
+    bad(
+        &["estimate", "--seq", "100000"],
+        &["seq = 100000", "block_size = 256"],
+    );
     bad(&["estimate", "--batch", "0"], &["--batch = 0"]);
     bad(&["estimate", "--format", "yaml"], &["yaml"]);
 }

@@ -6,19 +6,67 @@ use crate::error::{Error, Result};
 /// (name, file name, contents). Each file's first line cites the published parameter count that
 /// `tests` asserts.
 pub const PRESETS: &[(&str, &str, &str)] = &[
-    ("baby-gpt", "baby-gpt.toml", include_str!("../../configs/baby-gpt.toml")),
+    (
+        "baby-gpt",
+        "baby-gpt.toml",
+        include_str!("../../configs/baby-gpt.toml"),
+    ),
     ("gpt2", "gpt2.toml", include_str!("../../configs/gpt2.toml")),
-    ("gpt2-nobias", "gpt2-nobias.toml", include_str!("../../configs/gpt2-nobias.toml")),
-    ("gpt2-medium", "gpt2-medium.toml", include_str!("../../configs/gpt2-medium.toml")),
-    ("gpt2-large", "gpt2-large.toml", include_str!("../../configs/gpt2-large.toml")),
-    ("gpt2-xl", "gpt2-xl.toml", include_str!("../../configs/gpt2-xl.toml")),
-    ("llama2-7b", "llama2-7b.toml", include_str!("../../configs/llama2-7b.toml")),
-    ("llama3-8b", "llama3-8b.toml", include_str!("../../configs/llama3-8b.toml")),
-    ("llama3.1-70b", "llama3.1-70b.toml", include_str!("../../configs/llama3.1-70b.toml")),
-    ("llama3.1-405b", "llama3.1-405b.toml", include_str!("../../configs/llama3.1-405b.toml")),
-    ("mistral-7b", "mistral-7b.toml", include_str!("../../configs/mistral-7b.toml")),
-    ("qwen2.5-7b", "qwen2.5-7b.toml", include_str!("../../configs/qwen2.5-7b.toml")),
-    ("mixtral-8x7b", "mixtral-8x7b.toml", include_str!("../../configs/mixtral-8x7b.toml")),
+    (
+        "gpt2-nobias",
+        "gpt2-nobias.toml",
+        include_str!("../../configs/gpt2-nobias.toml"),
+    ),
+    (
+        "gpt2-medium",
+        "gpt2-medium.toml",
+        include_str!("../../configs/gpt2-medium.toml"),
+    ),
+    (
+        "gpt2-large",
+        "gpt2-large.toml",
+        include_str!("../../configs/gpt2-large.toml"),
+    ),
+    (
+        "gpt2-xl",
+        "gpt2-xl.toml",
+        include_str!("../../configs/gpt2-xl.toml"),
+    ),
+    (
+        "llama2-7b",
+        "llama2-7b.toml",
+        include_str!("../../configs/llama2-7b.toml"),
+    ),
+    (
+        "llama3-8b",
+        "llama3-8b.toml",
+        include_str!("../../configs/llama3-8b.toml"),
+    ),
+    (
+        "llama3.1-70b",
+        "llama3.1-70b.toml",
+        include_str!("../../configs/llama3.1-70b.toml"),
+    ),
+    (
+        "llama3.1-405b",
+        "llama3.1-405b.toml",
+        include_str!("../../configs/llama3.1-405b.toml"),
+    ),
+    (
+        "mistral-7b",
+        "mistral-7b.toml",
+        include_str!("../../configs/mistral-7b.toml"),
+    ),
+    (
+        "qwen2.5-7b",
+        "qwen2.5-7b.toml",
+        include_str!("../../configs/qwen2.5-7b.toml"),
+    ),
+    (
+        "mixtral-8x7b",
+        "mixtral-8x7b.toml",
+        include_str!("../../configs/mixtral-8x7b.toml"),
+    ),
 ];
 
 /// The name used when no config is given.

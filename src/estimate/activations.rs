@@ -70,6 +70,10 @@ const STORAGE_HEADER_BYTES: u64 = 72;
 /// baby-gpt (verify's "weights: allocated bytes" check); 336 B is the baby-gpt figure
 /// (13,941,648 − 4 · 3,481,088) / 52 tensors.
 const VARMAP_BYTES_PER_TENSOR: u64 = 336;
+/// `measure::run::probe_for` runs one gemm on every thread before the baseline, so every
+/// thread's L2 slab already exists and none is allocated during the step. The slab rules below
+/// stay for a process that did not warm its threads.
+const GEMM_SLABS_WARMED: bool = true;
 /// gemm-common 0.19 `DEFAULT_THREADING_THRESHOLD` (gemm.rs:109): a gemm whose
 /// m · n_chunk · k_chunk is below this runs on the calling thread, otherwise on the rayon pool.
 const GEMM_THREADING_THRESHOLD: u64 = 48 * 48 * 256;
@@ -136,8 +140,53 @@ pub fn predicted_adamw_peak(cfg: &ModelConfig, params: u64, step: Step) -> u64 {
 
 /// The full prediction with its breakdown.
 pub fn model(cfg: &ModelConfig, params: u64, step: Step) -> ActivationModel {
+    if step_bound_bytes(cfg, params, step) > REPLAY_LIMIT_BYTES {
+        return ActivationModel::beyond_any_machine();
+    }
     let machine = Machine::detect();
     replay(cfg, params, step, machine)
+}
+
+/// Above this bound (1 EiB) no machine could run the step, and the replay's u64 byte counters
+/// could overflow: the prediction saturates instead.
+const REPLAY_LIMIT_BYTES: u128 = 1 << 60;
+
+/// A generous upper bound of everything the step could allocate, in u128: every layer keeping
+/// 64 tensors of each width it has, the head 32 [tokens, vocab] f32 tensors, 64 B per parameter.
+fn step_bound_bytes(cfg: &ModelConfig, params: u64, step: Step) -> u128 {
+    let n = step.batch as u128 * step.seq as u128;
+    let experts = cfg.n_experts.max(1) as u128;
+    let width = cfg.n_embd as u128
+        + cfg.q_dim() as u128
+        + cfg.kv_dim() as u128
+        + cfg.intermediate_size as u128 * experts
+        + cfg.n_head as u128 * step.seq as u128;
+    let layers = cfg.n_layer as u128 * n * width * 64 * 4;
+    let head = n * cfg.vocab_size as u128 * 32 * 4;
+    layers + head + params as u128 * 64
+}
+
+impl ActivationModel {
+    /// Every figure at u64::MAX: a step no machine can hold (the preflight refuses it).
+    fn beyond_any_machine() -> Self {
+        let max = u64::MAX;
+        ActivationModel {
+            weights_bytes: max,
+            per_layer_kept_bytes: max,
+            embed_kept_bytes: max,
+            head_kept_bytes: max,
+            forward_peak_bytes: max,
+            after_forward_bytes: max,
+            backward_peak_bytes: max,
+            peak_bytes: max,
+            gradients_bytes: max,
+            gemm_slab_bytes: 0,
+            gemm_slab_uncertainty_bytes: 0,
+            adamw_peak_bytes: max,
+            adamw_state_bytes: max,
+            terms: Vec::new(),
+        }
+    }
 }
 
 /// Closed form of what autograd keeps after the forward, by component, in bytes (data only;
@@ -834,6 +883,9 @@ impl T {
 /// calling thread and uses that thread's `L2_SLAB`; above it every pool thread does. gemv/gevv
 /// shapes (k ≤ 2, m or n = 1) take no slab.
 fn gemm_slabs(c: &Ctx, m: u64, n: u64, k: u64, strides: [usize; 4]) {
+    if GEMM_SLABS_WARMED {
+        return;
+    }
     let [lhs_rs, lhs_cs, rhs_rs, rhs_cs] = strides.map(|x| x as u64);
     // gemm.rs (crate gemm) transposes a row-major destination: gemm-common sees m' = n, n' = m,
     // lhs' = rhsᵀ, rhs' = lhsᵀ.

@@ -201,11 +201,12 @@ pub fn estimate(
         Component::Experts,
         Component::LmHead,
     ] {
-        let f: u64 = terms
+        let f: u128 = terms
             .iter()
             .filter(|x| x.component.unwrap_or(Component::Attention) == c)
-            .map(|x| x.forward)
+            .map(|x| u128::from(x.forward))
             .sum();
+        let f = to_u64(cfg, c.name(), f)?;
         if f > 0 {
             components.push((c, f));
         }

@@ -51,7 +51,11 @@ fn bits_to_bytes(params: u64, bits: u64) -> u64 {
     ((params as u128 * bits as u128).div_ceil(8)) as u64
 }
 
-pub fn training(p: &ParamEstimate, dtype: TrainDtype, activations: Option<Bytes>) -> TrainingMemory {
+pub fn training(
+    p: &ParamEstimate,
+    dtype: TrainDtype,
+    activations: Option<Bytes>,
+) -> TrainingMemory {
     let n = p.total as u128;
     let w = n * dtype.bytes() as u128;
     let master = if dtype == TrainDtype::F32 {

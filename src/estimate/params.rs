@@ -274,7 +274,9 @@ pub fn rough_applies(cfg: &ModelConfig) -> Vec<String> {
         // not for toy widths.
         let l = layer(cfg);
         let d = cfg.n_embd as u128;
-        let small = cfg.n_layer as u128 * (l.attention - l.attention_weights + l.mlp - 2 * d * cfg.intermediate_size as u128 + l.norms)
+        let small = cfg.n_layer as u128
+            * (l.attention - l.attention_weights + l.mlp - 2 * d * cfg.intermediate_size as u128
+                + l.norms)
             + d
             + u128::from(cfg.bias) * d;
         let total = estimate_total_unchecked(cfg);
@@ -292,8 +294,16 @@ pub fn rough_applies(cfg: &ModelConfig) -> Vec<String> {
 fn estimate_total_unchecked(cfg: &ModelConfig) -> u128 {
     let d = cfg.n_embd as u128;
     let l = layer(cfg);
-    let pos = if cfg.arch == Arch::Gpt2 { cfg.block_size as u128 * d } else { 0 };
-    let head = if cfg.tie_embeddings { 0 } else { cfg.vocab_size as u128 * d };
+    let pos = if cfg.arch == Arch::Gpt2 {
+        cfg.block_size as u128 * d
+    } else {
+        0
+    };
+    let head = if cfg.tie_embeddings {
+        0
+    } else {
+        cfg.vocab_size as u128 * d
+    };
     cfg.vocab_size as u128 * d
         + pos
         + cfg.n_layer as u128 * (l.attention + l.mlp + l.router + l.experts + l.norms)
@@ -503,7 +513,10 @@ mod tests {
         .unwrap();
         let e = estimate(&cfg).unwrap();
         // q: 8→16 (+16), k,v: 8→8 (+8 each), o: 16→8
-        assert_eq!(e.get(Component::Attention), 128 + 16 + 64 + 8 + 64 + 8 + 128);
+        assert_eq!(
+            e.get(Component::Attention),
+            128 + 16 + 64 + 8 + 64 + 8 + 128
+        );
         assert_eq!(e.get(Component::Mlp), 3 * 8 * 12);
         assert_eq!(e.get(Component::Norms), 16);
         assert_eq!(e.get(Component::FinalNorm), 8);
@@ -524,15 +537,27 @@ mod tests {
             ("model.layers.3.self_attn.k_proj.bias", Component::Attention),
             ("model.layers.3.mlp.gate_proj.weight", Component::Mlp),
             ("model.layers.3.input_layernorm.weight", Component::Norms),
-            ("model.layers.3.post_attention_layernorm.weight", Component::Norms),
-            ("model.layers.0.block_sparse_moe.gate.weight", Component::Router),
-            ("model.layers.0.block_sparse_moe.experts.3.w2.weight", Component::Experts),
+            (
+                "model.layers.3.post_attention_layernorm.weight",
+                Component::Norms,
+            ),
+            (
+                "model.layers.0.block_sparse_moe.gate.weight",
+                Component::Router,
+            ),
+            (
+                "model.layers.0.block_sparse_moe.experts.3.w2.weight",
+                Component::Experts,
+            ),
             ("model.norm.weight", Component::FinalNorm),
             ("lm_head.weight", Component::LmHead),
         ] {
             assert_eq!(Component::of_tensor(name), Some(c), "{name}");
         }
-        assert_eq!(Component::of_tensor("transformer.h.0.attn.bias_mask_x"), Some(Component::Attention));
+        assert_eq!(
+            Component::of_tensor("transformer.h.0.attn.bias_mask_x"),
+            Some(Component::Attention)
+        );
         assert_eq!(Component::of_tensor("something.else"), None);
     }
 }

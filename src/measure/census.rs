@@ -49,7 +49,11 @@ impl Census {
     }
 
     /// Build from (name, shape, dtype) rows; `storage_bytes` as measured by the caller.
-    pub fn from_rows(mut rows: Vec<TensorRow>, storage_bytes: Option<u64>, shapes_only: bool) -> Self {
+    pub fn from_rows(
+        mut rows: Vec<TensorRow>,
+        storage_bytes: Option<u64>,
+        shapes_only: bool,
+    ) -> Self {
         rows.sort_by(|a, b| a.name.cmp(&b.name));
         let mut per: BTreeMap<Component, u64> = BTreeMap::new();
         let mut unclassified = Vec::new();

@@ -68,6 +68,17 @@ fn open_cuda(n: usize) -> Result<Device> {
     ))
 }
 
+/// Free memory of a GPU, for the preflight; `None` when it cannot be read.
+#[cfg(feature = "cuda")]
+pub fn free_bytes(device: &Device) -> Option<u64> {
+    super::cuda::free_bytes(device).ok()
+}
+
+#[cfg(not(feature = "cuda"))]
+pub fn free_bytes(_device: &Device) -> Option<u64> {
+    None
+}
+
 /// The memory probe of a non-CPU device.
 #[cfg(feature = "cuda")]
 pub fn cuda_probe(device: &Device) -> Result<Box<dyn super::run::MemoryProbe>> {

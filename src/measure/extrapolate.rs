@@ -15,7 +15,7 @@
 //! full depth's prediction adds the first step's residue, `runtime_bytes`: taken from the full
 //! model's own run when it ran first (verify), else from the warm-up step.
 
-use super::run::{self, CpuProbe, MemoryProbe, PhaseBytes};
+use super::run::{self, PhaseBytes};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::estimate::activations::Step;
@@ -127,19 +127,7 @@ pub fn from_peaks(
 }
 
 /// The memory probe for `device`: the counting allocator on CPU, the CUDA pool elsewhere.
-pub fn probe_for(device: &Device) -> Result<Box<dyn MemoryProbe>> {
-    match device {
-        Device::Cpu => {
-            if !super::alloc::installed() {
-                return Err(Error::Internal(anyhow::anyhow!(
-                    "the counting allocator is not installed in this process"
-                )));
-            }
-            Ok(Box::new(CpuProbe))
-        }
-        _ => super::device::cuda_probe(device),
-    }
-}
+pub use super::run::probe_for;
 
 /// Build a randomly initialised `cfg`, run one training step on random tokens, return its bytes.
 /// Everything is dropped before returning.

@@ -25,6 +25,10 @@ pub struct Reference {
     pub grad_norm: Option<BTreeMap<String, f64>>,
     /// Exact parameter count, tied weights once.
     pub params: Option<u64>,
+    /// The tensors file, for messages.
+    pub source: PathBuf,
+    /// Largest token id in `input_ids`, checked against the model's vocabulary before running.
+    pub max_token_id: Option<u32>,
 }
 
 #[derive(serde::Deserialize)]
@@ -85,6 +89,11 @@ pub fn load(path: &Path) -> Result<Reference> {
         ));
     }
     let input_ids = token_ids(&input_ids).map_err(|why| Error::file(tp, why))?;
+    let max_token_id = input_ids
+        .flatten_all()
+        .and_then(|t| t.to_vec1::<u32>())
+        .ok()
+        .and_then(|v| v.into_iter().max());
     let logits = logits.to_dtype(DType::F32)?;
 
     let mut reference = Reference {
@@ -93,6 +102,8 @@ pub fn load(path: &Path) -> Result<Reference> {
         loss: None,
         grad_norm: None,
         params: None,
+        source: tensors_path.clone(),
+        max_token_id,
     };
     if json_path.is_file() {
         let jp = json_path.as_path();

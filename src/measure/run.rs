@@ -37,6 +37,50 @@ impl MemoryProbe for CpuProbe {
     }
 }
 
+/// Side of the square f32 matmul run on every thread before measuring: small enough to stay on
+/// the calling thread (64³ is below gemm-common's threading threshold of 48·48·256) and large
+/// enough to take the path that uses the thread's L2 slab (not a gemv, not prepacked).
+const WARM_GEMM_DIM: usize = 64;
+
+/// The memory probe for a device, ready to take a baseline.
+pub fn probe_for(device: &candle_core::Device) -> Result<Box<dyn MemoryProbe>> {
+    match device {
+        candle_core::Device::Cpu => {
+            if !super::alloc::installed() {
+                return Err(Error::Internal(anyhow::anyhow!(
+                    "the counting allocator is not installed in this process"
+                )));
+            }
+            warm_gemm_thread_buffers()?;
+            Ok(Box::new(CpuProbe))
+        }
+        _ => super::device::cuda_probe(device),
+    }
+}
+
+/// gemm (candle's CPU matmul) gives each thread that runs a kernel a thread-local, L2-sized
+/// slab, allocated at that thread's first gemm and kept for its life (gemm-common 0.19
+/// gemm.rs:59). Which rayon pool threads run a kernel during a step is a scheduling race, so
+/// without this the measured peak moved by a slab per pool thread from run to run (1 MiB each
+/// here; 5% of a tiny model's step). One small gemm on the calling thread and on every pool
+/// thread allocates them all before the baseline: the slabs become runtime, like the pool's
+/// stacks, and the step's bytes are deterministic.
+pub fn warm_gemm_thread_buffers() -> Result<()> {
+    let warm = || -> candle_core::Result<()> {
+        let a = Tensor::ones(
+            (WARM_GEMM_DIM, WARM_GEMM_DIM),
+            DType::F32,
+            &candle_core::Device::Cpu,
+        )?;
+        a.matmul(&a).map(drop)
+    };
+    warm()?;
+    for r in rayon::broadcast(|_| warm()) {
+        r?;
+    }
+    Ok(())
+}
+
 /// Bytes per phase, all relative to the baseline taken before the model was built.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct PhaseBytes {

@@ -301,6 +301,9 @@ impl SimpleBackend for Checkpoint {
     }
 }
 
+/// Largest shard index read: real ones are tens of KB (Llama-3.1-405B's is ~100 KB).
+const MAX_INDEX_BYTES: u64 = 64 << 20;
+
 /// The safetensors files of a model folder: `model.safetensors`, or the shards that
 /// `model.safetensors.index.json` names. `path` may also be one of those two files.
 pub fn checkpoint_files(path: &Path) -> Result<Vec<PathBuf>> {
@@ -329,6 +332,15 @@ pub fn checkpoint_files(path: &Path) -> Result<Vec<PathBuf>> {
             "has no model.safetensors or model.safetensors.index.json",
         ));
     }
+    let len = std::fs::metadata(&index)
+        .map_err(|e| Error::file(&index, format!("cannot read: {e}")))?
+        .len();
+    if len > MAX_INDEX_BYTES {
+        return Err(Error::file(
+            &index,
+            format!("is {len} bytes; a shard index is at most {MAX_INDEX_BYTES}"),
+        ));
+    }
     let text = std::fs::read_to_string(&index)
         .map_err(|e| Error::file(&index, format!("cannot read: {e}")))?;
     #[derive(serde::Deserialize)]
@@ -340,6 +352,16 @@ pub fn checkpoint_files(path: &Path) -> Result<Vec<PathBuf>> {
     let shards: BTreeSet<&String> = parsed.weight_map.values().collect();
     if shards.is_empty() {
         return Err(Error::file(&index, "weight_map is empty"));
+    }
+    // Shards live beside the index: a name with a path in it could point anywhere.
+    if let Some(bad) = shards
+        .iter()
+        .find(|f| Path::new(f.as_str()).file_name() != Some(std::ffi::OsStr::new(f.as_str())))
+    {
+        return Err(Error::file(
+            &index,
+            format!("weight_map names shard {bad:?}, which is not a plain file name"),
+        ));
     }
     let files: Vec<PathBuf> = shards.into_iter().map(|f| dir.join(f)).collect();
     let absent: Vec<String> = files

@@ -22,12 +22,17 @@ fn bytes_cells(b: u64) -> [String; 2] {
 
 fn num(x: f64) -> String {
     if x.fract() == 0.0 && x.abs() < 1e15 {
-        group(x.abs() as u64)
-            .chars()
-            .fold(if x < 0.0 { "-".to_string() } else { String::new() }, |mut a, c| {
+        group(x.abs() as u64).chars().fold(
+            if x < 0.0 {
+                "-".to_string()
+            } else {
+                String::new()
+            },
+            |mut a, c| {
                 a.push(c);
                 a
-            })
+            },
+        )
     } else if x.abs() >= 1e-3 && x.abs() < 1e6 {
         format!("{x:.6}")
     } else {
@@ -39,14 +44,23 @@ pub fn sections(r: &Report) -> Vec<Section> {
     let mut out = Vec::new();
     let m = &r.model;
     let mut arch = vec![
-        vec![s("model"), format!("{} ({}, {})", m.name, m.model_type, m.arch.name())],
-        vec![s("n_embd × n_layer"), format!("{} × {}", m.n_embd, m.n_layer)],
+        vec![
+            s("model"),
+            format!("{} ({}, {})", m.name, m.model_type, m.arch.name()),
+        ],
+        vec![
+            s("n_embd × n_layer"),
+            format!("{} × {}", m.n_embd, m.n_layer),
+        ],
         vec![
             s("heads (q / kv) × head_dim"),
             format!("{} / {} × {}", m.n_head, m.n_kv_head, m.head_dim),
         ],
         vec![s("MLP width"), s(m.intermediate_size)],
-        vec![s("vocab / block"), format!("{} / {}", m.vocab_size, m.block_size)],
+        vec![
+            s("vocab / block"),
+            format!("{} / {}", m.vocab_size, m.block_size),
+        ],
         vec![s("tied head"), s(m.tie_embeddings)],
     ];
     if m.is_moe() {
@@ -175,19 +189,35 @@ pub fn sections(r: &Report) -> Vec<Section> {
     let t = &r.training;
     let mut rows = vec![
         row_bytes(&format!("weights ({})", t.dtype.name()), t.weights_bytes.0),
-        row_bytes(&format!("gradients ({})", t.dtype.name()), t.gradients_bytes.0),
+        row_bytes(
+            &format!("gradients ({})", t.dtype.name()),
+            t.gradients_bytes.0,
+        ),
     ];
     if t.master_weights_bytes.0 > 0 {
         rows.push(row_bytes("f32 master weights", t.master_weights_bytes.0));
     }
     rows.push(row_bytes("AdamW m + v (f32)", t.optimizer_bytes.0));
     match t.activations_bytes {
-        Some(a) => rows.push(row_bytes("activations (predicted peak)", a.0)),
-        None => rows.push(vec![s("activations"), s("not included"), s("")]),
+        Some(a) => rows.push(row_bytes(
+            &format!(
+                "activations at the step's peak (batch {} × seq {})",
+                r.run.batch, r.run.seq
+            ),
+            a.0,
+        )),
+        None => rows.push(vec![
+            s("activations"),
+            s("beyond any machine (> 1 EiB)"),
+            s(""),
+        ]),
     }
     rows.push(row_bytes("total", t.total_bytes.0));
     out.push(Section {
-        title: format!("Training memory, AdamW, {} (mixed precision convention)", t.dtype.name()),
+        title: format!(
+            "Training memory, AdamW, {} (mixed precision convention)",
+            t.dtype.name()
+        ),
         header: vec![s("part"), s("bytes"), s("binary")],
         rows,
         notes: vec![],
@@ -234,9 +264,15 @@ pub fn sections(r: &Report) -> Vec<Section> {
             row_bytes("peak of the step", ph.peak_bytes),
             row_bytes("predicted peak", mem.predicted_peak_bytes),
         ];
-        let mut notes = vec![format!("measured by the {}, above the pre-build baseline", mem.source)];
+        let mut notes = vec![format!(
+            "measured by the {}, above the pre-build baseline",
+            mem.source
+        )];
         if let Some(rss) = mem.rss_bytes {
-            notes.push(format!("process RSS at the end (context only): {}", Bytes(rss)));
+            notes.push(format!(
+                "process RSS at the end (context only): {}",
+                Bytes(rss)
+            ));
         }
         out.push(Section {
             title: "Memory of one training step (measured)".into(),
@@ -291,9 +327,17 @@ pub fn sections(r: &Report) -> Vec<Section> {
             .collect();
         out.push(Section {
             title: "Checks".into(),
-            header: ["check", "measured", "expected", "error", "tolerance", "result", "note"]
-                .map(s)
-                .to_vec(),
+            header: [
+                "check",
+                "measured",
+                "expected",
+                "error",
+                "tolerance",
+                "result",
+                "note",
+            ]
+            .map(s)
+            .to_vec(),
             rows,
             notes: r
                 .pass
@@ -319,7 +363,10 @@ pub fn sections(r: &Report) -> Vec<Section> {
 
 fn signed_group(x: i128) -> String {
     let sign = if x < 0 { "-" } else { "+" };
-    format!("{sign}{}", group(u64::try_from(x.unsigned_abs()).unwrap_or(u64::MAX)))
+    format!(
+        "{sign}{}",
+        group(u64::try_from(x.unsigned_abs()).unwrap_or(u64::MAX))
+    )
 }
 
 fn row_bytes(name: &str, b: u64) -> Vec<String> {
@@ -334,16 +381,34 @@ fn compute_and_artifact_sections(r: &Report) -> Vec<Section> {
         let mut rows: Vec<Vec<String>> = f
             .terms
             .iter()
-            .map(|t| vec![s(t.term), group(t.forward), format!("{:.3e}", t.forward as f64)])
+            .map(|t| {
+                vec![
+                    s(t.term),
+                    group(t.forward),
+                    format!("{:.3e}", t.forward as f64),
+                ]
+            })
             .collect();
-        rows.push(vec![s("forward"), group(f.forward), format!("{:.3e}", f.forward as f64)]);
+        rows.push(vec![
+            s("forward"),
+            group(f.forward),
+            format!("{:.3e}", f.forward as f64),
+        ]);
         rows.push(vec![
             s("forward, causal attention"),
             group(f.forward_causal),
             format!("{:.3e}", f.forward_causal as f64),
         ]);
-        rows.push(vec![s("backward (2 × forward)"), group(f.backward), format!("{:.3e}", f.backward as f64)]);
-        rows.push(vec![s("forward + backward"), group(f.total), format!("{:.3e}", f.total as f64)]);
+        rows.push(vec![
+            s("backward (2 × forward)"),
+            group(f.backward),
+            format!("{:.3e}", f.backward as f64),
+        ]);
+        rows.push(vec![
+            s("forward + backward"),
+            group(f.total),
+            format!("{:.3e}", f.total as f64),
+        ]);
         rows.push(vec![
             s("PaLM 6N + 12·L·H·Q·T, × T"),
             group(f.palm_total),
@@ -353,7 +418,11 @@ fn compute_and_artifact_sections(r: &Report) -> Vec<Section> {
             title: format!(
                 "FLOPs of one sequence of {} tokens (2·m·n·k per matmul; attention {})",
                 f.seq,
-                if f.causal { "causal" } else { "in full, as nanoGPT counts it" }
+                if f.causal {
+                    "causal"
+                } else {
+                    "in full, as nanoGPT counts it"
+                }
             ),
             header: vec![s("term"), s("FLOPs"), s("")],
             rows,
@@ -373,9 +442,18 @@ fn compute_and_artifact_sections(r: &Report) -> Vec<Section> {
     }
     if let Some(m) = &r.mfu {
         let mut rows = vec![
-            vec![s("model FLOPs of the step (batch × fwd+bwd)"), group(m.step_flops)],
-            vec![s("measured step (forward + backward), s"), format!("{:.4}", m.step_s)],
-            vec![s("achieved"), format!("{:.2} GFLOP/s", m.achieved_flops_per_s / 1e9)],
+            vec![
+                s("model FLOPs of the step (batch × fwd+bwd)"),
+                group(m.step_flops),
+            ],
+            vec![
+                s("measured step (forward + backward), s"),
+                format!("{:.4}", m.step_s),
+            ],
+            vec![
+                s("achieved"),
+                format!("{:.2} GFLOP/s", m.achieved_flops_per_s / 1e9),
+            ],
         ];
         let mut notes = Vec::new();
         match (m.peak_flops_per_s, &m.peak_source, m.mfu) {
@@ -384,7 +462,8 @@ fn compute_and_artifact_sections(r: &Report) -> Vec<Section> {
                 rows.push(vec![s("MFU"), format!("{:.2}%", u * 100.0)]);
             }
             _ => notes.push(
-                "MFU not computed: no peak given; pass --peak-tflops X or --measure-peak".to_string(),
+                "MFU not computed: no peak given; pass --peak-tflops X or --measure-peak"
+                    .to_string(),
             ),
         }
         out.push(Section {
