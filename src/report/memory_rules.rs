@@ -79,12 +79,18 @@ pub fn extrapolation_section(e: &Extrapolation) -> Section {
         title: "Per-layer extrapolation from 1- and 2-layer runs".into(),
         header: ["quantity", "bytes", "binary"].map(String::from).to_vec(),
         rows,
-        notes: vec![match e.rel_error {
-            Some(err) => format!(
-                "extrapolation error vs the measured full model: {}",
-                percent(err)
-            ),
-            None => "the full model was not run; the prediction stands alone".to_string(),
-        }],
+        notes: [
+            Some(match e.rel_error {
+                Some(err) => format!(
+                    "extrapolation error vs the measured full model: {}",
+                    percent(err)
+                ),
+                None => "the full model was not run; the prediction stands alone".to_string(),
+            }),
+            e.warning.as_ref().map(|w| format!("warning: {w}")),
+        ]
+        .into_iter()
+        .flatten()
+        .collect(),
     }
 }
