@@ -232,6 +232,15 @@ fn rules_and_extrapolation(
                 )
                 .informational("peak(L) = base + L · (peak(2) − peak(1))"),
             );
+            checks.push(
+                Check::rel(
+                    "peak memory: model-guided extrapolation vs measured",
+                    e.model_guided_peak_bytes as f64,
+                    m as f64,
+                    0.05,
+                )
+                .with_note("replay at full depth + its measured error at 1 and 2 layers"),
+            );
         }
         report.extrapolation = Some(e);
     }

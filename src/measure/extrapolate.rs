@@ -56,12 +56,23 @@ pub struct Extrapolation {
     /// 1–2 is too small. Measured: GPT-2 124M (batch 1, seq 256) −22.5% at 12 layers.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub warning: Option<String>,
+    /// Model-guided extrapolation: the per-op replay's peak at full depth, corrected by the
+    /// replay's error at 1 and 2 layers (that error extended affinely in depth). Where the peak
+    /// moves to another phase of backward as layers are added (GPT-2's head-dominated shallow
+    /// runs), the replay knows it and the affine rule does not.
+    pub model_guided_peak_bytes: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model_guided_rel_error: Option<f64>,
 }
 
 impl Extrapolation {
     /// Compare with the full model's measured peak.
     pub fn with_measured(mut self, measured_peak_bytes: u64) -> Self {
         self.measured_peak_bytes = Some(measured_peak_bytes);
+        self.model_guided_rel_error = Some(crate::units::rel_error(
+            self.model_guided_peak_bytes as f64,
+            measured_peak_bytes as f64,
+        ));
         self.rel_error = Some(crate::units::rel_error(
             self.predicted_peak_bytes as f64,
             measured_peak_bytes as f64,
@@ -98,8 +109,20 @@ pub fn extrapolate(
     let warm_up = measure_random(&shallow, step, seed, device)?;
     let runtime = runtime_bytes.unwrap_or_else(|| runtime_residue(&warm_up));
     let p1 = measure_random(&shallow, step, seed, device)?.peak_bytes;
-    let p2 = measure_random(&with_depth(cfg, l2)?, step, seed, device)?.peak_bytes;
-    Ok(from_peaks(cfg.n_layer, p1, p2, runtime))
+    let deep = with_depth(cfg, l2)?;
+    let p2 = measure_random(&deep, step, seed, device)?.peak_bytes;
+    let replay = |c: &ModelConfig| -> Result<i128> {
+        let params = crate::estimate::params::estimate(c)?.total;
+        Ok(crate::estimate::activations::predicted_peak(c, params, step) as i128)
+    };
+    let (r1, r2, rl) = (replay(&shallow)?, replay(&deep)?, replay(cfg)?);
+    // The replay's error at depth 1 and 2, extended affinely to the full depth.
+    let (e1, e2) = (p1 as i128 - r1, p2 as i128 - r2);
+    let el = e1 + (cfg.n_layer as i128 - l1 as i128) * (e2 - e1) / (l2 as i128 - l1 as i128);
+    let guided = (rl + el + runtime as i128).clamp(0, u64::MAX as i128) as u64;
+    let mut e = from_peaks(cfg.n_layer, p1, p2, runtime);
+    e.model_guided_peak_bytes = guided;
+    Ok(e)
 }
 
 /// What a step left allocated beyond the weights and the gradients it kept: runtime buffers.
@@ -130,10 +153,12 @@ pub fn from_peaks(
         predicted_peak_bytes: predicted,
         measured_peak_bytes: None,
         rel_error: None,
+        model_guided_peak_bytes: predicted,
+        model_guided_rel_error: None,
         warning: (base > per_layer).then(|| {
             "the 1- and 2-layer peaks are dominated by the depth-independent part (embeddings, \
              head, logits): a deeper model can peak in a later phase of backward that grows \
-             faster per layer, so this prediction is a lower bound"
+             faster per layer, so this prediction is a lower bound; the model-guided figure accounts for it"
                 .to_string()
         }),
     }

@@ -72,6 +72,10 @@ pub fn extrapolation_section(e: &Extrapolation) -> Section {
             e.predicted_peak_bytes,
         ),
     ];
+    rows.push(row(
+        "model-guided: replay at full depth + its error at 1–2 layers",
+        e.model_guided_peak_bytes,
+    ));
     if let Some(m) = e.measured_peak_bytes {
         rows.push(row(&format!("measured peak, {} layers", e.n_layer), m));
     }
@@ -86,6 +90,12 @@ pub fn extrapolation_section(e: &Extrapolation) -> Section {
                     percent(err)
                 ),
                 None => "the full model was not run; the prediction stands alone".to_string(),
+            }),
+            e.model_guided_rel_error.map(|err| {
+                format!(
+                    "model-guided error vs the measured full model: {}",
+                    percent(err)
+                )
             }),
             e.warning.as_ref().map(|w| format!("warning: {w}")),
         ]
