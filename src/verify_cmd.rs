@@ -135,6 +135,14 @@ pub fn verify(a: VerifyArgs) -> Result<u8> {
         report
             .notes
             .push(format!("--shapes-only: counted {} tensors from names and shapes in {:.1} ms; nothing allocated", shape_census.tensors, shapes_s * 1e3));
+        if let Some(dir) = &a.model {
+            // No weights are loaded, but the checkpoint is still checked, from its headers.
+            let ins = crate::inspect::inspect(dir, None)?;
+            checks.extend(ins.checks.into_iter().map(|mut c| {
+                c.name = format!("checkpoint headers: {}", c.name);
+                c
+            }));
+        }
     } else if let Some(limit) = limit.filter(|&l| predicted_peak > l) {
         let msg = format!(
             "this run needs about {} (weights {} + activations and gradients at batch {} × seq {}), \

@@ -195,3 +195,34 @@ fn bad_verify_input() {
             .stderr(predicate::str::contains("panicked").not());
     }
 }
+
+/// `--shapes-only` loads no weights, yet a `--model` checkpoint is still checked from its headers.
+#[test]
+fn shapes_only_still_checks_the_checkpoint_headers() {
+    let (code, j) = verify_json(&[
+        "--model",
+        fixtures().join("tiny-llama").to_str().unwrap(),
+        "--shapes-only",
+    ]);
+    assert_eq!(code, 0, "{:?}", failed_checks(&j));
+    assert!(j["checks"].as_array().unwrap().iter().any(|c| c["name"]
+        .as_str()
+        .unwrap()
+        .starts_with("checkpoint headers:")));
+    let d = tempfile::tempdir().unwrap();
+    let src = fixtures().join("tiny-gpt2");
+    std::fs::copy(src.join("config.json"), d.path().join("config.json")).unwrap();
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    std::fs::write(d.path().join("model.safetensors"), &bytes[..1000]).unwrap();
+    truesize()
+        .args([
+            "verify",
+            "--shapes-only",
+            "--model",
+            d.path().to_str().unwrap(),
+        ])
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("model.safetensors"))
+        .stderr(predicate::str::contains("runs past the end"));
+}
