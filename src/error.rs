@@ -67,7 +67,20 @@ impl Error {
 
 impl From<candle_core::Error> for Error {
     fn from(e: candle_core::Error) -> Self {
-        Error::Internal(anyhow::Error::new(e))
+        Error::Internal(anyhow::Error::new(without_backtrace(e)))
+    }
+}
+
+/// candle attaches a backtrace to its errors when RUST_BACKTRACE is set, and prints it as part
+/// of the message: a user's terminal gets the cause, not a stack.
+pub fn without_backtrace(e: candle_core::Error) -> candle_core::Error {
+    match e {
+        candle_core::Error::WithBacktrace { inner, .. } => without_backtrace(*inner),
+        candle_core::Error::Context { inner, context } => candle_core::Error::Context {
+            inner: Box::new(without_backtrace(*inner)),
+            context,
+        },
+        e => e,
     }
 }
 

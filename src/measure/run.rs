@@ -293,7 +293,10 @@ fn logits_bytes(t: &Tensor) -> u64 {
 }
 
 fn ctx(what: &'static str) -> impl Fn(candle_core::Error) -> Error {
-    move |e| Error::Internal(anyhow::anyhow!("{what}: {e}"))
+    move |e| {
+        let e = crate::error::without_backtrace(e);
+        Error::Internal(anyhow::anyhow!("{what}: {e}"))
+    }
 }
 
 /// L2 norm of a tensor, computed in f32.
