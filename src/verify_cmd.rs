@@ -14,8 +14,7 @@ use crate::model::build;
 use crate::report::{exporter, MemoryReport, Report, Timing};
 use crate::units::Bytes;
 use crate::verify::{all_pass, Check};
-use candle_core::{Device, Tensor};
-use rand::{Rng, SeedableRng};
+use candle_core::Device;
 use std::time::Instant;
 
 /// Predicted vs measured peak memory (issue #5): the replay is exact to ~0.5% on the grid in
@@ -320,7 +319,13 @@ fn measure_real(
     let probe: Box<dyn MemoryProbe> = run::probe_for(device)?;
     let input_ids = match reference {
         Some(r) => r.input_ids.to_device(device)?,
-        None => random_tokens(cfg.vocab_size, step.batch, step.seq, a.seed, device)?,
+        None => crate::measure::extrapolate::random_tokens(
+            cfg.vocab_size,
+            step.batch,
+            step.seq,
+            a.seed,
+            device,
+        )?,
     };
     probe.reset_peak()?;
     let baseline = probe.current()?;
@@ -607,19 +612,4 @@ fn reference_checks(
         checks.push(Check::exact("reference: parameter count", census_numel, p));
     }
     Ok(())
-}
-
-fn random_tokens(
-    vocab: usize,
-    batch: usize,
-    seq: usize,
-    seed: u64,
-    device: &Device,
-) -> Result<Tensor> {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x5eed_70c5);
-    let n = batch * seq;
-    let v = u32::try_from(vocab)
-        .map_err(|_| Error::field("config", "vocab_size", vocab, "exceeds u32 token ids"))?;
-    let ids: Vec<u32> = (0..n).map(|_| rng.random_range(0..v)).collect();
-    Ok(Tensor::from_vec(ids, (batch, seq), device)?)
 }

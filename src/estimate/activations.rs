@@ -510,6 +510,8 @@ thread_local! {
 }
 
 fn ctx() -> Rc<Ctx> {
+    // Cannot fail: only `replay` builds tensors, and it installs the context before the first
+    // one and removes it after the last; no user input reaches this.
     CTX.with(|c| c.borrow().clone().expect("replay context"))
 }
 
@@ -1428,6 +1430,9 @@ fn backward(root: &T) -> Store {
         }
         // backprop.rs binds the removed gradient and then shadows it with its detached copy:
         // the original (and the history it pins) lives until the end of this iteration.
+        // Cannot fail: nodes are visited in reverse topological order from the root, so every
+        // node's consumers have already added its gradient (the same invariant candle's
+        // backprop.rs relies on); the graph is ours, built from shapes, not from user data.
         let grad = grads.map.remove(&node.id()).expect("grad populated");
         let grad = grad.detach();
         let Some(op) = &node.0.op else { continue };
