@@ -389,31 +389,15 @@ fn compute_and_artifact_sections(r: &Report) -> Vec<Section> {
                 ]
             })
             .collect();
-        rows.push(vec![
-            s("forward"),
-            group(f.forward),
-            format!("{:.3e}", f.forward as f64),
-        ]);
-        rows.push(vec![
-            s("forward, causal attention"),
-            group(f.forward_causal),
-            format!("{:.3e}", f.forward_causal as f64),
-        ]);
-        rows.push(vec![
-            s("backward (2 × forward)"),
-            group(f.backward),
-            format!("{:.3e}", f.backward as f64),
-        ]);
-        rows.push(vec![
-            s("forward + backward"),
-            group(f.total),
-            format!("{:.3e}", f.total as f64),
-        ]);
-        rows.push(vec![
-            s("PaLM 6N + 12·L·H·Q·T, × T"),
-            group(f.palm_total),
-            format!("{:.3e}", f.palm_total as f64),
-        ]);
+        for (name, flops) in [
+            ("forward", f.forward),
+            ("forward, causal attention", f.forward_causal),
+            ("backward (2 × forward)", f.backward),
+            ("forward + backward", f.total),
+            ("PaLM 6N + 12·L·H·Q·T, × T", f.palm_total),
+        ] {
+            rows.push(vec![s(name), group(flops), format!("{:.3e}", flops as f64)]);
+        }
         out.push(Section {
             title: format!(
                 "FLOPs of one sequence of {} tokens (2·m·n·k per matmul; attention {})",
