@@ -610,11 +610,11 @@ fn fuzz_regressions_and_seeds_replay_without_panic() {
             replayed += 1;
         }
         for p in files_under(&root.join(kind).join("safetensors_header")) {
-            if let Ok(h) = truesize::inspect::read_header(&p) {
+            if let Ok(h) = truesize::checkpoint::safetensors::read_header(&p) {
                 let covered: u64 = h.entries.iter().map(|t| t.bytes).sum();
                 assert_eq!(covered, h.data_bytes, "{}", p.display());
             }
-            let _ = truesize::inspect::inspect(&p, None);
+            let _ = truesize::checkpoint::safetensors::inspect(&p, None);
             replayed += 1;
         }
     }

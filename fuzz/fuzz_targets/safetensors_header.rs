@@ -34,7 +34,7 @@ fuzz_target!(|data: &[u8]| {
     let d = dir();
     let file = d.join("model.safetensors");
     std::fs::write(&file, data).expect("write fuzz input");
-    let Ok(h) = truesize::inspect::read_header(&file) else {
+    let Ok(h) = truesize::checkpoint::safetensors::read_header(&file) else {
         return;
     };
     // Invariants of a header that passed: the data section is tiled exactly.
@@ -47,9 +47,9 @@ fuzz_target!(|data: &[u8]| {
     );
     // The folder (with its config.json) and the bare file, as `truesize inspect` would see them.
     for cfg in [None, Some(d.join("config.json"))] {
-        if let Ok(r) = truesize::inspect::inspect(d, cfg.as_deref()) {
-            let _ = truesize::inspect::sections(&r);
+        if let Ok(r) = truesize::checkpoint::safetensors::inspect(d, cfg.as_deref()) {
+            let _ = truesize::checkpoint::safetensors::sections(&r);
         }
     }
-    let _ = truesize::inspect::inspect(&file, None).map(|r| truesize::inspect::sections(&r));
+    let _ = truesize::checkpoint::safetensors::inspect(&file, None).map(|r| truesize::checkpoint::safetensors::sections(&r));
 });

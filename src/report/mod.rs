@@ -16,7 +16,7 @@ use crate::estimate::memory::{TrainingMemory, WeightBytes};
 use crate::estimate::ParamEstimate;
 use crate::measure::census::Census;
 use crate::measure::run::PhaseBytes;
-use crate::verify::Check;
+use crate::check::Check;
 use serde::Serialize;
 
 /// Everything a command found, serialised as the JSON contract (DESIGN.md).
@@ -44,7 +44,7 @@ pub struct Report {
     pub mfu: Option<crate::estimate::flops::Mfu>,
     /// A real `.safetensors` file written and measured (verify).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub checkpoint: Option<crate::measure::checkpoint::CheckpointReport>,
+    pub checkpoint: Option<crate::checkpoint::write::CheckpointReport>,
     /// Sizes from real quantized tensors, by format (verify).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub quantized: Option<crate::measure::quantize::QuantizedReport>,

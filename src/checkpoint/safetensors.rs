@@ -10,14 +10,14 @@
 //! genuine model's parameter list from `model::build::shapes_only`.
 
 use crate::cli::{Format, InspectArgs};
-use crate::commands::verdict;
+use crate::cmd::verdict;
 use crate::config::{self, Arch, ConfigSource, ModelConfig};
 use crate::error::{Error, Result};
 use crate::estimate::params::{self, Component};
 use crate::measure::census::{Census, TensorRow};
 use crate::report::sections::Section;
 use crate::units::{group, Bytes};
-use crate::verify::{all_pass, Check};
+use crate::check::{all_pass, Check};
 use serde::de::{Deserializer, MapAccess, Visitor};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};

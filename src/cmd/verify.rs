@@ -1,7 +1,7 @@
 //! `truesize verify`: estimate, build the genuine model, measure it, compare.
 
 use crate::cli::VerifyArgs;
-use crate::commands::{base_report, load_config, resolve_step, verdict, DEFAULT_TOLERANCE};
+use crate::cmd::{base_report, load_config, resolve_step, verdict, DEFAULT_TOLERANCE};
 use crate::config::{self, ConfigSource, ModelConfig};
 use crate::error::{Error, Result};
 use crate::estimate::activations::{self, Step};
@@ -13,7 +13,7 @@ use crate::measure::{alloc, sysmem};
 use crate::model::build;
 use crate::report::{exporter, MemoryReport, Report, Timing};
 use crate::units::Bytes;
-use crate::verify::{all_pass, Check};
+use crate::check::{all_pass, Check};
 use candle_core::Device;
 use std::time::Instant;
 
@@ -136,7 +136,7 @@ pub fn verify(a: VerifyArgs) -> Result<u8> {
             .push(format!("--shapes-only: counted {} tensors from names and shapes in {:.1} ms; nothing allocated", shape_census.tensors, shapes_s * 1e3));
         if let Some(dir) = &a.model {
             // No weights are loaded, but the checkpoint is still checked, from its headers.
-            let ins = crate::inspect::inspect(dir, None)?;
+            let ins = crate::checkpoint::safetensors::inspect(dir, None)?;
             checks.extend(ins.checks.into_iter().map(|mut c| {
                 c.name = format!("checkpoint headers: {}", c.name);
                 c
@@ -500,7 +500,8 @@ fn measure_artifacts(
     report: &mut Report,
     checks: &mut Vec<Check>,
 ) -> Result<()> {
-    use crate::measure::{checkpoint, quantize};
+    use crate::checkpoint::write as checkpoint;
+    use crate::measure::quantize;
     let specs = build::shapes_only(cfg, step.dtype.candle())?;
     let metas: Vec<checkpoint::TensorMeta> = specs
         .iter()

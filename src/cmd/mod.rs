@@ -14,16 +14,20 @@ pub const DEFAULT_SEQ: usize = 64;
 /// The seed's bound for the 12·d² rule.
 pub const DEFAULT_TOLERANCE: f64 = 0.01;
 
+pub mod scaling;
+pub mod sweep;
+pub mod verify;
+
 pub fn run(cli: Cli) -> Result<u8> {
     match cli.command {
         Command::Estimate(a) => estimate(a),
-        Command::Verify(a) => crate::verify_cmd::verify(a),
+        Command::Verify(a) => crate::cmd::verify::verify(a),
         Command::Presets(a) => list_presets(a),
-        Command::Sweep(a) => crate::sweep::sweep(a),
-        Command::BenchMatmul => crate::sweep::bench_matmul(),
-        Command::Inspect(a) => crate::inspect::run(a),
-        Command::Scaling(a) => crate::plan_cmd::scaling(a),
-        Command::Gpus(a) => crate::plan_cmd::gpus(a),
+        Command::Sweep(a) => crate::cmd::sweep::sweep(a),
+        Command::BenchMatmul => crate::cmd::sweep::bench_matmul(),
+        Command::Inspect(a) => crate::checkpoint::safetensors::run(a),
+        Command::Scaling(a) => crate::cmd::scaling::scaling(a),
+        Command::Gpus(a) => crate::cmd::scaling::gpus(a),
     }
 }
 

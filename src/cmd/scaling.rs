@@ -1,7 +1,7 @@
 //! `truesize scaling` and `truesize gpus`: planning from the estimate (no tensors).
 
 use crate::cli::{Format, GpusArgs, ScalingArgs};
-use crate::commands::{base_report, load_config, resolve_step};
+use crate::cmd::{base_report, load_config, resolve_step};
 use crate::dtype::TrainDtype;
 use crate::error::{Error, Result, EXIT_OK};
 use crate::estimate::gpus::{self, FitInputs, GpuReport, DEFAULT_ASSUMED_MFU};

@@ -3,7 +3,7 @@
 //! Also the hidden `truesize bench-matmul` (the roofline for scripts/bench.sh).
 
 use crate::cli::{Format, SweepArgs};
-use crate::commands::load_config;
+use crate::cmd::load_config;
 use crate::config::{self, ModelConfig};
 use crate::dtype::TrainDtype;
 use crate::error::{Error, Result, EXIT_OK};

@@ -1,0 +1,4 @@
+//! Checkpoints on disk: safetensors headers, and writing one.
+
+pub mod safetensors;
+pub mod write;
