@@ -11,6 +11,7 @@ pub mod config;
 pub mod dtype;
 pub mod error;
 pub mod estimate;
+pub mod family;
 pub mod measure;
 pub mod model;
 pub mod report;

@@ -124,6 +124,19 @@ fn bad_checkpoint(model: &[u8], stderr_has: &[&str]) -> String {
     )
 }
 
+/// `verify --model` on a checkpoint that reads fine but does not match its config: the same
+/// failed check as `inspect` (exit 1), the tensor named on stderr, nothing built.
+fn mismatched_checkpoint(model: &[u8], stderr_has: &[&str]) -> String {
+    let (_d, folder) = model_folder(model, true);
+    let mut want = vec!["hostile-model"];
+    want.extend_from_slice(stderr_has);
+    fails(
+        &["verify", "--model", s(&folder), "--no-artifacts"],
+        1,
+        &want,
+    )
+}
+
 // ---- checkpoints ---------------------------------------------------------------------------
 
 #[test]
@@ -178,7 +191,7 @@ fn checkpoint_missing_tensor_is_named() {
         .into_iter()
         .filter(|(n, _, _)| n != "transformer.ln_f.bias")
         .collect();
-    bad_checkpoint(&packed(&tensors), &["transformer.ln_f.bias"]);
+    mismatched_checkpoint(&packed(&tensors), &["transformer.ln_f.bias"]);
 }
 
 #[test]
@@ -193,7 +206,7 @@ fn checkpoint_wrong_shape_is_named() {
             }
         })
         .collect();
-    bad_checkpoint(
+    mismatched_checkpoint(
         &packed(&tensors),
         &["transformer.ln_f.bias", "[48]", "[12, 4]"],
     );
@@ -614,7 +627,9 @@ fn fuzz_regressions_and_seeds_replay_without_panic() {
                 let covered: u64 = h.entries.iter().map(|t| t.bytes).sum();
                 assert_eq!(covered, h.data_bytes, "{}", p.display());
             }
-            let _ = truesize::checkpoint::safetensors::inspect(&p, None);
+            if let Ok(c) = truesize::checkpoint::Checkpoint::open(&p) {
+                let _ = truesize::checkpoint::check(&c, None);
+            }
             replayed += 1;
         }
     }

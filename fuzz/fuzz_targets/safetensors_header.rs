@@ -46,10 +46,16 @@ fuzz_target!(|data: &[u8]| {
         "tensors do not tile the data section"
     );
     // The folder (with its config.json) and the bare file, as `truesize inspect` would see them.
-    for cfg in [None, Some(d.join("config.json"))] {
-        if let Ok(r) = truesize::checkpoint::safetensors::inspect(d, cfg.as_deref()) {
-            let _ = truesize::checkpoint::safetensors::sections(&r);
+    let inspect = |path: &std::path::Path, cfg: Option<&std::path::Path>| {
+        use truesize::cmd::inspect::{report, Plan};
+        if let Ok(plan) = Plan::new(path.to_path_buf(), cfg, truesize::cli::Format::Table) {
+            if let Ok(r) = report(&plan) {
+                let _ = truesize::report::inspect::sections(&r);
+            }
         }
+    };
+    for cfg in [None, Some(d.join("config.json"))] {
+        inspect(d, cfg.as_deref());
     }
-    let _ = truesize::checkpoint::safetensors::inspect(&file, None).map(|r| truesize::checkpoint::safetensors::sections(&r));
+    inspect(&file, None);
 });

@@ -48,13 +48,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashMap};
 use std::rc::Rc;
 
-/// Shape of one step.
-#[derive(Debug, Clone, Copy)]
-pub struct Step {
-    pub batch: usize,
-    pub seq: usize,
-    pub dtype: TrainDtype,
-}
+pub use crate::config::Step;
 
 /// Bytes of one `Arc<Tensor_>` allocation (id, layout, op, dtype, device), excluding the shape
 /// and stride vectors. Measured with a counting allocator on candle 0.11.1: a rank-2 view
@@ -963,15 +957,38 @@ fn var(dims: &[usize], dt: Dt) -> T {
     }))
 }
 
+/// The parameters, one `Var` per tensor of the family's list (`crate::family::tensors`), looked
+/// up by HF name as the network's `VarBuilder` would.
 struct Weights {
+    by_name: HashMap<String, T>,
     all: Vec<T>,
 }
 
 impl Weights {
-    fn get(&mut self, dims: &[usize], dt: Dt) -> T {
-        let v = var(dims, dt);
-        self.all.push(v.clone());
-        v
+    fn of(cfg: &ModelConfig, dt: Dt) -> Weights {
+        let mut w = Weights {
+            by_name: HashMap::new(),
+            all: Vec::new(),
+        };
+        for t in crate::family::tensors(cfg) {
+            let v = var(&t.shape, dt);
+            w.all.push(v.clone());
+            w.by_name.insert(t.name, v);
+        }
+        w
+    }
+
+    /// A tensor the list may not hold (a bias, an untied head).
+    fn opt(&self, name: &str) -> Option<T> {
+        self.by_name.get(name).cloned()
+    }
+
+    /// A tensor the list holds for every config of this family.
+    fn get(&self, name: &str) -> T {
+        // Cannot fail: the names below are the family's own (tests/activations.rs replays every
+        // family against the allocator); no user input chooses them.
+        self.opt(name)
+            .unwrap_or_else(|| panic!("{name} is not in the family's tensor list"))
     }
 }
 
@@ -1055,53 +1072,29 @@ fn attention(q: &T, k: &T, v: &T, mask: &T) -> T {
     att.matmul(v)
 }
 
-fn gpt2_forward(cfg: &ModelConfig, dt: Dt, b: usize, t: usize, ids: &T, w: &mut Weights) -> T {
+fn gpt2_forward(cfg: &ModelConfig, b: usize, t: usize, ids: &T, w: &Weights) -> T {
     let d = cfg.n_embd;
-    let (h, ff, bias) = (cfg.n_head, cfg.intermediate_size, cfg.bias);
+    let h = cfg.n_head;
     let hd = d / h;
-    let wte = w.get(&[cfg.vocab_size, d], dt);
-    let wpe = w.get(&[cfg.block_size, d], dt);
-    struct Blk {
-        ln1: (T, Option<T>),
-        attn: (T, Option<T>, T, Option<T>),
-        ln2: (T, Option<T>),
-        mlp: (T, Option<T>, T, Option<T>),
-    }
-    let ob = |w: &mut Weights, n: usize| if bias { Some(w.get(&[n], dt)) } else { None };
-    let blocks: Vec<Blk> = (0..cfg.n_layer)
-        .map(|_| Blk {
-            ln1: (w.get(&[d], dt), ob(w, d)),
-            attn: (
-                w.get(&[d, 3 * d], dt),
-                ob(w, 3 * d),
-                w.get(&[d, d], dt),
-                ob(w, d),
-            ),
-            ln2: (w.get(&[d], dt), ob(w, d)),
-            mlp: (
-                w.get(&[d, ff], dt),
-                ob(w, ff),
-                w.get(&[ff, d], dt),
-                ob(w, d),
-            ),
-        })
-        .collect();
-    let ln_f = (w.get(&[d], dt), ob(w, d));
-    let lm_head = if cfg.tie_embeddings {
-        None
-    } else {
-        Some(w.get(&[cfg.vocab_size, d], dt))
-    };
+    let wte = w.get("transformer.wte.weight");
+    let wpe = w.get("transformer.wpe.weight");
     tag("embeddings");
     let tok = wte.index_select(&ids.flatten_all(), 0).reshape(&[b, t, d]);
     let pos = wpe.narrow(0, 0, t);
     let mut x = tok.bcast(&pos, 0);
-    let mask = host_f32(&[t, t], dt);
-    for blk in &blocks {
+    let mask = host_f32(&[t, t], wte.dt());
+    for l in 0..cfg.n_layer {
+        let p = |n: &str| format!("transformer.h.{l}.{n}");
+        let get = |n: &str| w.get(&p(n));
+        let opt = |n: &str| w.opt(&p(n));
         tag("norms");
-        let y = layer_norm(&x, &blk.ln1.0, blk.ln1.1.as_ref());
+        let y = layer_norm(&x, &get("ln_1.weight"), opt("ln_1.bias").as_ref());
         tag("attention projections");
-        let qkv = conv1d(&y, &blk.attn.0, blk.attn.1.as_ref());
+        let qkv = conv1d(
+            &y,
+            &get("attn.c_attn.weight"),
+            opt("attn.c_attn.bias").as_ref(),
+        );
         let heads = |i: usize| {
             qkv.narrow(2, i * d, d)
                 .reshape(&[b, t, h, hd])
@@ -1112,39 +1105,42 @@ fn gpt2_forward(cfg: &ModelConfig, dt: Dt, b: usize, t: usize, ids: &T, w: &mut 
         let y = attention(&q, &k, &v, &mask);
         tag("attention projections");
         let y = y.transpose(1, 2).reshape(&[b, t, d]);
-        let y = conv1d(&y, &blk.attn.2, blk.attn.3.as_ref());
+        let y = conv1d(
+            &y,
+            &get("attn.c_proj.weight"),
+            opt("attn.c_proj.bias").as_ref(),
+        );
         tag("residual stream");
         x = x.add(&y);
         tag("norms");
-        let y = layer_norm(&x, &blk.ln2.0, blk.ln2.1.as_ref());
+        let y = layer_norm(&x, &get("ln_2.weight"), opt("ln_2.bias").as_ref());
         tag("mlp");
-        let y = conv1d(&y, &blk.mlp.0, blk.mlp.1.as_ref()).unary(Un::Gelu);
-        let y = conv1d(&y, &blk.mlp.2, blk.mlp.3.as_ref());
+        let y = conv1d(&y, &get("mlp.c_fc.weight"), opt("mlp.c_fc.bias").as_ref()).unary(Un::Gelu);
+        let y = conv1d(
+            &y,
+            &get("mlp.c_proj.weight"),
+            opt("mlp.c_proj.bias").as_ref(),
+        );
         tag("residual stream");
         x = x.add(&y);
     }
     tag("norms");
-    let x = layer_norm(&x, &ln_f.0, ln_f.1.as_ref());
+    let x = layer_norm(
+        &x,
+        &w.get("transformer.ln_f.weight"),
+        w.opt("transformer.ln_f.bias").as_ref(),
+    );
     tag("logits");
-    let head = lm_head.as_ref().unwrap_or(&wte);
+    let head = w.opt("lm_head.weight").unwrap_or(wte);
     x.reshape(&[b * t, d])
         .matmul(&head.t())
         .reshape(&[b, t, cfg.vocab_size])
 }
 
-struct LlamaLayer {
-    ln1: T,
-    q: (T, Option<T>),
-    k: (T, Option<T>),
-    v: (T, Option<T>),
-    o: (T, Option<T>),
-    ln2: T,
-    /// dense: one (gate, up, down); MoE: router + one per expert
-    router: Option<T>,
-    experts: Vec<[(T, Option<T>); 3]>,
-}
+/// (weight, bias) of one linear layer.
+type Lin = (T, Option<T>);
 
-fn swiglu(x: &T, e: &[(T, Option<T>); 3]) -> T {
+fn swiglu(x: &T, e: &[Lin; 3]) -> T {
     let g = linear(x, &e[0].0, e[0].1.as_ref()).unary(Un::Silu);
     let h = g.mul(&linear(x, &e[1].0, e[1].1.as_ref()));
     linear(&h, &e[2].0, e[2].1.as_ref())
@@ -1170,7 +1166,7 @@ fn repeat_kv(x: T, rep: usize) -> T {
         .reshape(&[b, kv * rep, t, hd])
 }
 
-fn moe(x: &T, router: &T, experts: &[[(T, Option<T>); 3]], top_k: usize) -> T {
+fn moe(x: &T, router: &T, experts: &[[Lin; 3]], top_k: usize) -> T {
     let d3 = x.dims().to_vec();
     let (b, t, d) = (d3[0], d3[1], d3[2]);
     let n_exp = experts.len();
@@ -1207,67 +1203,11 @@ fn moe(x: &T, router: &T, experts: &[[(T, Option<T>); 3]], top_k: usize) -> T {
     out.reshape(&[b, t, d])
 }
 
-fn llama_forward(cfg: &ModelConfig, dt: Dt, b: usize, t: usize, ids: &T, w: &mut Weights) -> T {
+fn llama_forward(cfg: &ModelConfig, b: usize, t: usize, ids: &T, w: &Weights) -> T {
     let d = cfg.n_embd;
-    let (h, kvh, hd, ff) = (
-        cfg.n_head,
-        cfg.n_kv_head,
-        cfg.head_dim,
-        cfg.intermediate_size,
-    );
-    let qb = cfg.has_qkv_bias();
-    let embed = w.get(&[cfg.vocab_size, d], dt);
-    let lin = |w: &mut Weights, i: usize, o: usize, bias: bool| {
-        (
-            w.get(&[o, i], dt),
-            if bias { Some(w.get(&[o], dt)) } else { None },
-        )
-    };
-    let layers: Vec<LlamaLayer> = (0..cfg.n_layer)
-        .map(|_| {
-            let ln1 = w.get(&[d], dt);
-            let q = lin(w, d, h * hd, qb);
-            let k = lin(w, d, kvh * hd, qb);
-            let v = lin(w, d, kvh * hd, qb);
-            let o = lin(w, h * hd, d, cfg.bias);
-            let ln2 = w.get(&[d], dt);
-            let (router, experts) = if cfg.is_moe() {
-                let r = w.get(&[cfg.n_experts, d], dt);
-                let ex = (0..cfg.n_experts)
-                    .map(|_| {
-                        [
-                            lin(w, d, ff, false),
-                            lin(w, d, ff, false),
-                            lin(w, ff, d, false),
-                        ]
-                    })
-                    .collect();
-                (Some(r), ex)
-            } else {
-                let mb = cfg.mlp_bias;
-                (
-                    None,
-                    vec![[lin(w, d, ff, mb), lin(w, d, ff, mb), lin(w, ff, d, mb)]],
-                )
-            };
-            LlamaLayer {
-                ln1,
-                q,
-                k,
-                v,
-                o,
-                ln2,
-                router,
-                experts,
-            }
-        })
-        .collect();
-    let norm = w.get(&[d], dt);
-    let lm_head = if cfg.tie_embeddings {
-        None
-    } else {
-        Some(w.get(&[cfg.vocab_size, d], dt))
-    };
+    let (h, kvh, hd) = (cfg.n_head, cfg.n_kv_head, cfg.head_dim);
+    let embed = w.get("model.embed_tokens.weight");
+    let dt = embed.dt();
     tag("embeddings");
     let mut x = embed
         .index_select(&ids.flatten_all(), 0)
@@ -1276,42 +1216,69 @@ fn llama_forward(cfg: &ModelConfig, dt: Dt, b: usize, t: usize, ids: &T, w: &mut
     let cos = host_f32(&[t, hd], dt);
     let sin = host_f32(&[t, hd], dt);
     let mask = host_f32(&[t, t], dt);
-    for l in &layers {
+    for l in 0..cfg.n_layer {
+        let p = |n: &str| format!("model.layers.{l}.{n}");
+        let lin = |n: &str| -> Lin {
+            (
+                w.get(&p(&format!("{n}.weight"))),
+                w.opt(&p(&format!("{n}.bias"))),
+            )
+        };
         tag("norms");
-        let y = rms_norm(&x, &l.ln1);
+        let y = rms_norm(&x, &w.get(&p("input_layernorm.weight")));
         tag("attention projections");
-        let heads = |p: &(T, Option<T>), n: usize| {
-            linear(&y, &p.0, p.1.as_ref())
+        let heads = |proj: &Lin, n: usize| {
+            linear(&y, &proj.0, proj.1.as_ref())
                 .reshape(&[b, t, n, hd])
                 .transpose(1, 2)
                 .contiguous()
         };
-        let q = rope_apply(&heads(&l.q, h), &cos, &sin);
-        let k = rope_apply(&heads(&l.k, kvh), &cos, &sin);
-        let v = heads(&l.v, kvh);
+        let q = rope_apply(&heads(&lin("self_attn.q_proj"), h), &cos, &sin);
+        let k = rope_apply(&heads(&lin("self_attn.k_proj"), kvh), &cos, &sin);
+        let v = heads(&lin("self_attn.v_proj"), kvh);
         let rep = h / kvh.max(1);
         let k = repeat_kv(k, rep);
         let v = repeat_kv(v, rep);
         let a = attention(&q, &k, &v, &mask);
         tag("attention projections");
         let a = a.transpose(1, 2).reshape(&[b, t, h * hd]);
-        let a = linear(&a, &l.o.0, l.o.1.as_ref());
+        let o = lin("self_attn.o_proj");
+        let a = linear(&a, &o.0, o.1.as_ref());
         tag("residual stream");
         x = x.add(&a);
         tag("norms");
-        let y = rms_norm(&x, &l.ln2);
+        let y = rms_norm(&x, &w.get(&p("post_attention_layernorm.weight")));
         tag("mlp");
-        let y = match &l.router {
-            Some(r) => moe(&y, r, &l.experts, cfg.n_experts_per_tok),
-            None => swiglu(&y, &l.experts[0]),
+        let y = if cfg.is_moe() {
+            let experts: Vec<[Lin; 3]> = (0..cfg.n_experts)
+                .map(|e| {
+                    let x = format!("block_sparse_moe.experts.{e}");
+                    [
+                        lin(&format!("{x}.w1")),
+                        lin(&format!("{x}.w3")),
+                        lin(&format!("{x}.w2")),
+                    ]
+                })
+                .collect();
+            let router = w.get(&p("block_sparse_moe.gate.weight"));
+            moe(&y, &router, &experts, cfg.n_experts_per_tok)
+        } else {
+            swiglu(
+                &y,
+                &[
+                    lin("mlp.gate_proj"),
+                    lin("mlp.up_proj"),
+                    lin("mlp.down_proj"),
+                ],
+            )
         };
         tag("residual stream");
         x = x.add(&y);
     }
     tag("norms");
-    let x = rms_norm(&x, &norm);
+    let x = rms_norm(&x, &w.get("model.norm.weight"));
     tag("logits");
-    let head = lm_head.as_ref().unwrap_or(&embed);
+    let head = w.opt("lm_head.weight").unwrap_or(embed);
     x.reshape(&[b * t, d])
         .matmul(&head.t())
         .reshape(&[b, t, cfg.vocab_size])
@@ -1681,7 +1648,7 @@ fn replay(cfg: &ModelConfig, params: u64, step: Step, machine: Machine) -> Activ
     CTX.with(|x| *x.borrow_mut() = Some(c.clone()));
     let dt = dt_of(step.dtype);
     let (b, t) = (step.batch, step.seq.max(2));
-    let mut w = Weights { all: Vec::new() };
+    let w = Weights::of(cfg, dt);
     // The input ids exist before the baseline: an uncounted plain tensor.
     let ids = {
         let id = c.next_id.get();
@@ -1704,21 +1671,19 @@ fn replay(cfg: &ModelConfig, params: u64, step: Step, machine: Machine) -> Activ
             _hdr: None,
         }))
     };
-    // Build the parameter list first (uncounted), then charge the VarMap's real bytes.
-    let forward = |w: &mut Weights| match cfg.arch {
-        Arch::Gpt2 => gpt2_forward(cfg, dt, b, t, &ids, w),
-        Arch::Llama => llama_forward(cfg, dt, b, t, &ids, w),
-    };
-    // Weight bytes: the exact parameter count at the dtype, plus per-tensor bookkeeping; the
-    // tensor count comes from the same construction the forward uses.
-    let n_tensors = count_tensors(cfg);
+    // Weight bytes: the exact parameter count at the dtype, plus per-tensor bookkeeping for
+    // every tensor of the family's list.
+    let n_tensors = w.all.len() as u64;
     let e = step.dtype.bytes();
     mem.tag.set("weights");
     let weights_block = mem.alloc(params * e + n_tensors * VARMAP_BYTES_PER_TENSOR);
     let weights_bytes = weights_block.bytes;
     mem.reset_peak();
 
-    let logits = forward(&mut w);
+    let logits = match cfg.arch {
+        Arch::Gpt2 => gpt2_forward(cfg, b, t, &ids, &w),
+        Arch::Llama => llama_forward(cfg, b, t, &ids, &w),
+    };
     let loss = next_token_loss(&logits, &ids);
     {
         // loss.to_dtype(F64).to_scalar()
@@ -1818,27 +1783,5 @@ fn replay(cfg: &ModelConfig, params: u64, step: Step, machine: Machine) -> Activ
         adamw_peak_bytes: adamw_peak,
         adamw_state_bytes,
         terms,
-    }
-}
-
-/// Parameter tensors the genuine model registers (for the VarMap's per-tensor bookkeeping).
-fn count_tensors(cfg: &ModelConfig) -> u64 {
-    let l = cfg.n_layer as u64;
-    let head = u64::from(!cfg.tie_embeddings);
-    match cfg.arch {
-        Arch::Gpt2 => {
-            let per = if cfg.bias { 12 } else { 6 };
-            2 + per * l + if cfg.bias { 2 } else { 1 } + head
-        }
-        Arch::Llama => {
-            let qkv_b = if cfg.has_qkv_bias() { 3 } else { 0 };
-            let o_b = u64::from(cfg.bias);
-            let mlp = if cfg.is_moe() {
-                1 + 3 * cfg.n_experts as u64
-            } else {
-                3 + if cfg.mlp_bias { 3 } else { 0 }
-            };
-            1 + l * (2 + 4 + qkv_b + o_b + mlp) + 1 + head
-        }
     }
 }

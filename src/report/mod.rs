@@ -2,6 +2,7 @@
 //! numbers into text; they never compute.
 
 pub mod csv;
+pub mod inspect;
 pub mod json;
 pub mod markdown;
 pub mod memory_rules;
@@ -10,13 +11,13 @@ pub mod svg;
 pub mod sweep;
 pub mod table;
 
+use crate::check::Check;
 use crate::cli::Format;
 use crate::config::ModelConfig;
 use crate::estimate::memory::{TrainingMemory, WeightBytes};
 use crate::estimate::ParamEstimate;
 use crate::measure::census::Census;
 use crate::measure::run::PhaseBytes;
-use crate::check::Check;
 use serde::Serialize;
 
 /// Everything a command found, serialised as the JSON contract (DESIGN.md).

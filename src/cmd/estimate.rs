@@ -1,0 +1,33 @@
+//! `truesize estimate`: counts, bytes, training memory and FLOPs from a config alone.
+
+use super::common::{base_report, load_config, resolve_step};
+use crate::cli::{EstimateArgs, Format};
+use crate::config::{ModelConfig, Step};
+use crate::error::{Result, EXIT_OK};
+use crate::report::exporter;
+
+/// Every input, validated.
+pub struct Plan {
+    pub cfg: ModelConfig,
+    pub step: Step,
+    pub format: Format,
+}
+
+impl Plan {
+    pub fn from_args(a: EstimateArgs) -> Result<Plan> {
+        let cfg = load_config(&a.config)?;
+        let step = resolve_step(&cfg, &a.step)?;
+        Ok(Plan {
+            cfg,
+            step,
+            format: a.format,
+        })
+    }
+}
+
+pub fn run(a: EstimateArgs) -> Result<u8> {
+    let plan = Plan::from_args(a)?;
+    let report = base_report("estimate", &plan.cfg, plan.step)?;
+    print!("{}", exporter(plan.format).render(&report));
+    Ok(EXIT_OK)
+}
