@@ -5,7 +5,7 @@ pub mod csv;
 pub mod inspect;
 pub mod json;
 pub mod markdown;
-pub mod memory_rules;
+
 pub mod sections;
 pub mod svg;
 pub mod sweep;

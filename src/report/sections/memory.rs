@@ -1,6 +1,6 @@
 //! Sections for the rules of thumb beside the measured peak, and for the per-layer extrapolation.
 
-use super::sections::Section;
+use super::Section;
 use crate::estimate::rules::RuleOfThumb;
 use crate::measure::extrapolate::Extrapolation;
 use crate::units::{group, percent, Bytes};

@@ -1,6 +1,7 @@
 //! The report as titled text tables, shared by the table and markdown exporters.
 
 use super::Report;
+mod memory;
 use crate::estimate::params::Component;
 use crate::units::{group, percent, Bytes};
 
@@ -281,9 +282,9 @@ pub fn sections(r: &Report) -> Vec<Section> {
             notes,
         });
     }
-    out.extend(super::memory_rules::rules_section(&r.rules));
+    out.extend(memory::rules_section(&r.rules));
     if let Some(e) = &r.extrapolation {
-        out.push(super::memory_rules::extrapolation_section(e));
+        out.push(memory::extrapolation_section(e));
     }
 
     if let Some(t) = &r.timing {
