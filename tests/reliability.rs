@@ -712,3 +712,21 @@ fn estimate_of_a_checkpoint_given_as_config_is_bad_input() {
     let p = fixtures().join("tiny-gpt2/model.safetensors");
     fails(&["estimate", "--config", s(&p)], 2, &["model.safetensors"]);
 }
+
+/// A stdout that cannot be written (a full device) is an error message and a non-zero exit,
+/// not a panic.
+#[test]
+fn unwritable_stdout_is_an_error_not_a_panic() {
+    let Ok(full) = std::fs::OpenOptions::new().write(true).open("/dev/full") else {
+        return; // no /dev/full on this system
+    };
+    let out = std::process::Command::new(assert_cmd::cargo::cargo_bin("truesize"))
+        .args(["estimate", "--preset", "gpt2"])
+        .stdout(full)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("cannot write the output"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}

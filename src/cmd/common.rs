@@ -1,14 +1,13 @@
 //! Helpers the command files share. Imports nothing from the command files, so no command
 //! depends on another.
 
-use crate::cli::{ConfigArgs, Format, StepArgs};
+use crate::cli::{ConfigArgs, StepArgs};
 use crate::config::{self, presets, ConfigSource, ModelConfig, Step};
 use crate::error::{Error, Result, EXIT_CHECK_FAILED, EXIT_OK};
-use crate::estimate::{activations, memory, params};
-use crate::report::sections::Section;
+use crate::estimate::{memory, params};
+use crate::model::autograd_replay as activations;
 use crate::report::{Report, RunInfo};
 use crate::units::Bytes;
-use serde::Serialize;
 
 /// `--config PATH`, `--preset NAME`, or the default preset.
 pub fn load_config(args: &ConfigArgs) -> Result<ModelConfig> {
@@ -67,6 +66,7 @@ pub fn base_report(command: &'static str, cfg: &ModelConfig, step: Step) -> Resu
         pass: None,
         notes: Vec::new(),
         peak_rss_bytes: None,
+        activation: Some(am),
     })
 }
 
@@ -94,17 +94,4 @@ pub fn positive(field: &str, v: f64, max: f64) -> Result<f64> {
             format!("must be > 0 and at most {max:e}"),
         ))
     }
-}
-
-/// Print a command's result: its JSON, or its sections as a table or markdown.
-pub fn print(format: Format, json: &impl Serialize, secs: &[Section]) -> Result<()> {
-    let text = match format {
-        Format::Json => {
-            serde_json::to_string_pretty(json).map_err(|e| Error::Internal(e.into()))? + "\n"
-        }
-        Format::Table => crate::report::table::render_sections(secs),
-        Format::Markdown => crate::report::markdown::render_sections(secs),
-    };
-    print!("{text}");
-    Ok(())
 }

@@ -1,10 +1,10 @@
 //! `truesize estimate`: counts, bytes, training memory and FLOPs from a config alone.
 
 use super::common::{base_report, load_config, resolve_step};
-use crate::cli::{EstimateArgs, Format};
+use crate::cli::EstimateArgs;
 use crate::config::{ModelConfig, Step};
 use crate::error::{Result, EXIT_OK};
-use crate::report::exporter;
+use crate::report::{emit, Format, View};
 
 /// Every input, validated.
 pub struct Plan {
@@ -28,6 +28,6 @@ impl Plan {
 pub fn run(a: EstimateArgs) -> Result<u8> {
     let plan = Plan::from_args(a)?;
     let report = base_report("estimate", &plan.cfg, plan.step)?;
-    print!("{}", exporter(plan.format).render(&report));
+    emit(plan.format, &report, View::Full)?;
     Ok(EXIT_OK)
 }

@@ -1,19 +1,15 @@
 //! `truesize gpus`: which GPUs the training state fits on, and days to train D tokens on N of
 //! them at an assumed MFU (no tensors).
 
-use super::common::{base_report, load_config, positive, print, resolve_step, MAX_BUDGET};
-use crate::cli::{Format, GpusArgs};
+use super::common::{base_report, load_config, positive, resolve_step, MAX_BUDGET};
+use crate::cli::GpusArgs;
 use crate::config::{ModelConfig, Step};
 use crate::dtype::TrainDtype;
 use crate::error::{Error, Result, EXIT_OK};
-use crate::estimate::gpus::{self, FitInputs, GpuReport, DEFAULT_ASSUMED_MFU};
+use crate::estimate::gpus::{self, FitInputs, DEFAULT_ASSUMED_MFU};
 use crate::estimate::scaling::TOKENS_PER_PARAM;
-use crate::report::sections::Section;
-use crate::units::group;
-
-fn s(x: impl ToString) -> String {
-    x.to_string()
-}
+use crate::report::gpus::GpuReport;
+use crate::report::{emit, Format, View};
 
 /// Every input, validated.
 pub struct Plan {
@@ -125,66 +121,8 @@ pub fn run(a: GpusArgs) -> Result<u8> {
         six_n: 6.0 * params as f64,
         training_flops: flops_per_token * tokens,
         rows,
+        dtype_assumed: dtype_default,
     };
-    let dt = r.dtype.name();
-    let secs = vec![Section {
-        title: format!(
-            "GPUs for {} ({} params), training in {dt}, batch {} × seq {}",
-            r.model,
-            group(r.params),
-            r.batch,
-            r.seq
-        ),
-        header: [
-            "GPU",
-            "memory",
-            "training state share",
-            "weights share",
-            "fits one",
-            "GPUs if sharded",
-            &format!("dense {dt} peak"),
-            "days",
-        ]
-        .map(s)
-        .to_vec(),
-        rows: r
-            .rows
-            .iter()
-            .map(|f| {
-                vec![
-                    s(f.gpu.name),
-                    crate::units::Bytes(f.gpu.memory_bytes).human(),
-                    format!("{:.1}%", f.training_share * 100.0),
-                    format!("{:.1}%", f.weights_share * 100.0),
-                    s(if f.fits { "yes" } else { "no" }),
-                    group(f.min_gpus_sharded),
-                    f.peak_flops_per_s
-                        .map_or_else(|| format!("no {dt}"), |p| format!("{:.1} TFLOP/s", p / 1e12)),
-                    f.days.map_or_else(|| s("n/a"), |d| format!("{d:.2}")),
-                ]
-            })
-            .collect(),
-        notes: vec![
-            format!(
-                "training state: {} (weights + grads + AdamW m, v{} + activations at batch × seq)",
-                r.training_bytes,
-                if r.dtype == TrainDtype::F32 { "" } else { " + f32 master weights" }
-            ),
-            format!(
-                "days = {:.4e} FLOPs/token × {:.4e} tokens / ({} GPUs × peak × MFU {}) ; tokens: {}",
-                r.flops_per_token, r.tokens, r.gpus, r.mfu, r.tokens_source
-            ),
-            format!(
-                "FLOPs/token: counted fwd+bwd (nanoGPT convention, attention at seq {}) = {:.4e}; 6·N = {:.4e}",
-                r.seq, r.flops_per_token, r.six_n
-            ),
-            format!("MFU: {}", r.mfu_source),
-            format!(
-                "peaks: dense datasheet figures (no sparsity), tensor cores for bf16/fp16, CUDA cores for fp32{}",
-                if dtype_default { "; dtype: bf16 by default (set --dtype)" } else { "" }
-            ),
-        ],
-    }];
-    print(format, &r, &secs)?;
+    emit(format, &r, View::Full)?;
     Ok(EXIT_OK)
 }

@@ -4,11 +4,12 @@
 use super::common::verdict;
 use crate::check::all_pass;
 use crate::checkpoint::{self, Checkpoint};
-use crate::cli::{Format, InspectArgs};
+use crate::cli::InspectArgs;
 use crate::config::{self, ConfigSource, ModelConfig};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::measure::census::{Census, TensorRow};
-use crate::report::inspect::{sections, InspectReport};
+use crate::report::inspect::InspectReport;
+use crate::report::{emit, Format, View};
 use std::path::{Path, PathBuf};
 
 /// Every input, validated.
@@ -43,14 +44,7 @@ impl Plan {
 pub fn run(a: InspectArgs) -> Result<u8> {
     let plan = Plan::from_args(a)?;
     let r = report(&plan)?;
-    let text = match plan.format {
-        Format::Json => {
-            serde_json::to_string_pretty(&r).map_err(|e| Error::Internal(e.into()))? + "\n"
-        }
-        Format::Table => crate::report::table::render_sections(&sections(&r)),
-        Format::Markdown => crate::report::markdown::render_sections(&sections(&r)),
-    };
-    print!("{text}");
+    emit(plan.format, &r, View::Full)?;
     Ok(verdict(r.pass))
 }
 

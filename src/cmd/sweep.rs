@@ -2,17 +2,18 @@
 //! prediction and the rules of thumb; writes sweep.csv, sweep.json and sweep.svg.
 
 use super::common::load_config;
-use crate::cli::{Format, SweepArgs};
+use crate::cli::SweepArgs;
 use crate::config::{self, ModelConfig, Step};
 use crate::dtype::TrainDtype;
 use crate::error::{Error, Result, EXIT_OK};
-use crate::estimate::activations;
 use crate::estimate::{params, rules};
 use crate::measure::extrapolate::{probe_for, random_tokens};
 use crate::measure::{run, sysmem};
+use crate::model::autograd_replay as activations;
 use crate::model::build;
 use crate::report::sweep::{SweepPoint, SweepReport};
 use crate::report::{csv, svg};
+use crate::report::{emit, render, Format, View};
 use crate::units::Bytes;
 use candle_core::Device;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -139,12 +140,13 @@ pub fn run(a: SweepArgs) -> Result<u8> {
         .flat_map(|&batch| seqs.iter().map(move |&seq| Step { batch, seq, dtype }))
         .collect();
 
-    // Preflight on the largest predicted point: refuse before allocating anything.
-    let worst = grid
+    // The replay's prediction, once per point; the preflight refuses on the largest before
+    // allocating anything.
+    let predicted: Vec<u64> = grid
         .iter()
         .map(|&s| activations::predicted_peak(&cfg, p.total, s))
-        .max()
-        .unwrap_or(0);
+        .collect();
+    let worst = predicted.iter().copied().max().unwrap_or(0);
     if let Some(limit) = max_memory.or_else(sysmem::available_bytes) {
         if worst > limit {
             return Err(Error::Refused(format!(
@@ -171,7 +173,7 @@ pub fn run(a: SweepArgs) -> Result<u8> {
             .progress_chars("=> "),
     );
     let mut points = Vec::with_capacity(grid.len());
-    for step in &grid {
+    for (step, &predicted) in grid.iter().zip(&predicted) {
         bar.set_message(format!("batch {} × seq {}", step.batch, step.seq));
         let ids = random_tokens(cfg.vocab_size, step.batch, step.seq, seed, &device)?;
         let r = run::train_step(
@@ -184,9 +186,8 @@ pub fn run(a: SweepArgs) -> Result<u8> {
             1,
         )?;
         let measured = r.memory.peak_bytes;
-        let mut rs = rules::predict(&cfg, p.total, *step, false);
+        let mut rs = rules::predict(&cfg, p.total, *step, false, predicted);
         rules::score(&mut rs, measured);
-        let predicted = activations::predicted_peak(&cfg, p.total, *step);
         points.push(SweepPoint {
             batch: step.batch,
             seq: step.seq,
@@ -220,28 +221,12 @@ pub fn run(a: SweepArgs) -> Result<u8> {
         ],
     };
     write_outputs(&out, &report)?;
-    match format {
-        Format::Json => print!("{}", to_json(&report)?),
-        Format::Table => print!(
-            "{}",
-            crate::report::table::render_sections(&crate::report::sweep::sections(&report))
-        ),
-        Format::Markdown => print!(
-            "{}",
-            crate::report::markdown::render_sections(&crate::report::sweep::sections(&report))
-        ),
-    }
+    emit(format, &report, View::Full)?;
     eprintln!(
         "wrote {0}/sweep.csv, {0}/sweep.json, {0}/sweep.svg",
         out.display()
     );
     Ok(EXIT_OK)
-}
-
-fn to_json(r: &SweepReport) -> Result<String> {
-    let mut s = serde_json::to_string_pretty(r).map_err(|e| Error::Internal(e.into()))?;
-    s.push('\n');
-    Ok(s)
 }
 
 fn write_outputs(dir: &Path, r: &SweepReport) -> Result<()> {
@@ -252,7 +237,7 @@ fn write_outputs(dir: &Path, r: &SweepReport) -> Result<()> {
         std::fs::write(&path, text).map_err(|e| Error::file(&path, format!("cannot write: {e}")))
     };
     write("sweep.csv", &csv::render_sweep(r))?;
-    write("sweep.json", &to_json(r)?)?;
+    write("sweep.json", &render(Format::Json, r, View::Full)?)?;
     write("sweep.svg", &svg::render_sweep(r)?)?;
     Ok(())
 }

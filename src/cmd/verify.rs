@@ -4,10 +4,9 @@ use super::common::{base_report, load_config, resolve_step, verdict};
 use crate::check::{all_pass, Check};
 use crate::checkpoint::write::{self, TensorMeta};
 use crate::checkpoint::{self, Checkpoint};
-use crate::cli::{Format, Optimizer, VerifyArgs};
+use crate::cli::{Optimizer, VerifyArgs};
 use crate::config::{self, ConfigSource, ModelConfig, Step};
 use crate::error::{Error, Result};
-use crate::estimate::activations::{self, ActivationModel};
 use crate::estimate::params::{self, Component};
 use crate::family;
 use crate::measure::census::{self, Census};
@@ -15,8 +14,9 @@ use crate::measure::device::DeviceSpec;
 use crate::measure::reference::Reference;
 use crate::measure::run::{self, MemoryProbe, OptimizerStep};
 use crate::measure::{alloc, quantize, sysmem};
+use crate::model::autograd_replay::{self as activations, ActivationModel};
 use crate::model::build;
-use crate::report::{exporter, MemoryReport, Report, Timing};
+use crate::report::{emit, Format, MemoryReport, Report, Timing, View};
 use crate::units::Bytes;
 use candle_core::Device;
 use std::collections::HashMap;
@@ -80,6 +80,8 @@ pub struct Plan {
     pub artifacts: bool,
     pub extrapolate: bool,
     pub optimizer: Option<OptimizerStep>,
+    /// Every table, not only the headline.
+    pub full: bool,
     pub format: Format,
 }
 
@@ -173,6 +175,7 @@ impl Plan {
             optimizer: a.optimizer.map(|o| match o {
                 Optimizer::Adamw => OptimizerStep::AdamW,
             }),
+            full: a.full,
             format: a.format,
         })
     }
@@ -237,7 +240,10 @@ pub fn run(a: VerifyArgs) -> Result<u8> {
     );
     let shapes_s = t_shapes.elapsed().as_secs_f64();
 
-    let act = activations::model(cfg, report.params.total, step);
+    let act = report
+        .activation
+        .clone()
+        .unwrap_or_else(|| activations::model(cfg, report.params.total, step));
     let predicted_peak = act.peak_bytes;
     let weights_need = shape_census.bytes;
     // Open the device before deciding anything: an absent device is an input error (exit 2).
@@ -314,7 +320,12 @@ pub fn run(a: VerifyArgs) -> Result<u8> {
     report.checks = checks;
     report.pass = Some(pass);
     report.peak_rss_bytes = sysmem::peak_rss_bytes();
-    print!("{}", exporter(plan.format).render(&report));
+    let view = if plan.full {
+        View::Full
+    } else {
+        View::Headline
+    };
+    emit(plan.format, &report, view)?;
     if let Some(msg) = refused {
         eprintln!("error: {msg}");
     }
@@ -332,7 +343,8 @@ fn rules_and_extrapolation(
     use crate::estimate::rules;
     let measured = report.memory.as_ref().map(|m| m.phases.peak_bytes);
     // The measured step runs no optimizer, so the rules get no AdamW states added.
-    let mut rs = rules::predict(cfg, report.params.total, step, false);
+    let predicted_peak = report.activation.as_ref().map_or(0, |a| a.peak_bytes);
+    let mut rs = rules::predict(cfg, report.params.total, step, false, predicted_peak);
     if let Some(m) = measured {
         rules::score(&mut rs, m);
     }
@@ -350,8 +362,14 @@ fn rules_and_extrapolation(
             .memory
             .as_ref()
             .map(|m| crate::measure::extrapolate::runtime_residue(&m.phases));
-        let mut e =
-            crate::measure::extrapolate::extrapolate(cfg, step, plan.seed, &device, runtime)?;
+        let mut e = crate::measure::extrapolate::extrapolate(
+            cfg,
+            step,
+            plan.seed,
+            &device,
+            runtime,
+            predicted_peak,
+        )?;
         if let Some(m) = measured {
             e = e.with_measured(m);
             checks.push(

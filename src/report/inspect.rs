@@ -1,6 +1,7 @@
 //! What `truesize inspect` found in a checkpoint, and its tables.
 
-use super::sections::Section;
+use super::render::{Render, View};
+use super::section::{result_label, s, Section};
 use crate::check::Check;
 use crate::checkpoint::safetensors::FileHeader;
 use crate::measure::census::Census;
@@ -55,8 +56,10 @@ pub struct InspectReport {
     pub notes: Vec<String>,
 }
 
-fn s(x: impl ToString) -> String {
-    x.to_string()
+impl Render for InspectReport {
+    fn sections(&self, _view: View) -> Vec<Section> {
+        sections(self)
+    }
 }
 
 /// The report as titled tables (no arithmetic: every number is a field of the report).
@@ -134,11 +137,7 @@ pub fn sections(r: &InspectReport) -> Vec<Section> {
                 .map(|c| {
                     vec![
                         c.name.clone(),
-                        match (c.pass, c.gating) {
-                            (true, _) => s("pass"),
-                            (false, true) => s("FAIL"),
-                            (false, false) => s("info"),
-                        },
+                        s(result_label(c)),
                         c.note.clone().unwrap_or_else(|| {
                             format!(
                                 "{} vs {}",
