@@ -4,7 +4,7 @@
 #      the same probe as `verify --measure-peak`), measured before and after; the higher is used;
 #   2. truesize forward+backward with `verify --repeat N --format json` (median of N);
 #   3. the same with the counting allocator switched off (TRUESIZE_NO_ALLOC_COUNT=1): its overhead;
-#   4. the PyTorch peer ../shared/bench/torch_nanogpt.py on the same model and shape.
+#   4. a PyTorch peer (PEER, below) on the same model and shape.
 # 2–4 run alternately (A B C A B C ...) so load drifts hit all of them; medians are reported.
 # Achieved FLOP/s = model FLOPs of one fwd+bwd (`flops.total` × batch from truesize's estimate,
 # 2·m·n·k per matmul, attention in full) / measured seconds.
@@ -12,7 +12,9 @@
 # Environment:
 #   ROUNDS     alternations (default 3)          REPEAT  --repeat per truesize run (default 5)
 #   TORCH_PY   python with torch (default $HOME/torch-venv/bin/python; skipped if missing)
-#   PEER       the PyTorch script (default ../shared/bench/torch_nanogpt.py)
+#   PEER       a PyTorch timing script for a nanoGPT-style GPT-2, called as
+#              `PEER N_EMBD N_LAYER N_HEAD VOCAB BLOCK BATCH SEQ REPS` and printing JSON with
+#              fwd_bwd_s, fwd_s and params (kept outside the project); skipped if unset
 #   BATCH, SEQ (default 1, 256)                  SKIP_BUILD=1 to use the existing binary
 #   TRUESIZE_BIN  binary to time (default target/release/truesize); REPO  repository root
 #   THREADS    threads for candle (RAYON_NUM_THREADS) and PyTorch (OMP_NUM_THREADS), roofline
@@ -27,7 +29,7 @@ REPEAT=${REPEAT:-5}
 BATCH=${BATCH:-1}
 SEQ=${SEQ:-256}
 TORCH_PY=${TORCH_PY:-$HOME/torch-venv/bin/python}
-PEER=${PEER:-$repo/../shared/bench/torch_nanogpt.py}
+PEER=${PEER:-}
 BIN=${TRUESIZE_BIN:-$repo/target/release/truesize}
 # GPT-2 124M as the peer takes it: n_embd n_layer n_head vocab block
 GPT2_ARGS=(768 12 12 50257 1024)
@@ -48,7 +50,7 @@ say "cpu: $cores cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | se
 peak1=$("$BIN" bench-matmul | jq .flops_per_s)
 
 have_torch=0
-if [[ -x "$TORCH_PY" && -f "$PEER" ]] && "$TORCH_PY" -c 'import torch' 2>/dev/null; then
+if [[ -x "$TORCH_PY" && -n "$PEER" && -f "$PEER" ]] && "$TORCH_PY" -c 'import torch' 2>/dev/null; then
     have_torch=1
     say "peer: $PEER with torch $("$TORCH_PY" -c 'import torch; print(torch.__version__, torch.get_num_threads(), "threads")')"
 else

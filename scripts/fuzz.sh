@@ -8,7 +8,7 @@
 # all at once (one process each). NICE (default 10) lowers their priority on a shared machine.
 # Each run prints its executions, exec/s, corpus size and findings; crash/timeout/oom inputs land
 # in fuzz/artifacts/<target>/ (copy one to fuzz/regressions/<target>/ once fixed:
-# tests/reliability.rs replays that folder). Logs: fuzz/logs/<target>.log.
+# tests/hostile_input.rs replays that folder). Logs: fuzz/logs/<target>.log.
 #
 # Needs `cargo install cargo-fuzz`. cargo-fuzz passes nightly-only flags (-Zsanitizer); on a
 # stable toolchain RUSTC_BOOTSTRAP=1 (set below unless already set) allows them.

@@ -95,7 +95,7 @@ pub struct VerifyArgs {
     pub device: String,
     #[command(flatten)]
     pub step: StepArgs,
-    /// Relative tolerance for the 12·d² rule where it applies (default 0.01: the seed's bound).
+    /// Relative tolerance for the 12·d² rule where it applies (default 0.01).
     #[arg(long, value_name = "X", allow_negative_numbers = true)]
     pub tolerance: Option<f64>,
     /// Time the forward/backward pass N times and report medians.

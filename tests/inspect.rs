@@ -113,7 +113,7 @@ fn checkpoint_written_from_the_genuine_model() {
     vm.save(&file).unwrap();
     let (code, v) = inspect_json(&[s(&file), "--config", s(&cfg_path)]);
     assert_eq!(code, 0, "{v}");
-    // DESIGN.md: the Baby GPT has 3,481,088 parameters
+    // configs/baby-gpt.toml: the Baby GPT has 3,481,088 parameters
     assert_eq!(v["census"]["numel"].as_u64(), Some(3_481_088));
 }
 

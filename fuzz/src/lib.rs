@@ -3,8 +3,8 @@
 //!
 //! A target's only assertions are "no panic, no abort, no hang, no huge allocation" plus the
 //! estimate's own invariants: every hostile input must come back as `Err` (exit code 2).
-//! `estimate::activations` (the step simulator) is not called here: it is slow per input
-//! (seconds for a 70B config) and is being rewritten; see tests/reliability.rs for its
+//! `model::autograd_replay` (the step's replay) is not called here: it is slow per input
+//! (seconds for a 70B config) and is being rewritten; see tests/hostile_input.rs for its
 //! overflow at extreme steps.
 
 use truesize::config::ModelConfig;
@@ -27,7 +27,7 @@ pub fn estimate_everything(cfg: Result<ModelConfig>) {
     assert_eq!(sum, p.total as u128, "components do not sum to the total");
     assert!(p.active_per_token <= p.total, "active > total");
     assert!(p.non_embedding <= p.total, "non-embedding > total");
-    let _ = params::rough_applies(&cfg);
+    let _ = params::why_rough_rule_fails(&cfg);
     for seq in [1, cfg.block_size] {
         for causal in [false, true] {
             let _ = flops::estimate(&cfg, &p, seq, causal);

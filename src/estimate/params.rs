@@ -1,6 +1,6 @@
 //! Exact parameter counts per component, from a config alone: the sum over the family's tensor
 //! list (`crate::family`), so nothing here knows a family. The shape-only census of the genuine
-//! network must agree to the parameter (tests/properties.rs).
+//! network must agree to the parameter (tests/count_and_parser_properties.rs).
 
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
@@ -34,7 +34,7 @@ pub struct ParamEstimate {
     pub non_embedding: u64,
     /// Parameters a token passes through (MoE: only `n_experts_per_tok` experts); = total if dense.
     pub active_per_token: u64,
-    /// The seed's rule `(vocab + block)·d + 12·d²·L`.
+    /// The 12·d² rule `(vocab + block)·d + 12·d²·L`.
     pub rough_12d2: u64,
     /// `(rough − total) / total`.
     pub rough_rel_error: f64,
@@ -119,15 +119,18 @@ fn to_u64(cfg: &ModelConfig, what: &str, v: u128) -> Result<u64> {
     })
 }
 
-/// The seed's rule of thumb: `(vocab + block)·d + 12·d²·L`.
+/// The 12·d² rule of thumb: `(vocab + block)·d + 12·d²·L` (embeddings plus 4·d² of attention
+/// and 8·d² of a 4d GELU MLP per layer).
 pub fn rough_12d2(cfg: &ModelConfig) -> u128 {
     let d = cfg.n_embd as u128;
     (cfg.vocab_size as u128 + cfg.block_size as u128) * d + 12 * d * d * cfg.n_layer as u128
 }
 
-/// Whether the 12·d² rule's assumptions hold: GELU MLP of width 4d, full attention heads of
-/// width d/h, learned positions, dense. Where they don't, the rule is shown but does not gate.
-pub fn rough_applies(cfg: &ModelConfig) -> Vec<String> {
+/// Why the 12·d² rule's assumptions (GELU MLP of width 4d, full attention heads of width d/h,
+/// learned positions, dense, d large enough that biases and norms are negligible) fail for
+/// `cfg`, one reason per line; empty when they hold. Where they fail, the rule is shown but
+/// does not gate.
+pub fn why_rough_rule_fails(cfg: &ModelConfig) -> Vec<String> {
     let mut why_not = family::of(cfg).rule_exceptions(cfg);
     if cfg.n_kv_head != cfg.n_head {
         why_not.push(format!(
@@ -253,7 +256,7 @@ pub fn estimate(cfg: &ModelConfig) -> Result<ParamEstimate> {
         active_per_token: to_u64(cfg, "active_per_token", total - inactive_experts)?,
         rough_12d2: rough_u,
         rough_rel_error: crate::units::rel_error(rough_u as f64, total_u as f64),
-        rough_applies: rough_applies(cfg).is_empty(),
+        rough_applies: why_rough_rule_fails(cfg).is_empty(),
         components,
         rough_gap,
     })

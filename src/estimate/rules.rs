@@ -1,5 +1,5 @@
 //! Rules of thumb for the peak memory of one training step, computed beside our own prediction so
-//! the report can show which one is right for a given model and batch (issue #5, item 3).
+//! the report can show which one is right for a given model and batch .
 //!
 //! Every rule here is a closed form of the config and the step; none looks at tensors. The error
 //! against the measured peak is filled in by [`score`] once a measurement exists.
@@ -9,6 +9,7 @@
 //! turned into a *peak* the same way: weights + gradients (+ AdamW states when the step ran one)
 //! + whatever activations the rule claims.
 
+use super::memory::{ADAMW_STATES, F32_BYTES};
 use crate::config::{ModelConfig, Step};
 use crate::dtype::TrainDtype;
 use serde::Serialize;
@@ -26,15 +27,13 @@ pub const KORTHIKANTI_SCORE_BYTES: u64 = 5;
 pub const KORTHIKANTI_SBH_ELEMENTS_NO_DROPOUT: u64 = 16;
 /// Attention scores kept without dropout: only the softmax output, one element per score.
 pub const KORTHIKANTI_SCORE_ELEMENTS_NO_DROPOUT: u64 = 1;
-/// The seed's rule: "training needs 3–4× the memory of the weights". Both ends are shown.
-pub const SEED_LOW_MULTIPLE: u64 = 3;
-pub const SEED_HIGH_MULTIPLE: u64 = 4;
+/// The folk rule "training needs 3–4× the memory of the weights". Both ends are shown.
+pub const FOLK_LOW_MULTIPLE: u64 = 3;
+pub const FOLK_HIGH_MULTIPLE: u64 = 4;
 /// "Weights + grads + Adam": 16 bytes per parameter. Mixed precision: 2 (f16 weights) + 2 (f16
 /// grads) + 4 (f32 master) + 4 + 4 (Adam m, v) (Rajbhandari et al. 2020, ZeRO, §3.1, K = 12 +
 /// 2 + 2); in f32 it is the same 4·(1 + 1 + 2). No activations.
 pub const WEIGHTS_GRADS_ADAM_BYTES_PER_PARAM: u64 = 16;
-/// AdamW's two f32 moments per parameter (same source).
-const ADAM_STATE_BYTES_PER_PARAM: u64 = 8;
 
 /// One rule's predicted peak and, once measured, its error.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -72,10 +71,10 @@ pub fn predict(
     let master = if step.dtype == TrainDtype::F32 {
         0
     } else {
-        n * 4
+        n * F32_BYTES as u128
     };
     let optim = if optimizer {
-        n * ADAM_STATE_BYTES_PER_PARAM as u128 + master
+        n * (ADAMW_STATES * F32_BYTES) as u128 + master
     } else {
         0
     };
@@ -142,19 +141,19 @@ pub fn predict(
         },
         RuleOfThumb {
             key: "weights_x3",
-            name: "3 × weights (seed, low end)",
+            name: "3 × weights (rule of thumb, low end)",
             formula: format!("3 × {} B ({dt} weights)", sat(weights)),
-            assumptions: "the seed's \"training needs 3–4× the weights\"",
-            predicted_peak_bytes: sat(SEED_LOW_MULTIPLE as u128 * weights),
+            assumptions: "the folk rule \"training needs 3–4× the weights\"",
+            predicted_peak_bytes: sat(FOLK_LOW_MULTIPLE as u128 * weights),
             measured_peak_bytes: None,
             rel_error: None,
         },
         RuleOfThumb {
             key: "weights_x4",
-            name: "4 × weights (seed, high end)",
+            name: "4 × weights (rule of thumb, high end)",
             formula: format!("4 × {} B ({dt} weights)", sat(weights)),
-            assumptions: "the seed's \"training needs 3–4× the weights\"",
-            predicted_peak_bytes: sat(SEED_HIGH_MULTIPLE as u128 * weights),
+            assumptions: "the folk rule \"training needs 3–4× the weights\"",
+            predicted_peak_bytes: sat(FOLK_HIGH_MULTIPLE as u128 * weights),
             measured_peak_bytes: None,
             rel_error: None,
         },
@@ -188,7 +187,7 @@ mod tests {
     use crate::config::presets;
     use crate::estimate::params::estimate;
 
-    /// Our own prediction is the caller's (tested in tests/activations.rs); these tests check the
+    /// Our own prediction is the caller's (tested in tests/peak_prediction.rs); these tests check the
     /// rules of thumb only.
     const REPLAY_NOT_UNDER_TEST: u64 = 0;
 

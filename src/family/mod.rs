@@ -12,7 +12,7 @@
 //! (`estimate::params`), FLOPs come from its matrices (`estimate::flops`), the census groups by
 //! its names (`measure::census`), and checkpoints are compared with it (`checkpoint::check`).
 //! The genuine candle network (`crate::model`) is built independently, and its shape-only census
-//! must agree with the list to the parameter (tests/properties.rs).
+//! must agree with the list to the parameter (tests/count_and_parser_properties.rs).
 //!
 //! # Adding a family
 //! One file in this folder implementing [`Family`] (copy `llama.rs` for a Llama-skeleton model),

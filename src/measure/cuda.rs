@@ -75,7 +75,7 @@ impl CudaProbe {
     }
 }
 
-impl super::run::MemoryProbe for CudaProbe {
+impl super::probe::MemoryProbe for CudaProbe {
     fn source(&self) -> &'static str {
         "CUDA memory pool counters (CU_MEMPOOL_ATTR_USED_MEM_CURRENT / _HIGH: exact tensor bytes)"
     }
@@ -151,7 +151,7 @@ fn driver(what: &'static str) -> impl Fn(DriverError) -> Error {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::measure::run::MemoryProbe;
+    use crate::measure::probe::MemoryProbe;
     use candle_core::{DType, Tensor};
 
     fn gpu() -> Option<Device> {

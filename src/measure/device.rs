@@ -81,12 +81,12 @@ pub fn free_bytes(_device: &Device) -> Option<u64> {
 
 /// The memory probe of a non-CPU device.
 #[cfg(feature = "cuda")]
-pub fn cuda_probe(device: &Device) -> Result<Box<dyn super::run::MemoryProbe>> {
+pub fn cuda_probe(device: &Device) -> Result<Box<dyn super::probe::MemoryProbe>> {
     Ok(Box::new(super::cuda::CudaProbe::new(device)?))
 }
 
 #[cfg(not(feature = "cuda"))]
-pub fn cuda_probe(_device: &Device) -> Result<Box<dyn super::run::MemoryProbe>> {
+pub fn cuda_probe(_device: &Device) -> Result<Box<dyn super::probe::MemoryProbe>> {
     Err(Error::Usage(
         "no memory probe for this device in a build without CUDA".into(),
     ))

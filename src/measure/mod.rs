@@ -8,6 +8,7 @@ pub mod cuda;
 pub mod device;
 pub mod extrapolate;
 pub mod peak;
+pub mod probe;
 pub mod quantize;
 pub mod reference;
 pub mod run;

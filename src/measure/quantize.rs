@@ -192,7 +192,7 @@ mod tests {
         vm
     }
 
-    /// Published block layouts: Q8_0 8.5, Q4_0 4.5, Q4_K 4.5 bits per weight; the seed's "4-bit
+    /// Published block layouts: Q8_0 8.5, Q4_0 4.5, Q4_K 4.5 bits per weight; the common "4-bit
     /// = 8× smaller" is 32 / 4.5 = 7.1× for Q4_0.
     #[test]
     fn bits_per_weight_of_each_format() {

@@ -1,6 +1,6 @@
 //! Reference outputs made by another implementation (HF transformers): the inputs it ran, the
 //! logits it produced, and optionally its loss, gradient norms and parameter count
-//! (DESIGN.md, "Reference outputs").
+//! (tests/fixtures/README.md says how they were made).
 
 use crate::error::{Error, Result};
 use candle_core::{DType, Device, Tensor};

@@ -1,6 +1,7 @@
 //! One training step (forward, next-token loss, backward) with the memory probe watching each
 //! phase, repeated for timing.
 
+use super::probe::{CpuProbe, MemoryProbe};
 use crate::error::{Error, Result};
 use crate::model::{next_token_loss, Model};
 use candle_core::{DType, Tensor};
@@ -8,34 +9,6 @@ use candle_nn::VarMap;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::time::Instant;
-
-/// Where allocated bytes are read from.
-pub trait MemoryProbe {
-    /// What is measured, for the report.
-    fn source(&self) -> &'static str;
-    fn current(&self) -> Result<u64>;
-    fn peak(&self) -> Result<u64>;
-    fn reset_peak(&self) -> Result<()>;
-}
-
-/// CPU: the counting global allocator (exact bytes of every allocation).
-pub struct CpuProbe;
-
-impl MemoryProbe for CpuProbe {
-    fn source(&self) -> &'static str {
-        "counting global allocator (exact heap bytes)"
-    }
-    fn current(&self) -> Result<u64> {
-        Ok(super::alloc::current())
-    }
-    fn peak(&self) -> Result<u64> {
-        Ok(super::alloc::peak())
-    }
-    fn reset_peak(&self) -> Result<()> {
-        super::alloc::reset_peak();
-        Ok(())
-    }
-}
 
 /// Side of the square f32 matmul run on every thread before measuring: small enough to stay on
 /// the calling thread (64³ is below gemm-common's threading threshold of 48·48·256) and large
@@ -107,7 +80,7 @@ pub struct PhaseBytes {
     pub optimizer_state_bytes: Option<u64>,
 }
 
-/// Optimizer step taken once after the first backward (issue #5, item 2).
+/// Optimizer step taken once after the first backward.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OptimizerStep {
     /// candle-nn's `AdamW` with default hyper-parameters; its moments are in the parameter dtype.
@@ -187,7 +160,7 @@ pub fn train_step_with(
         let t1 = Instant::now();
         let store = loss.backward().map_err(ctx("backward pass"))?;
         // Gradients from `backward()` still point into the graph; detach the ones we keep and
-        // drop the store, or the whole graph stays alive (DESIGN.md).
+        // drop the store, or the whole graph stays alive (the store's tensors hold it).
         let mut grads = BTreeMap::new();
         let mut missing = Vec::new();
         for (name, var) in &vars {
@@ -213,7 +186,7 @@ pub fn train_step_with(
         let backward_peak = probe.peak()?;
         let after_backward = probe.current()?.saturating_sub(logits_bytes(&logits));
         if first.is_none() {
-            // --- optimizer step (issue #5): once, after backward, graph already released.
+            // --- optimizer step: once, after backward, graph already released.
             let (optimizer_peak_bytes, optimizer_state_bytes) = match optimizer {
                 Some(OptimizerStep::AdamW) => {
                     let (peak, state) = adamw_step(&vars, &grads, probe)?;

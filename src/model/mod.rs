@@ -3,7 +3,7 @@
 //! Every op on the path from the weights to the loss has a backward in candle 0.11.1. The fused
 //! candle-nn kernels (`softmax_last_dim`, `rms_norm`, `layer_norm`, `rope*`, `sdpa`) are avoided
 //! on purpose: `backward()` treats them as constants and the weights upstream silently get no
-//! gradient (DESIGN.md, "Candle facts").
+//! gradient (`measure::run` checks that every parameter got one).
 //!
 //! Precision: the whole network runs in the weights' dtype. Norms compute their statistics in f32
 //! when the model is f16/bf16 (as candle's `*_norm_slow` and HF do); attention softmax stays in

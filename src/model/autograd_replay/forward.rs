@@ -11,7 +11,7 @@ pub(super) fn tag(t: &'static str) {
 }
 
 pub(super) fn var(dims: &[usize], dt: Dt) -> T {
-    // Weights are counted once, as the VarMap holds them (VARMAP_BYTES_PER_TENSOR), not here.
+    // Weights are counted once, as the VarMap holds them (`model::build::VARMAP_BYTES_PER_TENSOR`), not here.
     let c = ctx();
     let id = c.next_id.get();
     c.next_id.set(id + 1);
@@ -63,7 +63,7 @@ impl Weights {
 
     /// A tensor the list holds for every config of this family.
     pub(super) fn get(&self, name: &str) -> T {
-        // Cannot fail: the names below are the family's own (tests/activations.rs replays every
+        // Cannot fail: the names below are the family's own (tests/peak_prediction.rs replays every
         // family against the allocator); no user input chooses them.
         self.opt(name)
             .unwrap_or_else(|| panic!("{name} is not in the family's tensor list"))

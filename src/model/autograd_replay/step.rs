@@ -11,15 +11,11 @@ use super::tensor::{
 use super::ActivationModel;
 use crate::config::{Arch, ModelConfig, Step};
 use crate::dtype::TrainDtype;
+use crate::model::build::VARMAP_BYTES_PER_TENSOR;
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 use std::rc::Rc;
 
-/// Per-parameter bookkeeping of the VarMap beyond the tensor's data (name `String`, `Var`, map
-/// slot, tensor and storage headers): measured 330–340 B per tensor on the fixtures and
-/// baby-gpt (verify's "weights: allocated bytes" check); 336 B is the baby-gpt figure
-/// (13,941,648 − 4 · 3,481,088) / 52 tensors.
-pub(super) const VARMAP_BYTES_PER_TENSOR: u64 = 336;
 /// AdamW (candle-nn-0.11.1/src/optim.rs:169-178): θ, m and v are `Var`s, so every expression
 /// of the update is *tracked* and the final `next_theta` holds its whole history until the end of
 /// the iteration: m·β1, g·(1−β1), next_m, v·β2, g²·(1−β2), next_v, m̂, v̂, θ·(1−lr·λ), √v̂,

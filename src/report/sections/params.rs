@@ -1,7 +1,7 @@
 //! Parameters: per component (estimate beside census), where the 12·d² rule differs, bytes
 //! per storage format.
 
-use crate::estimate::params::{rough_applies, Component};
+use crate::estimate::params::{why_rough_rule_fails, Component};
 use crate::report::section::{bytes_cells, s, signed_group, Section};
 use crate::report::sizing::Report;
 use crate::units::{group, percent};
@@ -77,7 +77,7 @@ pub fn rule_gap(r: &Report, full: bool) -> Section {
         }
     )];
     if full {
-        for why in rough_applies(&r.model) {
+        for why in why_rough_rule_fails(&r.model) {
             notes.push(format!("  - {why}"));
         }
     }

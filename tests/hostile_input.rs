@@ -1,4 +1,4 @@
-//! Hostile input through the binary, one test per class that `cli_estimate.rs`, `cli_verify.rs`
+//! Hostile input through the binary, one test per class that `estimate.rs`, `verify.rs`
 //! and `inspect.rs` do not already cover: corrupt checkpoints behind `verify --model`, bad
 //! reference files, paths of the wrong kind, step sizes beyond the model, and a batch far beyond
 //! the machine. Each asserts the documented exit code (2 = bad input, 1 = refused), that stderr
@@ -595,7 +595,7 @@ fn estimate_everything(cfg: truesize::error::Result<truesize::config::ModelConfi
     let sum: u128 = p.components.iter().map(|c| c.params as u128).sum();
     assert_eq!(sum, p.total as u128, "components do not sum to the total");
     assert!(p.active_per_token <= p.total && p.non_embedding <= p.total);
-    let _ = params::rough_applies(&cfg);
+    let _ = params::why_rough_rule_fails(&cfg);
     for seq in [1, cfg.block_size] {
         for causal in [false, true] {
             let _ = flops::estimate(&cfg, &p, seq, causal);
@@ -662,8 +662,8 @@ fn fuzz_config_regressions_are_bad_input_through_the_binary() {
 }
 
 /// Found by the toml_config fuzz target (seed configs/llama3.1-70b.toml at the largest step the
-/// CLI accepts): the activation simulator's byte counter overflows u64 (src/estimate/
-/// activations.rs `Mem::alloc`, `self.cur.get() + bytes`): a panic in debug builds, a wrapped
+/// CLI accepts): the autograd replay's byte counter overflowed u64
+/// (src/model/autograd_replay/tensor.rs `Mem::alloc`, `self.cur.get() + bytes`): a panic in debug builds, a wrapped
 /// (wrong) number in release. Fixed: a u128 bound saturates steps no machine could hold.
 #[test]
 fn estimate_at_the_largest_accepted_step_does_not_overflow() {

@@ -284,3 +284,61 @@ fn headline_shows_failed_checks_first() {
     );
     assert!(text.contains("verdict: FAIL"), "{text}");
 }
+
+/// `args` with `--format json`, which must succeed.
+fn ok_json(args: &[&str]) -> serde_json::Value {
+    let out = truesize()
+        .args(args)
+        .args(["--format", "json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn verify_writes_a_checkpoint_and_quantizes() {
+    let v = ok_json(&["verify", "--preset", "baby-gpt", "--peak-tflops", "1"]);
+    let c = &v["checkpoint"];
+    assert_eq!(c["file_bytes"], c["predicted_bytes"]);
+    // configs/baby-gpt.toml: 3,481,088 f32 parameters = 13,924,352 data bytes
+    assert_eq!(c["data_bytes"].as_u64(), Some(4 * 3_481_088));
+    // training checkpoint: f32 weights + AdamW m, v
+    assert_eq!(
+        c["training_checkpoint_bytes"].as_u64(),
+        Some(12 * 3_481_088)
+    );
+    // Every Baby GPT matrix has rows of 256 or 768 or 1024: all fit 32 and 256 blocks.
+    assert_eq!(
+        v["quantized"]["q4_0"]["bits_per_weight"].as_f64(),
+        Some(4.5)
+    );
+    assert_eq!(
+        v["quantized"]["q8_0"]["bits_per_weight"].as_f64(),
+        Some(8.5)
+    );
+    assert_eq!(
+        v["quantized"]["q4_k"]["bits_per_weight"].as_f64(),
+        Some(4.5)
+    );
+    assert!(v["flops"]["forward"].as_u64().unwrap() > 0);
+    assert_eq!(v["mfu"]["peak_flops_per_s"].as_f64(), Some(1e12));
+    assert!(v["mfu"]["mfu"].as_f64().unwrap() > 0.0);
+    assert_eq!(v["pass"], true);
+}
+
+#[test]
+fn mfu_is_never_assumed() {
+    let v = ok_json(&["verify", "--preset", "baby-gpt", "--no-artifacts"]);
+    assert!(v["mfu"]["achieved_flops_per_s"].as_f64().unwrap() > 0.0);
+    assert!(v["mfu"].get("mfu").is_none());
+    truesize()
+        .args(["verify", "--preset", "baby-gpt", "--peak-tflops=0"])
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("--peak-tflops"));
+}

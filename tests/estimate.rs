@@ -249,3 +249,30 @@ fn bad_command_line_input() {
     bad(&["estimate", "--batch", "0"], &["--batch = 0"]);
     bad(&["estimate", "--format", "yaml"], &["yaml"]);
 }
+
+/// `args` with `--format json`, which must succeed.
+fn ok_json(args: &[&str]) -> serde_json::Value {
+    let out = truesize()
+        .args(args)
+        .args(["--format", "json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// nanoGPT `transformer_sizing.ipynb`: bias-free GPT-2 124M at T = 1024.
+#[test]
+fn estimate_reports_the_nanogpt_flops() {
+    let v = ok_json(&["estimate", "--preset", "gpt2-nobias", "--seq", "1024"]);
+    assert_eq!(v["params"]["total"].as_u64(), Some(124_337_664));
+    assert_eq!(v["flops"]["forward"].as_u64(), Some(291_648_307_200));
+    assert_eq!(
+        format!("{:.4}", v["flops"]["palm_ratio"].as_f64().unwrap()),
+        "1.0001"
+    );
+}

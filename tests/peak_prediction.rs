@@ -1,4 +1,4 @@
-//! Issue #5: the per-op activation model (`estimate::activations`) against the counting
+//! The autograd replay's peak prediction (`model::autograd_replay`) against the counting
 //! allocator, through the binary, on a grid of small GPT-2 and Llama shapes in f32 and bf16,
 //! including seq ≥ 256 on a small width, and the AdamW step.
 
@@ -9,7 +9,7 @@ use truesize::config::{self, ConfigSource};
 use truesize::dtype::TrainDtype;
 use truesize::model::autograd_replay::{self as activations, Step};
 
-/// The issue's bar for predicted vs measured peaks.
+/// verify's gate for predicted vs measured peaks.
 const TOLERANCE: f64 = 0.05;
 
 const GPT2_NOBIAS_UNTIED: &str = r#"
