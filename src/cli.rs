@@ -24,22 +24,29 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Exact parameter counts, bytes per dtype and training memory, from a config alone.
+    #[command(allow_negative_numbers = true)]
     Estimate(EstimateArgs),
     /// Build the genuine network, count its tensors, run forward + backward, compare with the estimate.
+    #[command(allow_negative_numbers = true)]
     Verify(VerifyArgs),
     /// List the built-in presets.
+    #[command(allow_negative_numbers = true)]
     Presets(PresetsArgs),
     /// Measure the peak memory of one training step over a grid of batch sizes and sequence lengths,
     /// beside our prediction and the rules of thumb; writes CSV, JSON and an SVG chart.
+    #[command(allow_negative_numbers = true)]
     Sweep(SweepArgs),
     /// Time a large square f32 matmul through candle: this machine's roofline (for scripts/bench.sh).
     #[command(hide = true)]
     BenchMatmul,
     /// Read a checkpoint's safetensors headers (no tensor data) and check it against the model.
+    #[command(allow_negative_numbers = true)]
     Inspect(InspectArgs),
     /// Chinchilla scaling: compute-optimal parameters and tokens for a FLOP budget or a model.
+    #[command(allow_negative_numbers = true)]
     Scaling(ScalingArgs),
     /// Which GPUs the training state fits on, and days to train D tokens on N of them.
+    #[command(allow_negative_numbers = true)]
     Gpus(GpusArgs),
 }
 
@@ -88,10 +95,10 @@ pub struct VerifyArgs {
     #[arg(long, value_name = "DIR", conflicts_with_all = ["config", "preset"])]
     pub model: Option<PathBuf>,
     /// Reference outputs (expected.safetensors + expected.json) to check logits, loss and gradients.
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", conflicts_with = "shapes_only")]
     pub reference: Option<PathBuf>,
     /// cpu, cuda or cuda:N (cuda needs a build with `--features cuda`).
-    #[arg(long, default_value = "cpu")]
+    #[arg(long, default_value = "cpu", conflicts_with = "shapes_only")]
     pub device: String,
     #[command(flatten)]
     pub step: StepArgs,
@@ -99,7 +106,12 @@ pub struct VerifyArgs {
     #[arg(long, value_name = "X", allow_negative_numbers = true)]
     pub tolerance: Option<f64>,
     /// Time the forward/backward pass N times and report medians.
-    #[arg(long, default_value_t = 1, value_name = "N")]
+    #[arg(
+        long,
+        default_value_t = 1,
+        value_name = "N",
+        conflicts_with = "shapes_only"
+    )]
     pub repeat: usize,
     /// Count tensors by name and shape only, without allocating (any size, in milliseconds).
     #[arg(long)]
@@ -108,13 +120,13 @@ pub struct VerifyArgs {
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Memory the run may use, in bytes (overrides the available memory the OS reports).
-    #[arg(long, value_name = "BYTES")]
+    #[arg(long, value_name = "BYTES", conflicts_with = "shapes_only")]
     pub max_memory: Option<u64>,
     /// The device's peak in TFLOP/s (dense, at the run's dtype) for MFU; never assumed.
-    #[arg(long, value_name = "TFLOPS", conflicts_with = "measure_peak")]
+    #[arg(long, value_name = "TFLOPS", conflicts_with_all = ["measure_peak", "shapes_only"])]
     pub peak_tflops: Option<f64>,
     /// Measure the device's peak for MFU with a 2048×2048 f32 matmul probe (median of 5).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "shapes_only")]
     pub measure_peak: bool,
     /// Skip writing the checkpoint file and quantizing the weights.
     #[arg(long)]
@@ -124,7 +136,7 @@ pub struct VerifyArgs {
     #[arg(long, conflicts_with = "shapes_only")]
     pub extrapolate: bool,
     /// After backward, take one real optimizer step and measure its peak (moments included).
-    #[arg(long, value_enum, value_name = "OPT")]
+    #[arg(long, value_enum, value_name = "OPT", conflicts_with = "shapes_only")]
     pub optimizer: Option<Optimizer>,
     /// Print every table (default: one screen with what decides the verdict; JSON always has
     /// everything).

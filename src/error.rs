@@ -46,8 +46,50 @@ impl Error {
         Error::InvalidField {
             source_name: source_name.into(),
             field: field.into(),
-            value: value.to_string(),
+            // A value can come from a hostile file: quote a short, escaped excerpt.
+            value: crate::files::excerpt(&value.to_string()),
             why: why.into(),
+        }
+    }
+
+    /// The same error with truesize's field names replaced by the spelling of the file the user
+    /// wrote (`n_embd` -> `hidden_size` for a Llama config.json), in the field and the reason.
+    /// `spelling` pairs (truesize name, user's name).
+    pub fn respelled(self, spelling: &[(&str, &str)]) -> Self {
+        match self {
+            Error::InvalidField {
+                source_name,
+                field,
+                value,
+                why,
+            } => {
+                let swap = |w: &str| {
+                    spelling
+                        .iter()
+                        .find(|(ours, _)| *ours == w)
+                        .map_or(w.to_string(), |(_, theirs)| theirs.to_string())
+                };
+                // Whole identifiers only: `n_head` must not rewrite `n_heads`.
+                let mut out = String::with_capacity(why.len());
+                let mut word = String::new();
+                for c in why.chars().chain(std::iter::once(' ')) {
+                    if c.is_ascii_alphanumeric() || c == '_' {
+                        word.push(c);
+                    } else {
+                        out.push_str(&swap(&word));
+                        word.clear();
+                        out.push(c);
+                    }
+                }
+                out.pop();
+                Error::InvalidField {
+                    source_name,
+                    field: swap(&field),
+                    value,
+                    why: out,
+                }
+            }
+            e => e,
         }
     }
 

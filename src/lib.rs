@@ -12,6 +12,7 @@ pub mod dtype;
 pub mod error;
 pub mod estimate;
 pub mod family;
+pub mod files;
 pub mod measure;
 pub mod model;
 pub mod report;

@@ -267,6 +267,9 @@ fn index_check(
     )
 }
 
+/// safetensors dtypes a parameter may be stored in (what candle converts to a training dtype).
+const FLOAT_DTYPES: [&str; 4] = ["F64", "F32", "F16", "BF16"];
+
 /// Missing, unexpected and mis-shaped tensors against the family's list; the count; the tied head.
 fn against_config(
     f: &mut Findings,
@@ -325,6 +328,22 @@ fn against_config(
             "all shapes match".to_string()
         } else {
             f.misshaped.join("; ")
+        },
+    ));
+    // Integer weights would load and run (converted to the run dtype) into absurd losses.
+    let not_float: Vec<String> = f
+        .params
+        .iter()
+        .filter(|t| !FLOAT_DTYPES.contains(&t.dtype.as_str()))
+        .map(|t| format!("{} ({})", t.name, t.dtype))
+        .collect();
+    f.checks.push(Check::holds(
+        "every parameter is a floating-point tensor",
+        not_float.is_empty(),
+        if not_float.is_empty() {
+            format!("dtypes among {}", FLOAT_DTYPES.join(", "))
+        } else {
+            format!("not floating point: {}", not_float.join(", "))
         },
     ));
     let numel: u64 = f.params.iter().map(|t| t.numel).sum();

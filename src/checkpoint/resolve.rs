@@ -118,17 +118,7 @@ pub fn resolve(path: &Path) -> Result<Resolved> {
 }
 
 fn read_index(path: &Path) -> Result<Index> {
-    let size = std::fs::metadata(path)
-        .map_err(|e| Error::file(path, format!("cannot read: {e}")))?
-        .len();
-    if size > MAX_INDEX_BYTES {
-        return Err(Error::file(
-            path,
-            format!("index is {size} bytes: absurd (limit {MAX_INDEX_BYTES})"),
-        ));
-    }
-    let bytes = std::fs::read(path).map_err(|e| Error::file(path, format!("cannot read: {e}")))?;
-    let text = String::from_utf8(bytes).map_err(|_| Error::file(path, "is not valid UTF-8"))?;
+    let text = crate::files::read_text_capped(path, MAX_INDEX_BYTES, "safetensors index")?;
     let parsed: IndexJson = serde_json::from_str(&text).map_err(|e| {
         Error::file(
             path,

@@ -14,7 +14,7 @@ use ::safetensors::Dtype as StDtype;
 use candle_core::DType;
 use candle_nn::VarMap;
 use serde::Serialize;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
 /// The header is padded with spaces to a multiple of this (safetensors `tensor.rs::prepare`,
@@ -126,25 +126,6 @@ pub struct CheckpointReport {
     pub save_s: f64,
 }
 
-/// Removes the file when dropped, so an error path leaves nothing behind.
-struct TempFile(PathBuf);
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
-fn temp_path() -> PathBuf {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
-    std::env::temp_dir().join(format!(
-        "truesize-{}-{nanos}.safetensors",
-        std::process::id()
-    ))
-}
-
 /// Read the stored header length (first 8 bytes) of a safetensors file.
 fn stored_header_len(path: &Path) -> Result<u64> {
     use std::io::Read;
@@ -162,21 +143,21 @@ pub fn save_and_measure(
     dir: Option<&Path>,
 ) -> Result<CheckpointReport> {
     let predicted = predict(tensors)?;
-    let path = match dir {
-        Some(d) => d.join(temp_path().file_name().unwrap_or_default()),
-        None => temp_path(),
-    };
-    let guard = TempFile(path);
+    // Removed on return, on error and on SIGINT/SIGTERM: the file may be gigabytes.
+    let tmp_dir = std::env::temp_dir();
+    let folder = crate::files::TempFile::private_dir(dir.unwrap_or(&tmp_dir))?;
+    let guard = crate::files::TempFile::register(folder.path().join("checkpoint.safetensors"));
     let t0 = Instant::now();
     varmap
-        .save(&guard.0)
-        .map_err(|e| Error::file(&guard.0, format!("cannot write checkpoint: {e}")))?;
+        .save(guard.path())
+        .map_err(|e| Error::file(guard.path(), format!("cannot write checkpoint: {e}")))?;
     let save_s = t0.elapsed().as_secs_f64();
-    let file_bytes = std::fs::metadata(&guard.0)
-        .map_err(|e| Error::file(&guard.0, e))?
+    let file_bytes = std::fs::metadata(guard.path())
+        .map_err(|e| Error::file(guard.path(), e))?
         .len();
-    let header_bytes = stored_header_len(&guard.0)?;
+    let header_bytes = stored_header_len(guard.path())?;
     drop(guard);
+    drop(folder);
     let params: u64 = tensors
         .iter()
         .map(|t| t.shape.iter().map(|&d| d as u64).product::<u64>())

@@ -232,9 +232,9 @@ pub fn run(a: SweepArgs) -> Result<u8> {
 fn write_outputs(dir: &Path, r: &SweepReport) -> Result<()> {
     std::fs::create_dir_all(dir)
         .map_err(|e| Error::file(dir, format!("cannot create the output folder: {e}")))?;
+    // Never through a link planted in the folder: a fresh file renamed into place.
     let write = |name: &str, text: &str| {
-        let path = dir.join(name);
-        std::fs::write(&path, text).map_err(|e| Error::file(&path, format!("cannot write: {e}")))
+        crate::files::write_replacing(dir, name, text.as_bytes()).map(drop)
     };
     write("sweep.csv", &csv::render_sweep(r))?;
     write("sweep.json", &render(Format::Json, r, View::Full)?)?;

@@ -135,6 +135,27 @@ impl Plan {
             None => None,
         };
         let mut step = resolve_step(&cfg, &a.step)?;
+        if let (Some(r), [rb, rt]) = (
+            &reference,
+            reference.as_ref().map_or(&[][..], |r| r.input_ids.dims()),
+        ) {
+            // The reference fixes the input; a different shape asked for explicitly cannot be
+            // honoured.
+            for (flag, asked, fixed) in [("--batch", a.step.batch, *rb), ("--seq", a.step.seq, *rt)]
+            {
+                if let Some(v) = asked.filter(|&v| v != fixed) {
+                    return Err(Error::field(
+                        "command line",
+                        flag,
+                        v,
+                        format!(
+                            "the reference {} fixes it at {fixed}; drop {flag}",
+                            r.source.display()
+                        ),
+                    ));
+                }
+            }
+        }
         if let Some(r) = &reference {
             check_reference(r, &cfg, &mut step)?;
         }
@@ -363,14 +384,29 @@ fn rules_and_extrapolation(
             .memory
             .as_ref()
             .map(|m| crate::measure::extrapolate::runtime_residue(&m.phases));
-        let mut e = crate::measure::extrapolate::extrapolate(
+        let budget = crate::measure::budget::Budget::for_device(plan.max_memory, &device);
+        let mut e = match crate::measure::extrapolate::extrapolate(
             cfg,
             step,
             plan.seed,
             &device,
             runtime,
             predicted_peak,
-        )?;
+            &budget,
+        ) {
+            Ok(e) => e,
+            Err(Error::Refused(why)) => {
+                // The rest of the report stands; the extrapolation is a failed check.
+                report.notes.push(format!("--extrapolate refused: {why}"));
+                checks.push(Check::holds(
+                    "--extrapolate: shallow runs fit in memory",
+                    false,
+                    why,
+                ));
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
         if let Some(m) = measured {
             e = e.with_measured(m);
             checks.push(
@@ -550,6 +586,7 @@ fn measure_real(
     if let Some(m) = &plan.model {
         checks.splice(after_census..after_census, checkpoint_checks(&m.findings));
     }
+    checks.extend(finite_checks(&r)?);
     checks.push(Check::holds(
         "every parameter got a gradient",
         r.missing_grads.is_empty(),
@@ -674,7 +711,21 @@ fn measure_artifacts(
         .collect();
     let predicted = write::predict(&metas)?;
     if predicted.file_bytes <= write::MAX_CHECKPOINT_BYTES {
-        let c = write::save_and_measure(varmap, &metas, None)?;
+        let c = match write::save_and_measure(varmap, &metas, None) {
+            Ok(c) => c,
+            Err(e) => {
+                // The machine, not the user's input: the report stands, this check fails.
+                checks.push(Check::holds(
+                    "checkpoint: file written",
+                    false,
+                    format!(
+                        "{}; set TMPDIR to a writable folder with room, or pass --no-artifacts",
+                        crate::files::printable(&e.to_string())
+                    ),
+                ));
+                return quantize_checks(numel, varmap, report, checks);
+            }
+        };
         checks.push(
             Check::exact(
                 "checkpoint: file bytes == predicted",
@@ -696,6 +747,16 @@ fn measure_artifacts(
             Bytes(write::MAX_CHECKPOINT_BYTES)
         ));
     }
+    quantize_checks(numel, varmap, report, checks)
+}
+
+/// Quantize the weights into every supported block format and check each size.
+fn quantize_checks(
+    numel: u64,
+    varmap: &candle_nn::VarMap,
+    report: &mut Report,
+    checks: &mut Vec<Check>,
+) -> Result<()> {
     if numel <= quantize::MAX_QUANTIZE_PARAMS {
         let q = quantize::quantize_varmap(varmap)?;
         for (name, r) in &q {
@@ -774,4 +835,48 @@ fn reference_checks(
         checks.push(Check::exact("reference: parameter count", census_numel, p));
     }
     Ok(())
+}
+
+/// A loss, logits or gradients that are NaN or infinite make every other figure meaningless
+/// (NaN weights in a checkpoint, an overflow in half precision): each is a failed check.
+fn finite_checks(r: &run::StepResult) -> Result<Vec<Check>> {
+    let bad_grads: Vec<&str> = r
+        .grad_norms
+        .iter()
+        .filter(|(_, n)| !n.is_finite())
+        .map(|(name, _)| name.as_str())
+        .collect();
+    // x − x is 0 for every finite x and NaN otherwise; the sum is exactly 0 iff all are finite.
+    let logits = &r.logits;
+    let logits_finite = (logits - logits)?
+        .to_dtype(candle_core::DType::F64)?
+        .sum_all()?
+        .to_scalar::<f64>()?
+        == 0.0;
+    Ok(vec![
+        Check::holds("loss is finite", r.loss.is_finite(), format!("{}", r.loss)),
+        Check::holds(
+            "logits are finite",
+            logits_finite,
+            if logits_finite {
+                "no NaN or ±inf".to_string()
+            } else {
+                "NaN or ±inf in the logits".to_string()
+            },
+        ),
+        Check::holds(
+            "gradients are finite",
+            bad_grads.is_empty(),
+            if bad_grads.is_empty() {
+                format!("{} tensors", r.grad_norms.len())
+            } else {
+                format!(
+                    "{} of {} tensors have a NaN or ±inf norm: {}",
+                    bad_grads.len(),
+                    r.grad_norms.len(),
+                    crate::files::excerpt(&bad_grads.join(", "))
+                )
+            },
+        ),
+    ])
 }

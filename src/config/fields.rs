@@ -11,11 +11,22 @@ pub struct JsonKeys<'a> {
     map: &'a Map<String, Value>,
     /// The file, for messages.
     pub src: &'a str,
+    /// Where this object sits in the file (`rope_scaling.`), so messages name the full key.
+    prefix: String,
 }
 
 impl<'a> JsonKeys<'a> {
     pub fn new(map: &'a Map<String, Value>, src: &'a str) -> Self {
-        JsonKeys { map, src }
+        JsonKeys {
+            map,
+            src,
+            prefix: String::new(),
+        }
+    }
+
+    /// `key` as the user wrote it, with the path of the object it sits in.
+    pub fn key(&self, key: &str) -> String {
+        format!("{}{key}", self.prefix)
     }
 
     pub fn get(&self, key: &str) -> Option<&Value> {
@@ -28,10 +39,10 @@ impl<'a> JsonKeys<'a> {
             Some(v) => match v.as_u64() {
                 Some(n) => usize::try_from(n)
                     .map(Some)
-                    .map_err(|_| Error::field(self.src, key, v, "does not fit in usize")),
+                    .map_err(|_| Error::field(self.src, self.key(key), v, "does not fit in usize")),
                 None => Err(Error::field(
                     self.src,
-                    key,
+                    self.key(key),
                     v,
                     "expected a non-negative integer",
                 )),
@@ -49,7 +60,7 @@ impl<'a> JsonKeys<'a> {
             Some(v) => v
                 .as_f64()
                 .map(Some)
-                .ok_or_else(|| Error::field(self.src, key, v, "expected a number")),
+                .ok_or_else(|| Error::field(self.src, self.key(key), v, "expected a number")),
         }
     }
 
@@ -58,7 +69,7 @@ impl<'a> JsonKeys<'a> {
             None => Ok(default),
             Some(v) => v
                 .as_bool()
-                .ok_or_else(|| Error::field(self.src, key, v, "expected true or false")),
+                .ok_or_else(|| Error::field(self.src, self.key(key), v, "expected true or false")),
         }
     }
 
@@ -68,7 +79,7 @@ impl<'a> JsonKeys<'a> {
             Some(v) => v
                 .as_str()
                 .map(Some)
-                .ok_or_else(|| Error::field(self.src, key, v, "expected a string")),
+                .ok_or_else(|| Error::field(self.src, self.key(key), v, "expected a string")),
         }
     }
 
@@ -76,8 +87,17 @@ impl<'a> JsonKeys<'a> {
     pub fn obj(&self, key: &str) -> Result<Option<JsonKeys<'_>>> {
         match self.get(key) {
             None => Ok(None),
-            Some(Value::Object(map)) => Ok(Some(JsonKeys { map, src: self.src })),
-            Some(v) => Err(Error::field(self.src, key, v, "expected an object")),
+            Some(Value::Object(map)) => Ok(Some(JsonKeys {
+                map,
+                src: self.src,
+                prefix: format!("{}{key}.", self.prefix),
+            })),
+            Some(v) => Err(Error::field(
+                self.src,
+                self.key(key),
+                v,
+                "expected an object",
+            )),
         }
     }
 }

@@ -31,7 +31,13 @@ pub fn parse(text: &str, src: &str) -> Result<ModelConfig> {
         ));
     };
     match family::by_model_type(model_type) {
-        Some(fam) => fam.read_hf(model_type, &o),
+        Some(fam) => {
+            let cfg = fam.read_hf(model_type, &o)?;
+            // Validated here too, so that a rule's message names the key as this file spells it.
+            cfg.validate()
+                .map_err(|e| e.respelled(fam.hf_spelling(model_type)))?;
+            Ok(cfg)
+        }
         None => Err(Error::field(
             src,
             "model_type",

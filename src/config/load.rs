@@ -34,8 +34,7 @@ fn load_path(path: &Path) -> Result<ModelConfig> {
         }
         return load_path(&cj);
     }
-    let text = std::fs::read(path).map_err(|e| Error::file(path, format!("cannot read: {e}")))?;
-    let text = String::from_utf8(text).map_err(|_| Error::file(path, "is not valid UTF-8 text"))?;
+    let text = crate::files::read_text_capped(path, crate::files::MAX_CONFIG_BYTES, "config")?;
     let name = path.display().to_string();
     let is_json = path
         .extension()

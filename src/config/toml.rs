@@ -110,7 +110,8 @@ pub fn parse(text: &str, src: &str) -> Result<ModelConfig> {
     }
     let fields = TomlFields {
         src: src.to_string(),
-        name: raw.name,
+        // The file stays in the name: messages must say which file a bad value is in.
+        name: raw.name.map(|n| format!("{src} ({n})")),
         vocab_size: size(src, "vocab_size", raw.vocab_size)?,
         block_size: size(src, "block_size", raw.block_size)?,
         n_embd,

@@ -74,6 +74,14 @@ impl Family for Gpt2 {
         })
     }
 
+    fn hf_spelling(&self, _model_type: &str) -> &'static [(&'static str, &'static str)] {
+        &[
+            ("block_size", "n_positions"),
+            ("intermediate_size", "n_inner"),
+            ("norm_eps", "layer_norm_epsilon"),
+        ]
+    }
+
     fn read_toml(&self, f: &TomlFields) -> Result<ModelConfig> {
         let src = f.src.as_str();
         for (field, set) in [

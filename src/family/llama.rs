@@ -87,6 +87,53 @@ fn defaults(model_type: &str) -> &'static LlamaDefaults {
     }
 }
 
+/// Llama-3 RoPE scaling, with every value that would make the frequencies undefined (a zero
+/// factor divides by zero; equal low and high frequency factors divide by zero in the smooth
+/// interpolation, as in transformers' `_compute_llama3_parameters`) refused by its key.
+fn llama3_scaling(s: &JsonKeys<'_>) -> Result<Llama3RopeScaling> {
+    let r = Llama3RopeScaling {
+        factor: s.f64_opt("factor")?.unwrap_or(8.0),
+        low_freq_factor: s.f64_opt("low_freq_factor")?.unwrap_or(1.0),
+        high_freq_factor: s.f64_opt("high_freq_factor")?.unwrap_or(4.0),
+        original_max_position_embeddings: s.usize_or("original_max_position_embeddings", 8192)?,
+    };
+    let positive = |key: &str, v: f64| {
+        if v.is_finite() && v > 0.0 {
+            Ok(())
+        } else {
+            Err(Error::field(
+                s.src,
+                s.key(key),
+                v,
+                "must be a finite number > 0",
+            ))
+        }
+    };
+    positive("factor", r.factor)?;
+    positive("low_freq_factor", r.low_freq_factor)?;
+    positive("high_freq_factor", r.high_freq_factor)?;
+    if r.high_freq_factor <= r.low_freq_factor {
+        return Err(Error::field(
+            s.src,
+            s.key("high_freq_factor"),
+            r.high_freq_factor,
+            format!(
+                "must exceed low_freq_factor = {} (the interpolation divides by their difference)",
+                r.low_freq_factor
+            ),
+        ));
+    }
+    if r.original_max_position_embeddings == 0 {
+        return Err(Error::field(
+            s.src,
+            s.key("original_max_position_embeddings"),
+            0,
+            "must be > 0",
+        ));
+    }
+    Ok(r)
+}
+
 impl Family for Llama {
     fn name(&self) -> &'static str {
         "llama"
@@ -153,13 +200,7 @@ impl Family for Llama {
                 };
                 match kind {
                     None | Some("default") => None,
-                    Some("llama3") => Some(Llama3RopeScaling {
-                        factor: s.f64_opt("factor")?.unwrap_or(8.0),
-                        low_freq_factor: s.f64_opt("low_freq_factor")?.unwrap_or(1.0),
-                        high_freq_factor: s.f64_opt("high_freq_factor")?.unwrap_or(4.0),
-                        original_max_position_embeddings: s
-                            .usize_or("original_max_position_embeddings", 8192)?,
-                    }),
+                    Some("llama3") => Some(llama3_scaling(&s)?),
                     Some(other) => {
                         return Err(Error::field(
                             src,
@@ -207,6 +248,33 @@ impl Family for Llama {
             norm_eps: o.f64_opt("rms_norm_eps")?.unwrap_or(d.rms_norm_eps),
             run: RunDefaults::default(),
         })
+    }
+
+    fn hf_spelling(&self, model_type: &str) -> &'static [(&'static str, &'static str)] {
+        const COMMON: &[(&str, &str)] = &[
+            ("n_embd", "hidden_size"),
+            ("n_layer", "num_hidden_layers"),
+            ("n_head", "num_attention_heads"),
+            ("n_kv_head", "num_key_value_heads"),
+            ("block_size", "max_position_embeddings"),
+            ("norm_eps", "rms_norm_eps"),
+            ("bias", "attention_bias"),
+        ];
+        const MIXTRAL: &[(&str, &str)] = &[
+            ("n_embd", "hidden_size"),
+            ("n_layer", "num_hidden_layers"),
+            ("n_head", "num_attention_heads"),
+            ("n_kv_head", "num_key_value_heads"),
+            ("block_size", "max_position_embeddings"),
+            ("norm_eps", "rms_norm_eps"),
+            ("n_experts", "num_local_experts"),
+            ("n_experts_per_tok", "num_experts_per_tok"),
+        ];
+        if model_type == "mixtral" {
+            MIXTRAL
+        } else {
+            COMMON
+        }
     }
 
     fn read_toml(&self, f: &TomlFields) -> Result<ModelConfig> {

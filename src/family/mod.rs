@@ -231,6 +231,9 @@ pub trait Family: Sync {
 
     /// HF `config.json` -> config, with `model_type`'s defaults for missing keys.
     fn read_hf(&self, model_type: &str, keys: &JsonKeys<'_>) -> Result<ModelConfig>;
+    /// (truesize field, HF key) for every config field this family reads from `config.json`
+    /// under another name, so that messages quote the key the user wrote.
+    fn hf_spelling(&self, model_type: &str) -> &'static [(&'static str, &'static str)];
     /// truesize TOML fields -> config, with this family's defaults.
     fn read_toml(&self, fields: &TomlFields) -> Result<ModelConfig>;
     /// Rules beyond the generic ones (`ModelConfig::validate` calls this).

@@ -15,6 +15,7 @@
 //! full depth's prediction adds the first step's residue, `runtime_bytes`: taken from the full
 //! model's own run when it ran first (verify), else from the warm-up step.
 
+use super::budget::Budget;
 use super::run::{self, PhaseBytes};
 use crate::config::ModelConfig;
 use crate::config::Step;
@@ -105,18 +106,19 @@ pub fn extrapolate(
     device: &Device,
     runtime_bytes: Option<u64>,
     replayed_peak: u64,
+    budget: &Budget,
 ) -> Result<Extrapolation> {
     let [l1, l2] = SHALLOW_LAYERS;
     let shallow = with_depth(cfg, l1)?;
-    let warm_up = measure_random(&shallow, step, seed, device)?;
-    let runtime = runtime_bytes.unwrap_or_else(|| runtime_residue(&warm_up));
-    let p1 = measure_random(&shallow, step, seed, device)?.peak_bytes;
     let deep = with_depth(cfg, l2)?;
-    let p2 = measure_random(&deep, step, seed, device)?.peak_bytes;
-    let replay = |c: &ModelConfig| -> Result<i128> {
-        let params = crate::estimate::params::estimate(c)?.total;
-        Ok(crate::model::autograd_replay::predicted_peak(c, params, step) as i128)
-    };
+    // The deeper run is the larger: admitting it first refuses before anything is allocated.
+    let what = |c: &ModelConfig| format!("the {}-layer run of --extrapolate", c.n_layer);
+    budget.admit(predicted_peak_bytes(&deep, step)?, &what(&deep))?;
+    let warm_up = measure_random(&shallow, step, seed, device, budget)?;
+    let runtime = runtime_bytes.unwrap_or_else(|| runtime_residue(&warm_up));
+    let p1 = measure_random(&shallow, step, seed, device, budget)?.peak_bytes;
+    let p2 = measure_random(&deep, step, seed, device, budget)?.peak_bytes;
+    let replay = |c: &ModelConfig| predicted_peak_bytes(c, step).map(i128::from);
     let (r1, r2, rl) = (replay(&shallow)?, replay(&deep)?, replayed_peak as i128);
     // The replay's error at depth 1 and 2, extended affinely to the full depth.
     let (e1, e2) = (p1 as i128 - r1, p2 as i128 - r2);
@@ -169,14 +171,27 @@ pub fn from_peaks(
 /// The memory probe for `device`: the counting allocator on CPU, the CUDA pool elsewhere.
 pub use super::run::probe_for;
 
+/// The predicted peak of one training step of `cfg`: what the preflight admits.
+pub fn predicted_peak_bytes(cfg: &ModelConfig, step: Step) -> Result<u64> {
+    let params = crate::estimate::params::estimate(cfg)?.total;
+    Ok(crate::model::autograd_replay::predicted_peak(
+        cfg, params, step,
+    ))
+}
+
 /// Build a randomly initialised `cfg`, run one training step on random tokens, return its bytes.
-/// Everything is dropped before returning.
+/// Everything is dropped before returning. Refused by `budget` before anything is allocated.
 pub fn measure_random(
     cfg: &ModelConfig,
     step: Step,
     seed: u64,
     device: &Device,
+    budget: &Budget,
 ) -> Result<PhaseBytes> {
+    budget.admit(
+        predicted_peak_bytes(cfg, step)?,
+        &format!("a training step of {}", cfg.name),
+    )?;
     let probe = probe_for(device)?;
     let ids = random_tokens(cfg.vocab_size, step.batch, step.seq, seed, device)?;
     probe.reset_peak()?;

@@ -2,6 +2,7 @@
 //! probe, timings.
 
 pub mod alloc;
+pub mod budget;
 pub mod census;
 #[cfg(feature = "cuda")]
 pub mod cuda;

@@ -107,8 +107,7 @@ pub fn load(path: &Path) -> Result<Reference> {
     };
     if json_path.is_file() {
         let jp = json_path.as_path();
-        let text = std::fs::read_to_string(jp)
-            .map_err(|e| Error::file(jp, format!("cannot read: {e}")))?;
+        let text = crate::files::read_text_capped(jp, crate::files::MAX_JSON_BYTES, JSON_FILE)?;
         let j: ExpectedJson =
             serde_json::from_str(&text).map_err(|e| Error::file(jp, format!("invalid: {e}")))?;
         for (field, v, want) in [("batch", j.batch, b), ("seq", j.seq, t)] {
