@@ -27,7 +27,7 @@ pub const MAX_JSON_BYTES: u64 = 64 << 20;
 pub const MAX_EXCERPT_CHARS: usize = 80;
 
 /// What kind of file system object a path is, for messages about the wrong kind.
-fn kind(meta: &std::fs::Metadata) -> &'static str {
+pub fn kind(meta: &std::fs::Metadata) -> &'static str {
     use std::os::unix::fs::FileTypeExt;
     let t = meta.file_type();
     if t.is_dir() {

@@ -54,6 +54,12 @@ pub fn resolve(path: &Path) -> Result<Resolved> {
         }
         let index = path.join(INDEX_NAME);
         if !index.is_file() {
+            if let Some(kind) = not_regular(&index) {
+                return Err(Error::file(
+                    &index,
+                    format!("must be a regular file, but this is {kind}"),
+                ));
+            }
             return Err(Error::file(
                 path,
                 format!("folder has no {SINGLE_NAME} or {INDEX_NAME}"),
@@ -76,6 +82,11 @@ pub fn resolve(path: &Path) -> Result<Resolved> {
                 config: None,
             });
         }
+    } else if let Some(kind) = not_regular(path) {
+        return Err(Error::file(
+            path,
+            format!("must be a regular file or a folder, but this is {kind}"),
+        ));
     } else {
         return Err(Error::file(path, "no such file or folder"));
     };
@@ -115,6 +126,13 @@ pub fn resolve(path: &Path) -> Result<Resolved> {
         index: Some(index),
         config: Some(dir.join(CONFIG_NAME)).filter(|p| p.is_file()),
     })
+}
+
+/// What an existing path that is neither a regular file nor a folder is (`None` if it does not
+/// exist or is one of those).
+fn not_regular(path: &Path) -> Option<&'static str> {
+    let meta = std::fs::metadata(path).ok()?;
+    (!meta.is_file() && !meta.is_dir()).then(|| crate::files::kind(&meta))
 }
 
 fn read_index(path: &Path) -> Result<Index> {
