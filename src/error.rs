@@ -47,7 +47,7 @@ impl Error {
             source_name: source_name.into(),
             field: field.into(),
             // A value can come from a hostile file: quote a short, escaped excerpt.
-            value: crate::files::excerpt(&value.to_string()),
+            value: excerpt(&value.to_string()),
             why: why.into(),
         }
     }
@@ -130,3 +130,59 @@ pub fn without_backtrace(e: candle_core::Error) -> candle_core::Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+// ---------------------------------------------------------------------------------------------
+// Text from user files, made safe to print
+
+/// How much of a bad value an error message quotes.
+pub const MAX_EXCERPT_CHARS: usize = 80;
+
+/// `s` with every control character (ESC, NUL, CR, BEL…) and Unicode bidirectional override
+/// escaped, so that text from a user's file cannot drive the terminal it is printed on.
+/// Newlines and tabs stay: messages and tables use them.
+pub fn printable(s: &str) -> std::borrow::Cow<'_, str> {
+    let bad = |c: char| {
+        (c.is_control() && c != '\n' && c != '\t') || ('\u{202a}'..='\u{202e}').contains(&c)
+    };
+    if !s.chars().any(bad) {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        if bad(c) {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+/// A short, escaped excerpt of a value for an error message: at most [`MAX_EXCERPT_CHARS`]
+/// characters, with the full length said when it was cut.
+pub fn excerpt(s: &str) -> String {
+    let n = s.chars().count();
+    let cut: String = s.chars().take(MAX_EXCERPT_CHARS).collect();
+    let cut = printable(&cut).into_owned();
+    if n > MAX_EXCERPT_CHARS {
+        format!("{cut}… ({} bytes in all)", s.len())
+    } else {
+        cut
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn printable_escapes_terminal_control() {
+        assert_eq!(printable("plain"), "plain");
+        assert_eq!(printable("a\u{1b}[31mb"), "a\\u{1b}[31mb");
+        assert_eq!(printable("x\u{202e}y"), "x\\u{202e}y");
+        assert_eq!(printable("l1\nl2\t"), "l1\nl2\t");
+        let long = "z".repeat(500);
+        let e = excerpt(&long);
+        assert!(e.starts_with(&"z".repeat(80)) && e.ends_with("(500 bytes in all)"));
+    }
+}

@@ -23,8 +23,6 @@ pub const MAX_CONFIG_BYTES: u64 = 4 << 20;
 /// Largest JSON side file read (a reference's `expected.json` holds one number per parameter
 /// tensor: a few hundred KiB for the largest real models).
 pub const MAX_JSON_BYTES: u64 = 64 << 20;
-/// How much of a bad value an error message quotes.
-pub const MAX_EXCERPT_CHARS: usize = 80;
 
 /// What kind of file system object a path is, for messages about the wrong kind.
 pub fn kind(meta: &std::fs::Metadata) -> &'static str {
@@ -53,7 +51,7 @@ pub fn read_capped(path: &Path, cap: u64, what: &str) -> Result<Vec<u8>> {
         // and the metadata of the open file (not of the path: no race) says what it is.
         .custom_flags(libc::O_NONBLOCK)
         .open(path)
-        .map_err(|e| Error::file(path, format!("cannot open {what}: {e}")))?;
+        .map_err(|e| Error::file(path, format!("cannot read {what}: {e}")))?;
     let meta = f
         .metadata()
         .map_err(|e| Error::file(path, format!("cannot stat {what}: {e}")))?;
@@ -98,40 +96,6 @@ pub fn read_text_capped(path: &Path, cap: u64, what: &str) -> Result<String> {
             ),
         )
     })
-}
-
-/// `s` with every control character (ESC, NUL, CR, BEL…) and Unicode bidirectional override
-/// escaped, so that text from a user's file cannot drive the terminal it is printed on.
-/// Newlines and tabs stay: messages and tables use them.
-pub fn printable(s: &str) -> std::borrow::Cow<'_, str> {
-    let bad = |c: char| {
-        (c.is_control() && c != '\n' && c != '\t') || ('\u{202a}'..='\u{202e}').contains(&c)
-    };
-    if !s.chars().any(bad) {
-        return std::borrow::Cow::Borrowed(s);
-    }
-    let mut out = String::with_capacity(s.len() + 8);
-    for c in s.chars() {
-        if bad(c) {
-            out.extend(c.escape_default());
-        } else {
-            out.push(c);
-        }
-    }
-    std::borrow::Cow::Owned(out)
-}
-
-/// A short, escaped excerpt of a value for an error message: at most [`MAX_EXCERPT_CHARS`]
-/// characters, with the full length said when it was cut.
-pub fn excerpt(s: &str) -> String {
-    let n = s.chars().count();
-    let cut: String = s.chars().take(MAX_EXCERPT_CHARS).collect();
-    let cut = printable(&cut).into_owned();
-    if n > MAX_EXCERPT_CHARS {
-        format!("{cut}… ({} bytes in all)", s.len())
-    } else {
-        cut
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -282,17 +246,6 @@ mod tests {
         let e = read_capped(&p, 1000, "config").unwrap_err();
         assert!(e.to_string().contains("1001 bytes"), "{e}");
         assert_eq!(read_capped(&p, 1001, "config").unwrap().len(), 1001);
-    }
-
-    #[test]
-    fn printable_escapes_terminal_control() {
-        assert_eq!(printable("plain"), "plain");
-        assert_eq!(printable("a\u{1b}[31mb"), "a\\u{1b}[31mb");
-        assert_eq!(printable("x\u{202e}y"), "x\\u{202e}y");
-        assert_eq!(printable("l1\nl2\t"), "l1\nl2\t");
-        let long = "z".repeat(500);
-        let e = excerpt(&long);
-        assert!(e.starts_with(&"z".repeat(80)) && e.ends_with("(500 bytes in all)"));
     }
 
     #[test]

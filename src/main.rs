@@ -34,7 +34,7 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("error: {}", files::printable(&e.to_string()));
+            eprintln!("error: {}", truesize::error::printable(&e.to_string()));
             ExitCode::from(e.exit_code())
         }
     }

@@ -60,10 +60,11 @@ fn llama_bf16_extrapolates_too() {
     assert!(err.abs() <= 0.01, "extrapolation error {err}");
 }
 
-/// A model refused for memory is still extrapolated: that is what the mode is for.
+/// A model refused for memory is still extrapolated: that is what the mode is for. Baby GPT at
+/// batch 1 × seq 16 needs ~55 MiB; its 1- and 2-layer versions fit in 40 MB, the whole does not.
 #[test]
 fn refused_model_is_still_extrapolated() {
-    let j = verify_json(&["--max-memory", "1000", "--batch", "1", "--seq", "16"]);
+    let j = verify_json(&["--max-memory", "40000000", "--batch", "1", "--seq", "16"]);
     let e = &j["extrapolation"];
     // At least the f32 weights and gradients of baby-gpt.
     assert!(e["predicted_peak_bytes"].as_u64().unwrap() > 2 * 4 * 3_481_088);

@@ -720,7 +720,7 @@ fn measure_artifacts(
                     false,
                     format!(
                         "{}; set TMPDIR to a writable folder with room, or pass --no-artifacts",
-                        crate::files::printable(&e.to_string())
+                        crate::error::printable(&e.to_string())
                     ),
                 ));
                 return quantize_checks(numel, varmap, report, checks);
@@ -846,9 +846,8 @@ fn finite_checks(r: &run::StepResult) -> Result<Vec<Check>> {
         .filter(|(_, n)| !n.is_finite())
         .map(|(name, _)| name.as_str())
         .collect();
-    // x − x is 0 for every finite x and NaN otherwise; the sum is exactly 0 iff all are finite.
-    let logits = &r.logits;
-    let logits_finite = (logits - logits)?
+    // x · 0 is 0 for every finite x and NaN otherwise; the sum is exactly 0 iff all are finite.
+    let logits_finite = (&r.logits * 0.0)?
         .to_dtype(candle_core::DType::F64)?
         .sum_all()?
         .to_scalar::<f64>()?
@@ -874,7 +873,7 @@ fn finite_checks(r: &run::StepResult) -> Result<Vec<Check>> {
                     "{} of {} tensors have a NaN or ±inf norm: {}",
                     bad_grads.len(),
                     r.grad_norms.len(),
-                    crate::files::excerpt(&bad_grads.join(", "))
+                    crate::error::excerpt(&bad_grads.join(", "))
                 )
             },
         ),
