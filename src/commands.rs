@@ -24,6 +24,7 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Inspect(a) => crate::inspect::run(a),
         Command::Scaling(a) => crate::plan_cmd::scaling(a),
         Command::Gpus(a) => crate::plan_cmd::gpus(a),
+        Command::Infer(a) => crate::cmd::infer::run(a),
     }
 }
 

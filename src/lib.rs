@@ -3,12 +3,15 @@
 //!
 //! The data flows one way: `config` → `estimate` → `model` → `measure` → `verify` → `report`.
 
+pub mod checkpoint;
 pub mod cli;
+pub mod cmd;
 pub mod commands;
 pub mod config;
 pub mod dtype;
 pub mod error;
 pub mod estimate;
+pub mod infer;
 pub mod inspect;
 pub mod measure;
 pub mod model;

@@ -228,6 +228,7 @@ fn parse_gpt2(o: &Obj<'_>, src: &str) -> Result<ModelConfig> {
         rope_theta: 10_000.0,
         rope_scaling: None,
         norm_eps: o.f64_opt("layer_norm_epsilon")?.unwrap_or(1e-5),
+        sliding_window: None,
         run: RunDefaults::default(),
     })
 }
@@ -330,6 +331,17 @@ fn parse_llama(o: &Obj<'_>, src: &str, model_type: &str, d: &LlamaDefaults) -> R
         rope_theta,
         rope_scaling,
         norm_eps: o.f64_opt("rms_norm_eps")?.unwrap_or(d.rms_norm_eps),
+        sliding_window: sliding_window(o, model_type)?,
         run: RunDefaults::default(),
     })
+}
+
+/// Mistral and Mixtral apply `sliding_window` to every layer whenever it is set (`null`, as in
+/// Mistral-7B v0.2+ and Mixtral, means full attention). Qwen2's window is per layer type and off
+/// in released configs (`use_sliding_window: false`); Llama has none.
+fn sliding_window(o: &Obj<'_>, model_type: &str) -> Result<Option<usize>> {
+    match model_type {
+        "mistral" | "mixtral" => o.usize_opt("sliding_window"),
+        _ => Ok(None),
+    }
 }

@@ -87,6 +87,9 @@ pub struct ModelConfig {
     pub rope_theta: f64,
     pub rope_scaling: Option<Llama3RopeScaling>,
     pub norm_eps: f64,
+    /// Sliding-window attention (Mistral's `sliding_window`): a token attends to itself and the
+    /// `w - 1` tokens before it. `None`: full causal attention. Changes memory, not the count.
+    pub sliding_window: Option<usize>,
     #[serde(skip)]
     pub run: RunDefaults,
 }
@@ -104,6 +107,12 @@ impl ModelConfig {
     /// Width of the key (and value) projection output.
     pub fn kv_dim(&self) -> usize {
         self.n_kv_head * self.head_dim
+    }
+
+    /// The attention window of layer `layer` (`None`: full causal attention). One place for
+    /// per-layer rules (families that alternate local and global layers extend it).
+    pub fn attention_window(&self, _layer: usize) -> Option<usize> {
+        self.sliding_window
     }
 
     /// Whether q/k/v projections carry a bias.
@@ -243,6 +252,16 @@ impl ModelConfig {
                     "n_experts_per_tok",
                     self.n_experts_per_tok,
                     format!("must be between 1 and n_experts = {}", self.n_experts),
+                ));
+            }
+        }
+        if let Some(w) = self.sliding_window {
+            if w == 0 || w > MAX_DIM {
+                return Err(Error::field(
+                    src,
+                    "sliding_window",
+                    w,
+                    "must be > 0 and at most 2^24",
                 ));
             }
         }

@@ -27,6 +27,7 @@ struct TomlConfig {
     n_experts_per_tok: Option<i64>,
     rope_theta: Option<f64>,
     norm_eps: Option<f64>,
+    sliding_window: Option<i64>,
     run: Option<TomlRun>,
 }
 
@@ -167,6 +168,10 @@ pub fn parse(text: &str, src: &str) -> Result<ModelConfig> {
         rope_theta: raw.rope_theta.unwrap_or(10_000.0),
         rope_scaling: None,
         norm_eps: raw.norm_eps.unwrap_or(if is_gpt2 { 1e-5 } else { 1e-6 }),
+        sliding_window: raw
+            .sliding_window
+            .map(|v| size(src, "sliding_window", v))
+            .transpose()?,
         run,
     })
 }

@@ -2,6 +2,7 @@
 //! numbers into text; they never compute.
 
 pub mod csv;
+pub mod infer;
 pub mod json;
 pub mod markdown;
 pub mod memory_rules;

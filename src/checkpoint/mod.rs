@@ -1,0 +1,3 @@
+//! Checkpoint files read as hostile input.
+
+pub mod gguf;
