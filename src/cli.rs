@@ -82,6 +82,9 @@ pub struct StepArgs {
 pub struct EstimateArgs {
     #[command(flatten)]
     pub config: ConfigArgs,
+    /// A model folder or a GGUF file to read the config from (same as --config).
+    #[arg(long, value_name = "PATH", conflicts_with_all = ["config", "preset"])]
+    pub model: Option<std::path::PathBuf>,
     #[command(flatten)]
     pub step: StepArgs,
     #[arg(long, value_enum, default_value_t = Format::Table)]
@@ -92,7 +95,8 @@ pub struct EstimateArgs {
 pub struct VerifyArgs {
     #[command(flatten)]
     pub config: ConfigArgs,
-    /// HF checkpoint folder: config.json + model.safetensors (or a sharded index). Loads real weights.
+    /// HF checkpoint folder: config.json + model.safetensors (or a sharded index). Loads real
+    /// weights. A GGUF file is accepted with --shapes-only (its header is checked).
     #[arg(long, value_name = "DIR", conflicts_with_all = ["config", "preset"])]
     pub model: Option<PathBuf>,
     /// Reference outputs (expected.safetensors + expected.json) to check logits, loss and gradients.
@@ -180,7 +184,7 @@ pub struct PresetsArgs {
 
 #[derive(Debug, Args)]
 pub struct InspectArgs {
-    /// A .safetensors file, a model.safetensors.index.json, or an HF model folder.
+    /// A .safetensors file, a model.safetensors.index.json, an HF model folder, or a GGUF file.
     #[arg(value_name = "PATH")]
     pub path: PathBuf,
     /// Config to check the checkpoint against (default: the folder's config.json, if any).

@@ -105,7 +105,10 @@ pub fn base_report(
 }
 
 fn estimate(a: EstimateArgs) -> Result<u8> {
-    let cfg = load_config(&a.config)?;
+    let cfg = match &a.model {
+        Some(p) => config::load(ConfigSource::Path(p))?,
+        None => load_config(&a.config)?,
+    };
     let step = resolve_step(&cfg, &a.step)?;
     let report = base_report("estimate", &cfg, step)?;
     print!("{}", exporter(a.format).render(&report));

@@ -835,6 +835,9 @@ pub fn sections(r: &InspectReport) -> Vec<Section> {
 
 /// `truesize inspect PATH [--config PATH] [--format F]`.
 pub fn run(a: InspectArgs) -> Result<u8> {
+    if crate::checkpoint::gguf::has_magic(&a.path) {
+        return run_gguf(&a);
+    }
     let r = inspect(&a.path, a.config.as_deref())?;
     let text = match a.format {
         Format::Json => {
@@ -842,6 +845,28 @@ pub fn run(a: InspectArgs) -> Result<u8> {
         }
         Format::Table => crate::report::table::render_sections(&sections(&r)),
         Format::Markdown => crate::report::markdown::render_sections(&sections(&r)),
+    };
+    print!("{text}");
+    Ok(verdict(r.pass))
+}
+
+fn run_gguf(a: &InspectArgs) -> Result<u8> {
+    use crate::checkpoint::gguf_inspect;
+    if let Some(c) = &a.config {
+        return Err(Error::field(
+            "command line",
+            "--config",
+            c.display(),
+            "a GGUF file carries its own config in its metadata",
+        ));
+    }
+    let r = gguf_inspect::inspect(&a.path)?;
+    let text = match a.format {
+        Format::Json => {
+            serde_json::to_string_pretty(&r).map_err(|e| Error::Internal(e.into()))? + "\n"
+        }
+        Format::Table => crate::report::table::render_sections(&gguf_inspect::sections(&r)),
+        Format::Markdown => crate::report::markdown::render_sections(&gguf_inspect::sections(&r)),
     };
     print!("{text}");
     Ok(verdict(r.pass))

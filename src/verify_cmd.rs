@@ -32,8 +32,19 @@ const LOSS_TOLERANCE: f64 = 1e-5;
 const GRAD_NORM_TOLERANCE: f64 = 1e-3;
 
 pub fn verify(a: VerifyArgs) -> Result<u8> {
+    let gguf = a
+        .model
+        .as_deref()
+        .is_some_and(crate::checkpoint::gguf::has_magic);
+    if gguf && !a.shapes_only {
+        return Err(Error::file(
+            a.model.as_deref().unwrap_or(std::path::Path::new("")),
+            "is a GGUF file: verify trains in f32/f16/bf16 from an HF folder; use --shapes-only to check the file against its config, or `truesize infer --model` to run it",
+        ));
+    }
     let cfg =
         match &a.model {
+            Some(dir) if gguf => config::load(ConfigSource::Path(dir))?,
             Some(dir) if dir.is_file() => return Err(Error::file(
                 dir,
                 "--model takes an HF model folder (config.json + model.safetensors), not a file",
@@ -136,8 +147,12 @@ pub fn verify(a: VerifyArgs) -> Result<u8> {
             .push(format!("--shapes-only: counted {} tensors from names and shapes in {:.1} ms; nothing allocated", shape_census.tensors, shapes_s * 1e3));
         if let Some(dir) = &a.model {
             // No weights are loaded, but the checkpoint is still checked, from its headers.
-            let ins = crate::inspect::inspect(dir, None)?;
-            checks.extend(ins.checks.into_iter().map(|mut c| {
+            let header_checks = if gguf {
+                crate::checkpoint::gguf_inspect::inspect(dir)?.checks
+            } else {
+                crate::inspect::inspect(dir, None)?.checks
+            };
+            checks.extend(header_checks.into_iter().map(|mut c| {
                 c.name = format!("checkpoint headers: {}", c.name);
                 c
             }));

@@ -824,7 +824,7 @@ fn measured_run(
     let source = match &p.source {
         SourceSpec::Random { seed } => Source::Random { seed: *seed },
         SourceSpec::Hf(d) => Source::Safetensors { path: d.clone() },
-        SourceSpec::Gguf(f) => Source::Gguf(Box::new(gguf::GgufFile::open(f, &p.cfg)?)),
+        SourceSpec::Gguf(f) => Source::Gguf { path: f.clone() },
     };
     let r = run::run(RunPlan {
         cfg: &p.cfg,

@@ -347,6 +347,10 @@ fn load_path(path: &Path) -> Result<ModelConfig> {
         }
         return load_path(&cj);
     }
+    if crate::checkpoint::gguf::has_magic(path) {
+        let h = crate::checkpoint::gguf::read_header(path)?;
+        return crate::checkpoint::gguf::config_from_header(&h);
+    }
     let text = std::fs::read(path).map_err(|e| Error::file(path, format!("cannot read: {e}")))?;
     let text = String::from_utf8(text).map_err(|_| Error::file(path, "is not valid UTF-8 text"))?;
     let name = path.display().to_string();

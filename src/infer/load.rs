@@ -32,8 +32,9 @@ pub enum Source {
     Random { seed: u64 },
     /// An HF folder or `.safetensors` file (or sharded index).
     Safetensors { path: PathBuf },
-    /// A GGUF file, each tensor in its own stored type.
-    Gguf(Box<GgufFile>),
+    /// A GGUF file, each tensor in its own stored type (opened while building, so that
+    /// candle's reader and its metadata are gone once the network is built).
+    Gguf { path: PathBuf },
 }
 
 /// What a tensor is, for initialisation and checks.
@@ -556,7 +557,7 @@ pub fn build(
             .map_err(|e| Error::file(&path, format!("cannot read safetensors: {e}")))?;
             SourceState::Safetensors(st, path.display().to_string())
         }
-        Source::Gguf(f) => SourceState::Gguf(f),
+        Source::Gguf { path } => SourceState::Gguf(Box::new(GgufFile::open(&path, cfg)?)),
     };
     Builder {
         cfg,
@@ -574,7 +575,7 @@ pub fn describe(source: &Source) -> String {
     match source {
         Source::Random { seed } => format!("random N(0, {INIT_STD}), seed {seed}"),
         Source::Safetensors { path } => path.display().to_string(),
-        Source::Gguf(f) => f.path.display().to_string(),
+        Source::Gguf { path } => path.display().to_string(),
     }
 }
 
