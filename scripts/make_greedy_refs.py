@@ -14,12 +14,14 @@ none), and writes `greedy.json` beside it:
 position) must give the same ids, or the script fails.
 
 With --make-mistral-swa DIR it first creates a tiny Mistral whose sliding window (5) is shorter
-than prompt + generation, with the same recipe as the other fixtures (N(0, 0.08) matrices).
+than prompt + generation, with the same recipe as the other fixtures (N(0, 0.08) matrices). It
+lives under tests/fixtures/infer/: it has no training reference (the training networks do not
+implement sliding windows), so the tests that walk every top-level fixture skip it.
 
 Run from the repository root with a Python that has torch, transformers and safetensors
 (outside the project: CI never runs this):
 
-    /work/venv/bin/python scripts/make_greedy_refs.py --make-mistral-swa tests/fixtures/tiny-mistral-swa
+    /work/venv/bin/python scripts/make_greedy_refs.py --make-mistral-swa tests/fixtures/infer/tiny-mistral-swa
 """
 
 import argparse
