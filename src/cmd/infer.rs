@@ -616,6 +616,7 @@ fn scenario<'a>(
         },
         cpu,
         head_stored: p.head_stored,
+        fused_attention: false,
     }
 }
 

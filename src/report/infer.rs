@@ -298,7 +298,7 @@ pub fn sections(r: &InferReport) -> Vec<Section> {
                     f.context,
                     f.best_format.unwrap_or("none")
                 ),
-                s("workspace: truesize's engine (attention scores materialised, no flash attention), on a GPU (no CPU-kernel scratch)"),
+                s("workspace: the engine's activations for one prefill chunk or decode step with fused (flash) attention, as GPU servers run it: no attention scores in memory; no CPU-kernel scratch"),
             ],
         });
         out.push(Section {

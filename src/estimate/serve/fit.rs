@@ -1,9 +1,10 @@
 //! What fits in a memory budget: the longest context at a batch, the largest batch at a
 //! context, the highest-precision weight format, and the same over the GPU table.
 //!
-//! need(B, T) = weights + KV cache(B, T) + workspace of the engine (one prefill chunk against T
-//! cached positions, or a decode step, whichever is larger) + runtime overhead. The overhead is
-//! an assumption, always shown as its own line and never folded in silently.
+//! need(B, T) = weights + KV cache(B, T) + workspace (the activations of one prefill chunk or
+//! one decode step at T cached positions, whichever is larger, with attention as a fused kernel
+//! as GPU servers run it) + runtime overhead. The overhead is an assumption, always shown as its
+//! own line and never folded in silently.
 
 use super::formats::WeightFormat;
 use super::weights::{self, WeightsEstimate};

@@ -124,6 +124,9 @@ pub struct Scenario<'a> {
     pub cpu: bool,
     /// A GGUF file whose tied head is stored as its own tensor.
     pub head_stored: bool,
+    /// Attention as a fused kernel (flash attention: no scores in memory), as GPU servers run
+    /// it; truesize's own engine materialises the scores (false).
+    pub fused_attention: bool,
 }
 
 /// What the engine is predicted to hold, in bytes above the baseline before loading.
@@ -515,6 +518,21 @@ impl Engine<'_> {
             t.free(v);
             (valid + tt, start - valid, start + tt - 1)
         };
+        if s.fused_attention {
+            // A fused kernel (flash attention) reads q and the cache in place and writes only
+            // the output [B·T, H·hd]; the scores never exist in memory.
+            let y = t.alloc(bt * qd * a);
+            t.free(q);
+            t.free(cat);
+            let _ = (s_len, oldest, newest, masks);
+            let o_name = match cfg.arch {
+                Arch::Llama => format!("model.layers.{layer}.self_attn.o_proj"),
+                Arch::Gpt2 => format!("transformer.h.{layer}.attn.c_proj"),
+            };
+            let o = self.linear(t, &o_name, bt, qd, d, cfg.bias);
+            t.free(y);
+            return o;
+        }
         let rep = nh / nkv;
         let keys = if kvb != a {
             t.alloc(b * nkv * s_len * hd * a)
@@ -788,9 +806,12 @@ fn shift_bytes(cfg: &ModelConfig, a: u64) -> u64 {
     layer_norm_shifts(cfg) * cfg.n_embd as u64 * a
 }
 
-/// The workspace a serving run needs on top of weights and KV cache for one prefill chunk of
-/// `chunk` tokens against `context` cached positions, and for a decode step at `context`
-/// (the fit questions use the larger). Quick: one chunk and one step are replayed.
+/// The workspace a GPU server needs on top of weights and KV cache: the larger of one prefill
+/// chunk of `chunk` tokens of one sequence against `context` cached positions (servers prefill
+/// a request a chunk at a time while the others decode: vLLM's chunked prefill, llama.cpp's
+/// ubatch) and one decode step of all `batch` sequences at `context`. Attention is fused (no
+/// scores in memory) and the CPU backend's scratch is absent. One chunk and one step are
+/// replayed.
 pub fn workspace_bytes(
     cfg: &ModelConfig,
     weights: &WeightsEstimate,
@@ -814,6 +835,7 @@ pub fn workspace_bytes(
         repack: RepackLevel::None,
         cpu: false,
         head_stored: false,
+        fused_attention: true,
     };
     let a = s.act.bytes();
     let mut e = Engine {
@@ -825,7 +847,17 @@ pub fn workspace_bytes(
     let mut t = Tally::default();
     let c = s.chunk as u64;
     let start = context as u64 - c;
-    e.forward(&mut t, c, start, false);
+    let one = Scenario {
+        batch: 1,
+        ..s.clone()
+    };
+    let mut pe = Engine {
+        s: &one,
+        a,
+        kvb: kv.bytes(),
+        kept: Kept::default(),
+    };
+    pe.forward(&mut t, c, start, false);
     let prefill = t.peak;
     let mut t2 = Tally::default();
     e.forward(&mut t2, 1, context.saturating_sub(1) as u64, false);
