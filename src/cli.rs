@@ -258,7 +258,8 @@ pub struct InferArgs {
     /// K and V element type: f32, f16 or bf16 (default: the activation dtype).
     #[arg(long, value_name = "DTYPE")]
     pub kv_dtype: Option<String>,
-    /// Tokens per prefill forward (default: the whole prompt in one).
+    /// Tokens per prefill forward (default 512, llama.cpp's physical batch; the fit questions
+    /// use it too).
     #[arg(long, value_name = "C")]
     pub prefill_chunk: Option<usize>,
     /// The estimate only, at any size: nothing is loaded or run.

@@ -19,7 +19,7 @@ use serde::Serialize;
 /// workspaces and allocator slack. An assumption, not a measurement: 1 GiB is a round figure
 /// for a CUDA context plus a framework's workspaces; pass `--overhead` to use your own.
 pub const DEFAULT_RUNTIME_OVERHEAD_BYTES: u64 = 1 << 30;
-/// Prefill chunk assumed by the fit questions: llama.cpp's default physical batch
+/// Default prefill chunk of `infer` and the fit questions: llama.cpp's default physical batch
 /// (`n_ubatch` = 512).
 pub const DEFAULT_FIT_CHUNK: usize = 512;
 
