@@ -1,4 +1,4 @@
-//! Command-line definitions only (clap derive); `commands` does the work.
+//! Command-line definitions only (clap derive); `cmd` does the work.
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
@@ -46,12 +46,7 @@ pub enum Command {
     Infer(InferArgs),
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Format {
-    Table,
-    Json,
-    Markdown,
-}
+pub use crate::report::Format;
 
 /// Which model: a preset, a config file (truesize TOML or HF config.json) or a folder holding one.
 #[derive(Debug, Args)]
@@ -138,6 +133,10 @@ pub struct VerifyArgs {
     /// After backward, take one real optimizer step and measure its peak (moments included).
     #[arg(long, value_enum, value_name = "OPT")]
     pub optimizer: Option<Optimizer>,
+    /// Print every table (default: one screen with what decides the verdict; JSON always has
+    /// everything).
+    #[arg(long)]
+    pub full: bool,
     #[arg(long, value_enum, default_value_t = Format::Table)]
     pub format: Format,
 }

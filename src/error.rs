@@ -28,6 +28,9 @@ pub enum Error {
     /// The run would need more memory than the device has; refused before allocating.
     #[error("{0}")]
     Refused(String),
+    /// The output could not be written (a full disk, a closed stdout that is not a pipe).
+    #[error("cannot write the output: {0}")]
+    Output(String),
     /// A failure inside candle or elsewhere that is not the user's input.
     #[error("{0:#}")]
     Internal(#[from] anyhow::Error),
@@ -60,7 +63,7 @@ impl Error {
         match self {
             Error::InvalidField { .. } | Error::File { .. } | Error::Usage(_) => EXIT_BAD_INPUT,
             Error::Refused(_) => EXIT_CHECK_FAILED,
-            Error::Internal(_) => EXIT_BAD_INPUT,
+            Error::Internal(_) | Error::Output(_) => EXIT_BAD_INPUT,
         }
     }
 }

@@ -1,6 +1,6 @@
 use clap::Parser;
 use std::process::ExitCode;
-use truesize::{cli::Cli, commands};
+use truesize::{cli::Cli, cmd};
 
 #[global_allocator]
 static ALLOC: truesize::measure::alloc::CountingAlloc = truesize::measure::alloc::CountingAlloc;
@@ -13,7 +13,7 @@ fn main() -> ExitCode {
         truesize::measure::alloc::disable_counting();
     }
     let cli = Cli::parse();
-    match commands::run(cli) {
+    match cmd::run(cli) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("error: {e}");

@@ -7,7 +7,7 @@ mod common;
 use common::{fixtures, json_of, temp_file, truesize};
 use truesize::config::{self, ConfigSource};
 use truesize::dtype::TrainDtype;
-use truesize::estimate::activations::{self, Step};
+use truesize::model::autograd_replay::{self as activations, Step};
 
 /// The bar for predicted vs measured peaks.
 const TOLERANCE: f64 = 0.05;

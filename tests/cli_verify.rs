@@ -226,3 +226,61 @@ fn shapes_only_still_checks_the_checkpoint_headers() {
         .stderr(predicate::str::contains("model.safetensors"))
         .stderr(predicate::str::contains("runs past the end"));
 }
+
+/// The default table is one screen that ends in the verdict; `--full` prints every table; the
+/// JSON has everything either way.
+#[test]
+fn headline_fits_one_screen_and_full_prints_everything() {
+    let out = truesize()
+        .args(["verify", "--no-artifacts"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.lines().count() <= 50,
+        "{} lines:\n{text}",
+        text.lines().count()
+    );
+    for part in [
+        "baby-gpt",
+        "census (numel)",
+        "Where the 12·d² rule differs",
+        "Peak memory: predicted vs measured",
+        "verdict: PASS",
+    ] {
+        assert!(text.contains(part), "{part} missing:\n{text}");
+    }
+    assert!(!text.contains("Rules of thumb vs measured peak"));
+    let full = truesize()
+        .args(["verify", "--no-artifacts", "--full"])
+        .output()
+        .unwrap();
+    let full = String::from_utf8(full.stdout).unwrap();
+    for part in [
+        "Rules of thumb vs measured peak",
+        "Memory of one training step (measured)",
+        "FLOPs of one sequence",
+        "verdict: PASS",
+    ] {
+        assert!(full.contains(part), "{part} missing from --full");
+    }
+    assert!(full.lines().count() > text.lines().count());
+}
+
+/// A failed check comes first in the headline, with its numbers.
+#[test]
+fn headline_shows_failed_checks_first() {
+    let out = truesize()
+        .args(["verify", "--no-artifacts", "--max-memory", "1000"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("Checks that failed"), "{text}");
+    assert!(
+        text.contains("memory preflight: predicted peak fits"),
+        "{text}"
+    );
+    assert!(text.contains("verdict: FAIL"), "{text}");
+}

@@ -43,13 +43,26 @@ fn census_numel(cfg: &ModelConfig) -> (u64, Vec<(Component, u64)>) {
     for s in specs {
         let n: u64 = s.shape.iter().map(|&d| d as u64).product();
         total += n;
-        *per.entry(Component::of_tensor(&s.name).expect("classified"))
+        *per.entry(truesize::family::guess_component(&s.name).expect("classified"))
             .or_insert(0) += n;
     }
     (total, per.into_iter().collect())
 }
 
 fn assert_estimate_equals_census(cfg: &ModelConfig) -> Result<(), TestCaseError> {
+    // The family's tensor list names exactly the tensors the genuine network requests, with
+    // their shapes.
+    let listed: std::collections::BTreeMap<String, Vec<usize>> = truesize::family::tensors(cfg)
+        .into_iter()
+        .map(|t| (t.name, t.shape))
+        .collect();
+    let built: std::collections::BTreeMap<String, Vec<usize>> =
+        shapes_only(cfg, candle_core::DType::F32)
+            .expect("shape-only build")
+            .into_iter()
+            .map(|s| (s.name, s.shape))
+            .collect();
+    prop_assert_eq!(listed, built);
     let e = estimate(cfg).expect("estimate");
     let (numel, per) = census_numel(cfg);
     prop_assert_eq!(e.total, numel);

@@ -124,6 +124,19 @@ fn bad_checkpoint(model: &[u8], stderr_has: &[&str]) -> String {
     )
 }
 
+/// `verify --model` on a checkpoint that reads fine but does not match its config: the same
+/// failed check as `inspect` (exit 1), the tensor named on stderr, nothing built.
+fn mismatched_checkpoint(model: &[u8], stderr_has: &[&str]) -> String {
+    let (_d, folder) = model_folder(model, true);
+    let mut want = vec!["hostile-model"];
+    want.extend_from_slice(stderr_has);
+    fails(
+        &["verify", "--model", s(&folder), "--no-artifacts"],
+        1,
+        &want,
+    )
+}
+
 // ---- checkpoints ---------------------------------------------------------------------------
 
 #[test]
@@ -178,7 +191,7 @@ fn checkpoint_missing_tensor_is_named() {
         .into_iter()
         .filter(|(n, _, _)| n != "transformer.ln_f.bias")
         .collect();
-    bad_checkpoint(&packed(&tensors), &["transformer.ln_f.bias"]);
+    mismatched_checkpoint(&packed(&tensors), &["transformer.ln_f.bias"]);
 }
 
 #[test]
@@ -193,7 +206,7 @@ fn checkpoint_wrong_shape_is_named() {
             }
         })
         .collect();
-    bad_checkpoint(
+    mismatched_checkpoint(
         &packed(&tensors),
         &["transformer.ln_f.bias", "[48]", "[12, 4]"],
     );
@@ -610,11 +623,13 @@ fn fuzz_regressions_and_seeds_replay_without_panic() {
             replayed += 1;
         }
         for p in files_under(&root.join(kind).join("safetensors_header")) {
-            if let Ok(h) = truesize::inspect::read_header(&p) {
+            if let Ok(h) = truesize::checkpoint::safetensors::read_header(&p) {
                 let covered: u64 = h.entries.iter().map(|t| t.bytes).sum();
                 assert_eq!(covered, h.data_bytes, "{}", p.display());
             }
-            let _ = truesize::inspect::inspect(&p, None);
+            if let Ok(c) = truesize::checkpoint::Checkpoint::open(&p) {
+                let _ = truesize::checkpoint::check(&c, None);
+            }
             replayed += 1;
         }
     }
@@ -696,4 +711,22 @@ fn estimate_of_a_checkpoint_given_as_config_is_bad_input() {
     // A user passing the weights where the config belongs gets the file named, not a panic.
     let p = fixtures().join("tiny-gpt2/model.safetensors");
     fails(&["estimate", "--config", s(&p)], 2, &["model.safetensors"]);
+}
+
+/// A stdout that cannot be written (a full device) is an error message and a non-zero exit,
+/// not a panic.
+#[test]
+fn unwritable_stdout_is_an_error_not_a_panic() {
+    let Ok(full) = std::fs::OpenOptions::new().write(true).open("/dev/full") else {
+        return; // no /dev/full on this system
+    };
+    let out = std::process::Command::new(assert_cmd::cargo::cargo_bin("truesize"))
+        .args(["estimate", "--preset", "gpt2"])
+        .stdout(full)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("cannot write the output"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
 }

@@ -39,7 +39,7 @@ fuzz_target!(|data: &[u8]| {
     assert_eq!(by_type, h.data_bytes);
     let f = file();
     std::fs::write(f, data).expect("write fuzz input");
-    let _ = gguf_inspect::inspect(f).map(|r| gguf_inspect::sections(&r));
+    let _ = gguf_inspect::inspect(f).map(|r| truesize::report::gguf::sections(&r));
     if let Ok(cfg) = gguf::config_from_header(&h) {
         let _ = truesize::estimate::serve::weights::gguf_layout(&cfg);
         // candle's reader on a file ours accepted must not panic either.

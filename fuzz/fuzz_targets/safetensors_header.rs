@@ -34,7 +34,7 @@ fuzz_target!(|data: &[u8]| {
     let d = dir();
     let file = d.join("model.safetensors");
     std::fs::write(&file, data).expect("write fuzz input");
-    let Ok(h) = truesize::inspect::read_header(&file) else {
+    let Ok(h) = truesize::checkpoint::safetensors::read_header(&file) else {
         return;
     };
     // Invariants of a header that passed: the data section is tiled exactly.
@@ -46,10 +46,16 @@ fuzz_target!(|data: &[u8]| {
         "tensors do not tile the data section"
     );
     // The folder (with its config.json) and the bare file, as `truesize inspect` would see them.
-    for cfg in [None, Some(d.join("config.json"))] {
-        if let Ok(r) = truesize::inspect::inspect(d, cfg.as_deref()) {
-            let _ = truesize::inspect::sections(&r);
+    let inspect = |path: &std::path::Path, cfg: Option<&std::path::Path>| {
+        use truesize::cmd::inspect::{report, Plan};
+        if let Ok(plan) = Plan::new(path.to_path_buf(), cfg, truesize::cli::Format::Table) {
+            if let Ok(r) = report(&plan) {
+                let _ = truesize::report::inspect::sections(&r);
+            }
         }
+    };
+    for cfg in [None, Some(d.join("config.json"))] {
+        inspect(d, cfg.as_deref());
     }
-    let _ = truesize::inspect::inspect(&file, None).map(|r| truesize::inspect::sections(&r));
+    inspect(&file, None);
 });

@@ -4,26 +4,28 @@
 //! Every flag is validated into a [`Plan`] before anything is loaded; the run is refused
 //! before allocating if its predicted peak does not fit (exit 1, like `verify`).
 
+use super::common::{load_config, verdict};
+use crate::check::{all_pass, Check};
 use crate::checkpoint::gguf::{self, GgufHeader};
-use crate::cli::{Format, InferArgs};
-use crate::commands::{load_config, verdict};
+use crate::cli::InferArgs;
 use crate::config::{self, ConfigSource, ModelConfig};
 use crate::dtype::TrainDtype;
 use crate::error::{Error, Result};
 use crate::estimate::gpus;
-use crate::estimate::serve::fit::{self, FitModel, FitReport};
+use crate::estimate::serve::fit::{self, FitModel};
 use crate::estimate::serve::formats::{self, WeightFormat};
-use crate::estimate::serve::kv::{self, KvComparison};
+use crate::estimate::serve::kv;
 use crate::estimate::serve::peaks::{self, PeakPrediction, RepackLevel, Scenario};
 use crate::estimate::serve::weights::{self, ServeTensor, TypeCount, WeightsEstimate};
 use crate::infer::load::Source;
-use crate::infer::run::{self, Measured, RunPlan, Timing};
+use crate::infer::run::{self, RunPlan};
 use crate::measure::device::DeviceSpec;
 use crate::measure::sysmem;
+use crate::report::infer::{GgufSummary, InferBlock, InferReport, RunInfo};
+use crate::report::{emit, View};
 use crate::units::Bytes;
-use crate::verify::{all_pass, Check};
 use rand::{Rng, SeedableRng};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -525,74 +527,6 @@ pub fn find_gpu(name: &str) -> Result<&'static gpus::Gpu> {
     }
 }
 
-/// The measured side of the JSON contract (`infer.*`), plus the prediction.
-#[derive(Debug, Clone, Serialize)]
-pub struct InferBlock {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub weights_bytes: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub kv_cache_bytes: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub prefill_peak_bytes: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub decode_peak_bytes: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub measured: Option<Measured>,
-    pub predicted: PeakPrediction,
-    /// Generated ids, one list per sequence.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub tokens: Option<Vec<Vec<u32>>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub timing: Option<Timing>,
-    /// Incremental decode vs one full forward: max |Δlogit| / max |logit|.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub full_forward_max_rel_error: Option<f64>,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct RunInfo {
-    pub weights_source: String,
-    pub weights_format: String,
-    pub activation_dtype: TrainDtype,
-    pub kv_dtype: TrainDtype,
-    pub batch: usize,
-    pub prompt_tokens: usize,
-    pub prompt_source: String,
-    pub generate: usize,
-    pub context: usize,
-    pub prefill_chunk: usize,
-    pub device: String,
-    pub shapes_only: bool,
-}
-
-/// The file as read, for a GGUF source.
-#[derive(Debug, Clone, Serialize)]
-pub struct GgufSummary {
-    #[serde(flatten)]
-    pub header: GgufHeader,
-    pub by_type: BTreeMap<&'static str, TypeCount>,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct InferReport {
-    pub command: &'static str,
-    pub model: ModelConfig,
-    /// Exact parameter count of the config.
-    pub params: u64,
-    pub run: RunInfo,
-    pub weights: WeightsEstimate,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub gguf: Option<GgufSummary>,
-    pub kv_cache: KvComparison,
-    pub infer: InferBlock,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub fit: Option<FitReport>,
-    pub checks: Vec<Check>,
-    pub pass: bool,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub notes: Vec<String>,
-}
-
 fn scenario<'a>(
     p: &'a Plan,
     prompt: usize,
@@ -623,20 +557,10 @@ fn scenario<'a>(
 }
 
 pub fn run(a: InferArgs) -> Result<u8> {
+    let format = a.format;
     let p = plan(&a)?;
     let (report, refused) = execute(p)?;
-    let text = match a.format {
-        Format::Json => {
-            serde_json::to_string_pretty(&report).map_err(|e| Error::Internal(e.into()))? + "\n"
-        }
-        Format::Table => {
-            crate::report::table::render_sections(&crate::report::infer::sections(&report))
-        }
-        Format::Markdown => {
-            crate::report::markdown::render_sections(&crate::report::infer::sections(&report))
-        }
-    };
-    print!("{text}");
+    emit(format, &report, View::Full)?;
     if let Some(msg) = refused {
         eprintln!("error: refused: {msg}");
     }

@@ -1,7 +1,11 @@
 //! truesize TOML: nanoGPT's names, every unknown key an error (a typo must not pass silently).
+//! The generic checks happen here; `arch` picks the family (`crate::family`) that applies its
+//! defaults and rules.
 
-use super::{Arch, ModelConfig, RunDefaults};
+use super::fields::TomlFields;
+use super::{ModelConfig, RunDefaults};
 use crate::error::{Error, Result};
+use crate::family;
 use serde::Deserialize;
 
 /// Sizes are read as i64 so that `n_embd = -1` gets our message (field, value, rule), not serde's.
@@ -62,66 +66,30 @@ pub fn parse(text: &str, src: &str) -> Result<ModelConfig> {
             format!("invalid truesize TOML: {}", e.to_string().trim_end()),
         )
     })?;
-    let arch = match raw.arch.as_str() {
-        "gpt2" => Arch::Gpt2,
-        "llama" => Arch::Llama,
-        other => {
-            return Err(Error::field(
-                src,
-                "arch",
-                format!("{other:?}"),
-                "unknown architecture; expected \"gpt2\" or \"llama\"",
-            ))
-        }
+    let Some(fam) = family::by_toml_arch(&raw.arch) else {
+        return Err(Error::field(
+            src,
+            "arch",
+            format!("{:?}", raw.arch),
+            format!(
+                "unknown architecture; expected {}",
+                family::toml_arches()
+                    .iter()
+                    .map(|a| format!("{a:?}"))
+                    .collect::<Vec<_>>()
+                    .join(" or ")
+            ),
+        ));
     };
+    let opt = |field: &str, v: Option<i64>| v.map(|v| size(src, field, v)).transpose();
+    let opt0 = |field: &str, v: Option<i64>| v.map(|v| size_or_zero(src, field, v)).transpose();
     let n_embd = size(src, "n_embd", raw.n_embd)?;
     let n_head = size(src, "n_head", raw.n_head)?;
-    let n_kv_head = match raw.n_kv_head {
-        Some(v) => size(src, "n_kv_head", v)?,
-        None => n_head,
-    };
-    let head_dim = match raw.head_dim {
-        Some(v) => size(src, "head_dim", v)?,
-        None => n_embd / n_head,
-    };
-    let intermediate_size = match (raw.intermediate_size, arch) {
-        (Some(v), _) => size(src, "intermediate_size", v)?,
-        // Saturating: an absurd n_embd is reported by validate (fuzz/regressions/toml_config).
-        (None, Arch::Gpt2) => n_embd.saturating_mul(4),
-        (None, Arch::Llama) => {
-            return Err(Error::field(
-                src,
-                "intermediate_size",
-                "(missing)",
-                "required for arch = \"llama\" (SwiGLU width has no fixed ratio)",
-            ))
-        }
-    };
-    let n_experts = match raw.n_experts {
-        Some(v) => size_or_zero(src, "n_experts", v)?,
-        None => 0,
-    };
-    let n_experts_per_tok = match raw.n_experts_per_tok {
-        Some(v) => size_or_zero(src, "n_experts_per_tok", v)?,
-        None if n_experts > 0 => 2,
-        None => 0,
-    };
-    if arch == Arch::Gpt2 {
-        for (field, set) in [
-            ("qkv_bias", raw.qkv_bias.is_some()),
-            ("mlp_bias", raw.mlp_bias.is_some()),
-            ("rope_theta", raw.rope_theta.is_some()),
-        ] {
-            if set {
-                return Err(Error::field(
-                    src,
-                    field,
-                    "(set)",
-                    "only applies to arch = \"llama\"; GPT-2 uses `bias` for every layer",
-                ));
-            }
-        }
-    }
+    let n_kv_head = opt("n_kv_head", raw.n_kv_head)?;
+    let head_dim = opt("head_dim", raw.head_dim)?;
+    let intermediate_size = opt("intermediate_size", raw.intermediate_size)?;
+    let n_experts = opt0("n_experts", raw.n_experts)?;
+    let n_experts_per_tok = opt0("n_experts_per_tok", raw.n_experts_per_tok)?;
     let run = match raw.run {
         None => RunDefaults::default(),
         Some(r) => RunDefaults {
@@ -141,16 +109,9 @@ pub fn parse(text: &str, src: &str) -> Result<ModelConfig> {
             )
         })?;
     }
-    let is_gpt2 = arch == Arch::Gpt2;
-    Ok(ModelConfig {
-        name: raw.name.unwrap_or_else(|| src.to_string()),
-        arch,
-        model_type: if n_experts > 0 {
-            "mixtral"
-        } else {
-            arch.name()
-        }
-        .to_string(),
+    let fields = TomlFields {
+        src: src.to_string(),
+        name: raw.name,
         vocab_size: size(src, "vocab_size", raw.vocab_size)?,
         block_size: size(src, "block_size", raw.block_size)?,
         n_embd,
@@ -159,19 +120,19 @@ pub fn parse(text: &str, src: &str) -> Result<ModelConfig> {
         n_kv_head,
         head_dim,
         intermediate_size,
-        tie_embeddings: raw.tie_embeddings.unwrap_or(is_gpt2),
-        bias: raw.bias.unwrap_or(is_gpt2),
-        qkv_bias: raw.qkv_bias.unwrap_or(false),
-        mlp_bias: raw.mlp_bias.unwrap_or(false),
+        tie_embeddings: raw.tie_embeddings,
+        bias: raw.bias,
+        qkv_bias: raw.qkv_bias,
+        mlp_bias: raw.mlp_bias,
         n_experts,
         n_experts_per_tok,
-        rope_theta: raw.rope_theta.unwrap_or(10_000.0),
-        rope_scaling: None,
-        norm_eps: raw.norm_eps.unwrap_or(if is_gpt2 { 1e-5 } else { 1e-6 }),
+        rope_theta: raw.rope_theta,
+        norm_eps: raw.norm_eps,
         sliding_window: raw
             .sliding_window
             .map(|v| size(src, "sliding_window", v))
             .transpose()?,
         run,
-    })
+    };
+    fam.read_toml(&fields)
 }

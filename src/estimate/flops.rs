@@ -14,8 +14,9 @@
 //! computed separately, from the parameter count, and compared.
 
 use super::params::{Component, ParamEstimate};
-use crate::config::{Arch, ModelConfig};
+use crate::config::ModelConfig;
 use crate::error::{Error, Result};
+use crate::family::{self, Kind};
 use serde::{Serialize, Serializer};
 
 /// FLOPs per multiply–accumulate: the notebook's `2·m·n·k` ("we count actual FLOPs, not MACs").
@@ -28,10 +29,21 @@ pub const BACKWARD_PER_FORWARD: u64 = 2;
 pub const PALM_FLOPS_PER_PARAM: u64 = 6;
 /// PaLM's attention term `12·L·H·Q·T`: scores and values, forward (2 + 2) and backward (×3).
 pub const PALM_ATTENTION_FACTOR: u64 = 12;
-/// Matrices in a GELU MLP (`c_fc`, `c_proj`).
-const GELU_MLP_MATRICES: u128 = 2;
-/// Matrices in a SwiGLU MLP (`gate`, `up`, `down`).
-const SWIGLU_MLP_MATRICES: u128 = 3;
+
+/// The matmul terms with weights: (term, component of the matrix, kind when the component
+/// holds matrices of more than one term).
+const MATMUL_TERMS: [(&str, Component, Option<Kind>); 6] = [
+    ("attention/qkv", Component::Attention, Some(Kind::MatmulIn)),
+    (
+        "attention/proj",
+        Component::Attention,
+        Some(Kind::MatmulOut),
+    ),
+    ("mlp", Component::Mlp, None),
+    ("router", Component::Router, None),
+    ("experts", Component::Experts, None),
+    ("lm_head", Component::LmHead, None),
+];
 
 /// One counted matmul (summed over all layers), forward FLOPs for one sequence.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -135,36 +147,55 @@ pub fn estimate(
     let mac = FLOPS_PER_MAC as u128;
     let t = seq as u128;
     let l = cfg.n_layer as u128;
-    let d = cfg.n_embd as u128;
     let q = cfg.q_dim() as u128;
-    let kv = cfg.kv_dim() as u128;
-    let ff = cfg.intermediate_size as u128;
-    let v = cfg.vocab_size as u128;
     // Query–key pairs per head: all T² (the notebook), or the causal lower triangle.
     let causal_pairs = t * (t + 1) / 2;
     let pairs = if causal { causal_pairs } else { t * t };
-    let mlp_matrices = match cfg.arch {
-        Arch::Gpt2 => GELU_MLP_MATRICES,
-        Arch::Llama => SWIGLU_MLP_MATRICES,
+    // Every matrix of the family's tensor list costs 2·numel FLOPs per token that passes through
+    // it: all tokens, or for an expert the n_experts_per_tok / n_experts routed to it.
+    let mut weights = [0u128; MATMUL_TERMS.len()];
+    let mut embed_tokens = 0u128;
+    for (tensor, times) in family::weighted_tensors(cfg) {
+        let n = tensor.numel() as u128 * times as u128;
+        if tensor.component == Component::EmbedTokens {
+            embed_tokens += n;
+        }
+        if !tensor.kind.is_matmul() {
+            continue;
+        }
+        if let Some(i) = MATMUL_TERMS
+            .iter()
+            .position(|&(_, c, k)| c == tensor.component && k.is_none_or(|k| k == tensor.kind))
+        {
+            weights[i] += n;
+        }
+    }
+    let term_weights = |name: &str| {
+        MATMUL_TERMS
+            .iter()
+            .position(|&(n, _, _)| n == name)
+            .map_or(0, |i| weights[i])
     };
     // [T, d] @ [d, q + 2kv]
-    let qkv = mac * t * d * (q + 2 * kv);
+    let qkv = mac * t * term_weights("attention/qkv");
     // per query head: [T, hd] @ [hd, T] -> scores; [T, T] @ [T, hd] -> values. With GQA the
     // k/v heads are shared but every query head still does its own matmuls.
-    let scores = mac * pairs * q;
-    let reduce = mac * pairs * q;
+    let scores = l * mac * pairs * q;
+    let reduce = l * mac * pairs * q;
     // [T, q] @ [q, d]
-    let proj = mac * t * q * d;
-    let (mlp, router, experts) = if cfg.is_moe() {
-        let e = cfg.n_experts as u128;
-        let k = cfg.n_experts_per_tok as u128;
-        // router [T, d] @ [d, E]; each token runs k experts of 3 matrices d×ff
-        (0, mac * t * d * e, k * mac * t * mlp_matrices * d * ff)
+    let proj = mac * t * term_weights("attention/proj");
+    let mlp = mac * t * term_weights("mlp");
+    // router [T, d] @ [d, E]; each token runs k of the E experts
+    let router = mac * t * term_weights("router");
+    let experts = if cfg.n_experts > 0 {
+        mac * t * term_weights("experts") * cfg.n_experts_per_tok as u128 / cfg.n_experts as u128
     } else {
-        (mac * t * mlp_matrices * d * ff, 0, 0)
+        0
     };
-    let lm_head = mac * t * d * v;
-    let layer_terms: [(&'static str, Option<Component>, u128); 7] = [
+    // [T, d] @ [d, V]; a tied head multiplies by the token embedding.
+    let head = term_weights("lm_head");
+    let lm_head = mac * t * if head > 0 { head } else { embed_tokens };
+    let all_terms: [(&'static str, Option<Component>, u128); 7] = [
         ("attention/qkv", Some(Component::Attention), qkv),
         ("attention/scores", None, scores),
         ("attention/reduce", None, reduce),
@@ -175,11 +206,10 @@ pub fn estimate(
     ];
     let mut terms = Vec::new();
     let mut forward: u128 = 0;
-    for (name, comp, per_layer) in layer_terms {
-        if per_layer == 0 {
+    for (name, comp, all) in all_terms {
+        if all == 0 {
             continue;
         }
-        let all = l * per_layer;
         forward += all;
         terms.push(FlopsTerm {
             term: name,
@@ -225,7 +255,7 @@ pub fn estimate(
     let palm_per_token = PALM_FLOPS_PER_PARAM as u128 * palm_params as u128
         + PALM_ATTENTION_FACTOR as u128 * l * q * t;
     // Both attention terms are 2·pairs·q per layer.
-    let forward_causal = forward - l * (scores + reduce) + l * 2 * mac * causal_pairs * q;
+    let forward_causal = forward - (scores + reduce) + l * 2 * mac * causal_pairs * q;
     let backward = BACKWARD_PER_FORWARD as u128 * forward;
     let total = forward + backward;
     let palm_total = palm_per_token * t;

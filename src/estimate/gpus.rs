@@ -7,7 +7,6 @@
 //! capacities are GiB), so shares are against `GiB × 2^30` bytes.
 
 use crate::dtype::TrainDtype;
-use crate::units::Bytes;
 use serde::Serialize;
 
 /// Bytes per GiB.
@@ -162,34 +161,6 @@ pub struct GpuFit {
     /// Days to train `tokens` on `gpus` of these at `mfu`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub days: Option<f64>,
-}
-
-/// The whole table for a model.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct GpuReport {
-    pub model: String,
-    pub params: u64,
-    pub dtype: TrainDtype,
-    pub batch: usize,
-    pub seq: usize,
-    /// Weights + grads + optimizer (+ master) + activations at batch × seq (estimate::memory).
-    pub training_bytes: Bytes,
-    pub weights_bytes: Bytes,
-    /// Training tokens D.
-    pub tokens: f64,
-    /// Where D came from ("given" or the 20-tokens rule).
-    pub tokens_source: String,
-    pub gpus: u64,
-    /// Assumed MFU (never measured here).
-    pub mfu: f64,
-    pub mfu_source: String,
-    /// Training FLOPs per token: `flops.total / seq` (fwd + bwd, nanoGPT convention).
-    pub flops_per_token: f64,
-    /// `6·N` for comparison.
-    pub six_n: f64,
-    /// flops_per_token × D.
-    pub training_flops: f64,
-    pub rows: Vec<GpuFit>,
 }
 
 /// Inputs of [`table`].

@@ -1,6 +1,5 @@
 //! Closed forms from a config alone: no tensors are built here.
 
-pub mod activations;
 pub mod flops;
 pub mod gpus;
 pub mod memory;

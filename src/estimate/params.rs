@@ -1,91 +1,12 @@
-//! Exact parameter counts per component, in closed form, from a config alone.
-//!
-//! Each formula mirrors a module of the genuine network (`model/gpt2.rs`, `model/llama.rs`);
-//! the shape-only census of that network must agree to the parameter (tested).
+//! Exact parameter counts per component, from a config alone: the sum over the family's tensor
+//! list (`crate::family`), so nothing here knows a family. The shape-only census of the genuine
+//! network must agree to the parameter (tests/properties.rs).
 
-use crate::config::{Arch, ModelConfig};
+use crate::config::ModelConfig;
 use crate::error::{Error, Result};
+pub use crate::family::Component;
+use crate::family::{self, Kind};
 use serde::{Serialize, Serializer};
-
-/// Parameter groups. The census groups checkpoint tensors into the same groups, so estimate and
-/// measurement are joined by this key, never by position.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Component {
-    /// Token embedding `[vocab, d]` (`wte` / `embed_tokens`).
-    EmbedTokens,
-    /// Learned positions `[block, d]` (GPT-2 `wpe`); RoPE models have none.
-    EmbedPositions,
-    /// q, k, v, o projections and their biases, all layers.
-    Attention,
-    /// Dense MLP (GELU: 2 matrices; SwiGLU: 3), all layers.
-    Mlp,
-    /// MoE router (`block_sparse_moe.gate`), all layers.
-    Router,
-    /// MoE experts (each a SwiGLU MLP), all layers.
-    Experts,
-    /// The two norms inside each layer.
-    Norms,
-    /// The norm after the last layer.
-    FinalNorm,
-    /// The output projection; 0 when tied to the token embedding.
-    LmHead,
-}
-
-impl Component {
-    pub const ALL: [Component; 9] = [
-        Component::EmbedTokens,
-        Component::EmbedPositions,
-        Component::Attention,
-        Component::Mlp,
-        Component::Router,
-        Component::Experts,
-        Component::Norms,
-        Component::FinalNorm,
-        Component::LmHead,
-    ];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Component::EmbedTokens => "embed_tokens",
-            Component::EmbedPositions => "embed_positions",
-            Component::Attention => "attention",
-            Component::Mlp => "mlp",
-            Component::Router => "router",
-            Component::Experts => "experts",
-            Component::Norms => "norms",
-            Component::FinalNorm => "final_norm",
-            Component::LmHead => "lm_head",
-        }
-    }
-
-    /// Which group an HF checkpoint tensor belongs to, from its name.
-    pub fn of_tensor(name: &str) -> Option<Component> {
-        let n = name;
-        let last = |s: &str| n.ends_with(s) || n.contains(&format!("{s}."));
-        Some(if n.contains("wte.") || n.contains("embed_tokens.") {
-            Component::EmbedTokens
-        } else if n.contains("wpe.") {
-            Component::EmbedPositions
-        } else if n.starts_with("lm_head.") {
-            Component::LmHead
-        } else if n.contains("block_sparse_moe.gate.") {
-            Component::Router
-        } else if n.contains("block_sparse_moe.experts.") {
-            Component::Experts
-        } else if n.contains(".attn.") || n.contains(".self_attn.") {
-            Component::Attention
-        } else if n.contains(".mlp.") {
-            Component::Mlp
-        } else if last("ln_1") || last("ln_2") || n.contains("layernorm.") {
-            Component::Norms
-        } else if n.contains("ln_f.") || n.starts_with("model.norm.") || n.starts_with("norm.") {
-            Component::FinalNorm
-        } else {
-            return None;
-        })
-    }
-}
 
 /// One component's count.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -143,67 +64,48 @@ impl ParamEstimate {
     }
 }
 
-/// Per-layer counts, in u128 so that no valid config can overflow while summing.
-struct Layer {
-    attention: u128,
-    /// Attention weights without biases, to compare with the rule's 4·d².
+/// Sums over the family's tensor list, in u128 so that no valid config can overflow while
+/// summing.
+struct Sums {
+    /// By `Component::ALL` index.
+    per: [u128; 9],
+    /// Attention matrices without biases, to compare with the rule's 4·d².
     attention_weights: u128,
-    mlp: u128,
-    router: u128,
-    experts: u128,
-    /// One expert's parameters (for the active count).
-    expert: u128,
-    norms: u128,
+    /// Biases and norm vectors: the O(d) terms the 12·d² rule drops.
+    vectors: u128,
 }
 
-fn layer(cfg: &ModelConfig) -> Layer {
-    let d = cfg.n_embd as u128;
-    let q = cfg.q_dim() as u128;
-    let kv = cfg.kv_dim() as u128;
-    let ff = cfg.intermediate_size as u128;
-    match cfg.arch {
-        Arch::Gpt2 => {
-            let b = u128::from(cfg.bias);
-            // c_attn [d, 3d] (+3d), c_proj [d, d] (+d)
-            let attention_weights = d * 3 * d + d * d;
-            // c_fc [d, ff] (+ff), c_proj [ff, d] (+d)
-            let mlp = d * ff + b * ff + ff * d + b * d;
-            Layer {
-                attention: attention_weights + b * (3 * d + d),
-                attention_weights,
-                mlp,
-                router: 0,
-                experts: 0,
-                expert: 0,
-                // ln_1, ln_2: weight (+ bias)
-                norms: 2 * (d + b * d),
+impl Sums {
+    fn of(cfg: &ModelConfig) -> Sums {
+        let mut s = Sums {
+            per: [0; 9],
+            attention_weights: 0,
+            vectors: 0,
+        };
+        for (t, times) in family::weighted_tensors(cfg) {
+            let n = t.numel() as u128 * times as u128;
+            s.per[index(t.component)] += n;
+            if t.component == Component::Attention && t.kind.is_matmul() {
+                s.attention_weights += n;
+            }
+            if matches!(t.kind, Kind::Bias | Kind::Norm) {
+                s.vectors += n;
             }
         }
-        Arch::Llama => {
-            let qkv_b = u128::from(cfg.has_qkv_bias());
-            let o_b = u128::from(cfg.bias);
-            let attention_weights = d * q + 2 * d * kv + q * d;
-            let attention = attention_weights + qkv_b * (q + 2 * kv) + o_b * d;
-            // gate [ff, d], up [ff, d], down [d, ff] (+ biases when mlp_bias)
-            let swiglu = 3 * d * ff + u128::from(cfg.mlp_bias) * (2 * ff + d);
-            let (mlp, router, experts, expert) = if cfg.is_moe() {
-                let e = cfg.n_experts as u128;
-                (0, d * e, e * swiglu, swiglu)
-            } else {
-                (swiglu, 0, 0, 0)
-            };
-            Layer {
-                attention,
-                attention_weights,
-                mlp,
-                router,
-                experts,
-                expert,
-                // input_layernorm, post_attention_layernorm: weight only
-                norms: 2 * d,
-            }
-        }
+        s
     }
+
+    fn get(&self, c: Component) -> u128 {
+        self.per[index(c)]
+    }
+
+    fn total(&self) -> u128 {
+        self.per.iter().sum()
+    }
+}
+
+fn index(c: Component) -> usize {
+    Component::ALL.iter().position(|&x| x == c).unwrap_or(0)
 }
 
 fn to_u64(cfg: &ModelConfig, what: &str, v: u128) -> Result<u64> {
@@ -226,21 +128,7 @@ pub fn rough_12d2(cfg: &ModelConfig) -> u128 {
 /// Whether the 12·d² rule's assumptions hold: GELU MLP of width 4d, full attention heads of
 /// width d/h, learned positions, dense. Where they don't, the rule is shown but does not gate.
 pub fn rough_applies(cfg: &ModelConfig) -> Vec<String> {
-    let mut why_not = Vec::new();
-    if cfg.arch == Arch::Llama {
-        why_not.push(format!(
-            "SwiGLU MLP: 3 matrices of width {} (3·d·ff = {:.2}·d²), not 2 of 4d (8·d²)",
-            cfg.intermediate_size,
-            3.0 * cfg.intermediate_size as f64 / cfg.n_embd as f64
-        ));
-        why_not.push("RoPE: no learned position embedding, yet the rule adds block·d".into());
-    } else if cfg.intermediate_size != 4 * cfg.n_embd {
-        why_not.push(format!(
-            "MLP width {} is not 4·d = {}",
-            cfg.intermediate_size,
-            4 * cfg.n_embd
-        ));
-    }
+    let mut why_not = family::of(cfg).rule_exceptions(cfg);
     if cfg.n_kv_head != cfg.n_head {
         why_not.push(format!(
             "GQA: {} kv heads for {} query heads, so k/v are {} wide, not d = {}",
@@ -272,113 +160,65 @@ pub fn rough_applies(cfg: &ModelConfig) -> Vec<String> {
     if why_not.is_empty() {
         // The rule drops every O(d) term (biases, norm weights): fine for d in the hundreds,
         // not for toy widths.
-        let l = layer(cfg);
-        let d = cfg.n_embd as u128;
-        let small = cfg.n_layer as u128
-            * (l.attention - l.attention_weights + l.mlp - 2 * d * cfg.intermediate_size as u128
-                + l.norms)
-            + d
-            + u128::from(cfg.bias) * d;
-        let total = estimate_total_unchecked(cfg);
-        if total > 0 && small * 100 > total {
+        let s = Sums::of(cfg);
+        let total = s.total();
+        if total > 0 && s.vectors * 100 > total {
             why_not.push(format!(
                 "d = {} is too small: biases and norm weights the rule ignores are {:.2}% of the parameters",
                 cfg.n_embd,
-                100.0 * small as f64 / total as f64
+                100.0 * s.vectors as f64 / total as f64
             ));
         }
     }
     why_not
 }
 
-fn estimate_total_unchecked(cfg: &ModelConfig) -> u128 {
-    let d = cfg.n_embd as u128;
-    let l = layer(cfg);
-    let pos = if cfg.arch == Arch::Gpt2 {
-        cfg.block_size as u128 * d
-    } else {
-        0
-    };
-    let head = if cfg.tie_embeddings {
-        0
-    } else {
-        cfg.vocab_size as u128 * d
-    };
-    cfg.vocab_size as u128 * d
-        + pos
-        + cfg.n_layer as u128 * (l.attention + l.mlp + l.router + l.experts + l.norms)
-        + 2 * d
-        + head
-}
-
 pub fn estimate(cfg: &ModelConfig) -> Result<ParamEstimate> {
     let d = cfg.n_embd as u128;
     let l = cfg.n_layer as u128;
-    let v = cfg.vocab_size as u128;
-    let lay = layer(cfg);
-    let embed_tokens = v * d;
-    let embed_positions = match cfg.arch {
-        Arch::Gpt2 => cfg.block_size as u128 * d,
-        Arch::Llama => 0,
-    };
-    let norm_b = u128::from(cfg.arch == Arch::Gpt2 && cfg.bias);
-    let final_norm = d + norm_b * d;
-    let lm_head = if cfg.tie_embeddings { 0 } else { v * d };
-    let parts: [(Component, u128); 9] = [
-        (Component::EmbedTokens, embed_tokens),
-        (Component::EmbedPositions, embed_positions),
-        (Component::Attention, l * lay.attention),
-        (Component::Mlp, l * lay.mlp),
-        (Component::Router, l * lay.router),
-        (Component::Experts, l * lay.experts),
-        (Component::Norms, l * lay.norms),
-        (Component::FinalNorm, final_norm),
-        (Component::LmHead, lm_head),
-    ];
-    let total: u128 = parts.iter().map(|(_, n)| n).sum();
-    let mut components = Vec::with_capacity(parts.len());
-    for (c, n) in parts {
+    let s = Sums::of(cfg);
+    let total = s.total();
+    let mut components = Vec::with_capacity(Component::ALL.len());
+    for c in Component::ALL {
         components.push(ComponentCount {
             component: c,
-            params: to_u64(cfg, c.name(), n)?,
+            params: to_u64(cfg, c.name(), s.get(c))?,
         });
     }
-    let inactive_experts =
-        l * lay.expert * (cfg.n_experts.saturating_sub(cfg.n_experts_per_tok)) as u128;
+    // Each token passes through n_experts_per_tok of the n_experts (equal-sized) experts.
+    let experts = s.get(Component::Experts);
+    let inactive_experts = if cfg.n_experts > 0 {
+        experts * cfg.n_experts.saturating_sub(cfg.n_experts_per_tok) as u128
+            / cfg.n_experts as u128
+    } else {
+        0
+    };
+    let embed_tokens = s.get(Component::EmbedTokens);
+    let embed_positions = s.get(Component::EmbedPositions);
+    let lm_head = s.get(Component::LmHead);
     let rough = rough_12d2(cfg);
     let block_d = cfg.block_size as u128 * d;
     let signed = |x: u128| x as i128;
+    let rule_attention = l * 4 * d * d;
     let mut rough_gap = vec![
         GapTerm {
             term: "attention",
-            delta: signed(l * lay.attention) - signed(l * 4 * d * d),
-            why: if lay.attention_weights == 4 * d * d {
+            delta: signed(s.get(Component::Attention)) - signed(rule_attention),
+            why: if s.attention_weights == rule_attention {
                 "rule's 4·d² per layer; the difference is biases".into()
             } else {
                 format!(
                     "q/k/v/o hold {:.3}·d² per layer, not 4·d² (GQA or head_dim ≠ d/h)",
-                    lay.attention_weights as f64 / (d * d) as f64
+                    s.attention_weights as f64 / l.max(1) as f64 / (d * d) as f64
                 )
             },
         },
         GapTerm {
             term: "mlp",
-            delta: signed(l * (lay.mlp + lay.experts + lay.router)) - signed(l * 8 * d * d),
-            why: match (cfg.arch, cfg.is_moe()) {
-                (Arch::Gpt2, _) if cfg.intermediate_size == 4 * cfg.n_embd => {
-                    "rule's 8·d² per layer; the difference is biases".into()
-                }
-                (Arch::Gpt2, _) => format!("MLP width {} instead of 4·d", cfg.intermediate_size),
-                (Arch::Llama, false) => format!(
-                    "SwiGLU: 3 matrices d×{} = {:.3}·d² per layer, not 8·d²",
-                    cfg.intermediate_size,
-                    3.0 * cfg.intermediate_size as f64 / cfg.n_embd as f64
-                ),
-                (Arch::Llama, true) => format!(
-                    "{} SwiGLU experts of 3·d×{} plus a router per layer, not one 8·d² MLP",
-                    cfg.n_experts, cfg.intermediate_size
-                ),
-            },
+            delta: signed(
+                s.get(Component::Mlp) + s.get(Component::Experts) + s.get(Component::Router),
+            ) - signed(l * 8 * d * d),
+            why: family::of(cfg).mlp_vs_rule(cfg),
         },
         GapTerm {
             term: "lm_head",
@@ -392,7 +232,7 @@ pub fn estimate(cfg: &ModelConfig) -> Result<ParamEstimate> {
         GapTerm {
             term: "positions",
             delta: signed(embed_positions) - signed(block_d),
-            why: if cfg.arch == Arch::Gpt2 {
+            why: if embed_positions > 0 {
                 "learned positions, as the rule assumes".into()
             } else {
                 "RoPE has no position parameters; the rule counts block·d".into()
@@ -400,7 +240,7 @@ pub fn estimate(cfg: &ModelConfig) -> Result<ParamEstimate> {
         },
         GapTerm {
             term: "norms",
-            delta: signed(l * lay.norms + final_norm),
+            delta: signed(s.get(Component::Norms) + s.get(Component::FinalNorm)),
             why: "norm weights (and biases) that the rule leaves out".into(),
         },
     ];
@@ -552,12 +392,12 @@ mod tests {
             ("model.norm.weight", Component::FinalNorm),
             ("lm_head.weight", Component::LmHead),
         ] {
-            assert_eq!(Component::of_tensor(name), Some(c), "{name}");
+            assert_eq!(crate::family::guess_component(name), Some(c), "{name}");
         }
         assert_eq!(
-            Component::of_tensor("transformer.h.0.attn.bias_mask_x"),
+            crate::family::guess_component("transformer.h.0.attn.bias_mask_x"),
             Some(Component::Attention)
         );
-        assert_eq!(Component::of_tensor("something.else"), None);
+        assert_eq!(crate::family::guess_component("something.else"), None);
     }
 }

@@ -9,8 +9,7 @@
 //! turned into a *peak* the same way: weights + gradients (+ AdamW states when the step ran one)
 //! + whatever activations the rule claims.
 
-use super::activations::{self, Step};
-use crate::config::ModelConfig;
+use crate::config::{ModelConfig, Step};
 use crate::dtype::TrainDtype;
 use serde::Serialize;
 
@@ -56,10 +55,17 @@ pub struct RuleOfThumb {
     pub rel_error: Option<f64>,
 }
 
-/// Every rule, first our own per-op prediction (`estimate::activations::predicted_peak`).
-/// `params` is the exact parameter count; `optimizer` says whether the measured step included
-/// an AdamW update (then the rules that ignore it get its states added, to be fair).
-pub fn predict(cfg: &ModelConfig, params: u64, step: Step, optimizer: bool) -> Vec<RuleOfThumb> {
+/// Every rule, first our own prediction (`predicted_peak`: the autograd replay's, computed once
+/// by the caller). `params` is the exact parameter count; `optimizer` says whether the measured
+/// step included an AdamW update (then the rules that ignore it get its states added, to be
+/// fair).
+pub fn predict(
+    cfg: &ModelConfig,
+    params: u64,
+    step: Step,
+    optimizer: bool,
+    predicted_peak: u64,
+) -> Vec<RuleOfThumb> {
     let e = step.dtype.bytes() as u128;
     let n = params as u128;
     let weights = n * e;
@@ -95,9 +101,9 @@ pub fn predict(cfg: &ModelConfig, params: u64, step: Step, optimizer: bool) -> V
         RuleOfThumb {
             key: "truesize",
             name: "truesize prediction",
-            formula: "per-op model of our forward/backward (estimate::activations)".into(),
+            formula: "per-op model of our forward/backward (model::autograd_replay)".into(),
             assumptions: "what candle allocates and keeps for this network",
-            predicted_peak_bytes: activations::predicted_peak(cfg, params, step),
+            predicted_peak_bytes: predicted_peak,
             measured_peak_bytes: None,
             rel_error: None,
         },
@@ -182,6 +188,10 @@ mod tests {
     use crate::config::presets;
     use crate::estimate::params::estimate;
 
+    /// Our own prediction is the caller's (tested in tests/activations.rs); these tests check the
+    /// rules of thumb only.
+    const REPLAY_NOT_UNDER_TEST: u64 = 0;
+
     fn baby() -> (ModelConfig, u64) {
         let cfg = presets::load("baby-gpt").unwrap();
         let n = estimate(&cfg).unwrap().total;
@@ -198,7 +208,7 @@ mod tests {
             seq: 64,
             dtype: TrainDtype::F32,
         };
-        let r = predict(&cfg, n, step, false);
+        let r = predict(&cfg, n, step, false, REPLAY_NOT_UNDER_TEST);
         let k = r.iter().find(|r| r.key == "korthikanti_16bit").unwrap();
         assert_eq!(k.predicted_peak_bytes, 10_223_616 + 27_848_704);
         // f32 no dropout: 4 · 4 · (16·64·4·256 + 4·64²·4) = 16 · (1,048,576 + 65,536)
@@ -214,7 +224,7 @@ mod tests {
             seq: 16,
             dtype: TrainDtype::Bf16,
         };
-        let r = predict(&cfg, n, step, false);
+        let r = predict(&cfg, n, step, false, REPLAY_NOT_UNDER_TEST);
         let get = |k: &str| r.iter().find(|r| r.key == k).unwrap().predicted_peak_bytes;
         assert_eq!(get("weights_x3"), 3 * 2 * n);
         assert_eq!(get("weights_x4"), 4 * 2 * n);
@@ -229,7 +239,7 @@ mod tests {
             seq: 16,
             dtype: TrainDtype::F32,
         };
-        let mut r = predict(&cfg, n, step, false);
+        let mut r = predict(&cfg, n, step, false, REPLAY_NOT_UNDER_TEST);
         let measured = r[3].predicted_peak_bytes / 3 * 2;
         score(&mut r, measured);
         let e = r[3].rel_error.unwrap();

@@ -544,7 +544,7 @@ pub fn build(
     let src = match source {
         Source::Random { seed } => SourceState::Random(Box::new(StdRng::seed_from_u64(seed))),
         Source::Safetensors { path } => {
-            let files = crate::model::build::checkpoint_files(&path)?;
+            let files = crate::checkpoint::resolve(&path)?.files;
             // SAFETY: the mapped files are only read; like every mmap-based loader this
             // assumes nobody truncates them while the model is built.
             let st = unsafe {

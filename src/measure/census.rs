@@ -4,7 +4,7 @@ use crate::estimate::params::{Component, ComponentCount};
 use candle_core::{DType, Storage, Tensor};
 use candle_nn::VarMap;
 use serde::Serialize;
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 /// One tensor of the model.
 #[derive(Debug, Clone, Serialize)]
@@ -104,13 +104,20 @@ fn dtype_from_str(s: &str) -> Option<DType> {
     s.parse::<DType>().ok()
 }
 
-pub fn row(name: &str, shape: &[usize], dtype: DType) -> TensorRow {
+/// One tensor, grouped by the family's tensor list (`family::components_by_name`): a name the
+/// list does not hold stays unclassified, and the census reports it.
+pub fn row(
+    name: &str,
+    shape: &[usize],
+    dtype: DType,
+    components: &HashMap<String, Component>,
+) -> TensorRow {
     TensorRow {
         name: name.to_string(),
         shape: shape.to_vec(),
         dtype: dtype.as_str().to_string(),
         numel: shape.iter().map(|&d| d as u64).product(),
-        component: Component::of_tensor(name),
+        component: components.get(name).copied(),
     }
 }
 
@@ -139,15 +146,16 @@ pub(crate) fn cpu_buffer(t: &Tensor) -> Option<(usize, u64)> {
     })
 }
 
-/// Census of every variable the model holds (the VarMap is the model's storage).
-pub fn of_varmap(vm: &VarMap) -> Census {
+/// Census of every variable the model holds (the VarMap is the model's storage), grouped by
+/// `components` (`family::components_by_name`).
+pub fn of_varmap(vm: &VarMap, components: &HashMap<String, Component>) -> Census {
     let data = vm.data().lock().unwrap_or_else(|e| e.into_inner());
     let mut rows = Vec::with_capacity(data.len());
     let mut seen = HashSet::new();
     let mut storage = Some(0u64);
     for (name, var) in data.iter() {
         let t = var.as_tensor();
-        rows.push(row(name, t.dims(), t.dtype()));
+        rows.push(row(name, t.dims(), t.dtype(), components));
         match (cpu_buffer(t), storage.as_mut()) {
             (Some((addr, len)), Some(total)) => {
                 if seen.insert(addr) {

@@ -1,4 +1,4 @@
-//! Per-layer extrapolation (issue #5, item 4): measure 1- and 2-layer versions of a config (same
+//! Per-layer extrapolation: measure 1- and 2-layer versions of a config (same
 //! everything but `n_layer`), take the difference as the bytes one layer adds to the peak, and
 //! predict the full depth's peak as `base + n_layer · per_layer`.
 //!
@@ -17,8 +17,8 @@
 
 use super::run::{self, PhaseBytes};
 use crate::config::ModelConfig;
+use crate::config::Step;
 use crate::error::{Error, Result};
-use crate::estimate::activations::Step;
 use crate::model::build;
 use candle_core::{Device, Tensor};
 use rand::{Rng, SeedableRng};
@@ -96,13 +96,15 @@ pub fn with_depth(cfg: &ModelConfig, n_layer: usize) -> Result<ModelConfig> {
 
 /// Measure the 1- and 2-layer versions of `cfg` (warm) and extrapolate to its full depth.
 /// `runtime_bytes`: the first step's residue when the caller measured it (the full model ran
-/// first in this process); `None` takes it from a warm-up step here.
+/// first in this process); `None` takes it from a warm-up step here. `replayed_peak`: the
+/// autograd replay's peak for `cfg` at full depth, which the caller computed once.
 pub fn extrapolate(
     cfg: &ModelConfig,
     step: Step,
     seed: u64,
     device: &Device,
     runtime_bytes: Option<u64>,
+    replayed_peak: u64,
 ) -> Result<Extrapolation> {
     let [l1, l2] = SHALLOW_LAYERS;
     let shallow = with_depth(cfg, l1)?;
@@ -113,9 +115,9 @@ pub fn extrapolate(
     let p2 = measure_random(&deep, step, seed, device)?.peak_bytes;
     let replay = |c: &ModelConfig| -> Result<i128> {
         let params = crate::estimate::params::estimate(c)?.total;
-        Ok(crate::estimate::activations::predicted_peak(c, params, step) as i128)
+        Ok(crate::model::autograd_replay::predicted_peak(c, params, step) as i128)
     };
-    let (r1, r2, rl) = (replay(&shallow)?, replay(&deep)?, replay(cfg)?);
+    let (r1, r2, rl) = (replay(&shallow)?, replay(&deep)?, replayed_peak as i128);
     // The replay's error at depth 1 and 2, extended affinely to the full depth.
     let (e1, e2) = (p1 as i128 - r1, p2 as i128 - r2);
     let el = e1 + (cfg.n_layer as i128 - l1 as i128) * (e2 - e1) / (l2 as i128 - l1 as i128);

@@ -3,7 +3,6 @@
 
 pub mod alloc;
 pub mod census;
-pub mod checkpoint;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod device;

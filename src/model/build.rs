@@ -16,7 +16,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Serialize, Serializer};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 /// One parameter tensor as the network requests it.
@@ -220,21 +220,17 @@ struct Problems {
 
 struct Checkpoint {
     st: MmapedSafetensors,
-    names: BTreeSet<String>,
+    /// Parameter name (the family's spelling) -> the key stored in the checkpoint (hub GPT-2
+    /// checkpoints drop the `transformer.` prefix).
+    keys: HashMap<String, String>,
     varmap: VarMap,
     problems: Arc<Mutex<Problems>>,
 }
 
 impl Checkpoint {
-    /// The checkpoint key holding parameter `name`. Hub GPT-2 checkpoints (saved from
-    /// `GPT2Model`) drop the `transformer.` prefix.
+    /// The checkpoint key holding parameter `name`.
     fn resolve(&self, name: &str) -> Option<String> {
-        if self.names.contains(name) {
-            return Some(name.to_string());
-        }
-        name.strip_prefix("transformer.")
-            .filter(|short| self.names.contains(*short))
-            .map(str::to_string)
+        self.keys.get(name).cloned()
     }
 }
 
@@ -301,83 +297,6 @@ impl SimpleBackend for Checkpoint {
     }
 }
 
-/// Largest shard index read: real ones are tens of KB (Llama-3.1-405B's is ~100 KB).
-const MAX_INDEX_BYTES: u64 = 64 << 20;
-
-/// The safetensors files of a model folder: `model.safetensors`, or the shards that
-/// `model.safetensors.index.json` names. `path` may also be one of those two files.
-pub fn checkpoint_files(path: &Path) -> Result<Vec<PathBuf>> {
-    let (dir, single, index) = if path.is_dir() {
-        (
-            path.to_path_buf(),
-            path.join("model.safetensors"),
-            path.join("model.safetensors.index.json"),
-        )
-    } else if path.extension().is_some_and(|e| e == "json") {
-        let dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
-        (dir, PathBuf::new(), path.to_path_buf())
-    } else {
-        return if path.is_file() {
-            Ok(vec![path.to_path_buf()])
-        } else {
-            Err(Error::file(path, "no such file or folder"))
-        };
-    };
-    if single.is_file() {
-        return Ok(vec![single]);
-    }
-    if !index.is_file() {
-        return Err(Error::file(
-            path,
-            "has no model.safetensors or model.safetensors.index.json",
-        ));
-    }
-    let len = std::fs::metadata(&index)
-        .map_err(|e| Error::file(&index, format!("cannot read: {e}")))?
-        .len();
-    if len > MAX_INDEX_BYTES {
-        return Err(Error::file(
-            &index,
-            format!("is {len} bytes; a shard index is at most {MAX_INDEX_BYTES}"),
-        ));
-    }
-    let text = std::fs::read_to_string(&index)
-        .map_err(|e| Error::file(&index, format!("cannot read: {e}")))?;
-    #[derive(serde::Deserialize)]
-    struct Index {
-        weight_map: HashMap<String, String>,
-    }
-    let parsed: Index = serde_json::from_str(&text)
-        .map_err(|e| Error::file(&index, format!("not a safetensors index: {e}")))?;
-    let shards: BTreeSet<&String> = parsed.weight_map.values().collect();
-    if shards.is_empty() {
-        return Err(Error::file(&index, "weight_map is empty"));
-    }
-    // Shards live beside the index: a name with a path in it could point anywhere.
-    if let Some(bad) = shards
-        .iter()
-        .find(|f| Path::new(f.as_str()).file_name() != Some(std::ffi::OsStr::new(f.as_str())))
-    {
-        return Err(Error::file(
-            &index,
-            format!("weight_map names shard {bad:?}, which is not a plain file name"),
-        ));
-    }
-    let files: Vec<PathBuf> = shards.into_iter().map(|f| dir.join(f)).collect();
-    let absent: Vec<String> = files
-        .iter()
-        .filter(|f| !f.is_file())
-        .map(|f| f.display().to_string())
-        .collect();
-    if !absent.is_empty() {
-        return Err(Error::file(
-            &index,
-            format!("names shards that do not exist: {}", absent.join(", ")),
-        ));
-    }
-    Ok(files)
-}
-
 /// Build the network for `cfg` with every parameter a `Var` read from the checkpoint in `dir`
 /// (converted to `dtype`, placed on `device`). Errors list every missing and mis-shaped tensor.
 pub fn from_checkpoint(
@@ -386,7 +305,7 @@ pub fn from_checkpoint(
     dtype: DType,
     device: &Device,
 ) -> Result<Loaded> {
-    let files = checkpoint_files(dir)?;
+    let files = crate::checkpoint::resolve(dir)?.files;
     // SAFETY: the mapped files are only read; like every mmap-based loader (candle, safetensors,
     // PyTorch) this assumes no one truncates them while the model is being built.
     let st = unsafe {
@@ -398,11 +317,16 @@ pub fn from_checkpoint(
     }
     .map_err(|e| Error::file(dir, format!("cannot read safetensors: {e}")))?;
     let names: BTreeSet<String> = st.tensors().into_iter().map(|(n, _)| n).collect();
+    let fam = crate::family::of(cfg);
+    let keys = names
+        .iter()
+        .map(|stored| (fam.canonical_name(stored), stored.clone()))
+        .collect();
     let varmap = VarMap::new();
     let problems = Arc::new(Mutex::new(Problems::default()));
     let backend = Checkpoint {
         st,
-        names: names.clone(),
+        keys,
         varmap: varmap.clone(),
         problems: problems.clone(),
     };

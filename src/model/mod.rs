@@ -9,6 +9,7 @@
 //! when the model is f16/bf16 (as candle's `*_norm_slow` and HF do); attention softmax stays in
 //! the model dtype; the loss is computed in f32.
 
+pub mod autograd_replay;
 pub mod build;
 pub mod gpt2;
 pub mod llama;

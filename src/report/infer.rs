@@ -1,9 +1,94 @@
 //! `truesize infer` as titled tables. No arithmetic beyond formatting: every number is a field
 //! of the report (differences and errors are computed here only as displayed ratios).
 
-use super::sections::Section;
-use crate::cmd::infer::InferReport;
+use super::render::{Render, View};
+use super::section::{result_label, Section};
+use crate::check::Check;
+use crate::checkpoint::gguf::GgufHeader;
+use crate::config::ModelConfig;
+use crate::dtype::TrainDtype;
+use crate::estimate::serve::fit::FitReport;
+use crate::estimate::serve::kv::KvComparison;
+use crate::estimate::serve::peaks::PeakPrediction;
+use crate::estimate::serve::weights::{TypeCount, WeightsEstimate};
+use crate::infer::run::{Measured, Timing};
 use crate::units::{group, percent, rel_error, Bytes};
+use serde::Serialize;
+use std::collections::BTreeMap;
+
+/// The measured side of the JSON contract (`infer.*`), plus the prediction.
+#[derive(Debug, Clone, Serialize)]
+pub struct InferBlock {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub weights_bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kv_cache_bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prefill_peak_bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub decode_peak_bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub measured: Option<Measured>,
+    pub predicted: PeakPrediction,
+    /// Generated ids, one list per sequence.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tokens: Option<Vec<Vec<u32>>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub timing: Option<Timing>,
+    /// Incremental decode vs one full forward: max |Δlogit| / max |logit|.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub full_forward_max_rel_error: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RunInfo {
+    pub weights_source: String,
+    pub weights_format: String,
+    pub activation_dtype: TrainDtype,
+    pub kv_dtype: TrainDtype,
+    pub batch: usize,
+    pub prompt_tokens: usize,
+    pub prompt_source: String,
+    pub generate: usize,
+    pub context: usize,
+    pub prefill_chunk: usize,
+    pub device: String,
+    pub shapes_only: bool,
+}
+
+/// The file as read, for a GGUF source.
+#[derive(Debug, Clone, Serialize)]
+pub struct GgufSummary {
+    #[serde(flatten)]
+    pub header: GgufHeader,
+    pub by_type: BTreeMap<&'static str, TypeCount>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct InferReport {
+    pub command: &'static str,
+    pub model: ModelConfig,
+    /// Exact parameter count of the config.
+    pub params: u64,
+    pub run: RunInfo,
+    pub weights: WeightsEstimate,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gguf: Option<GgufSummary>,
+    pub kv_cache: KvComparison,
+    pub infer: InferBlock,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fit: Option<FitReport>,
+    pub checks: Vec<Check>,
+    pub pass: bool,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
+}
+
+impl Render for InferReport {
+    fn sections(&self, _view: View) -> Vec<Section> {
+        sections(self)
+    }
+}
 
 fn s(x: impl ToString) -> String {
     x.to_string()
@@ -364,11 +449,7 @@ pub fn sections(r: &InferReport) -> Vec<Section> {
                 .map(|c| {
                     vec![
                         c.name.clone(),
-                        s(match (c.pass, c.gating) {
-                            (true, _) => "pass",
-                            (false, true) => "FAIL",
-                            (false, false) => "info",
-                        }),
+                        s(result_label(c)),
                         fmt_num(c.measured),
                         fmt_num(c.expected),
                         c.note.clone().unwrap_or_else(|| percent(c.rel_error)),

@@ -1,10 +1,12 @@
-use super::{Exporter, Report};
+//! `--format json`: the whole result, pretty-printed (NaN and infinities become null).
+
+use super::render::{Document, Exporter};
+use crate::error::Result;
 
 pub struct JsonExporter;
 
 impl Exporter for JsonExporter {
-    fn render(&self, report: &Report) -> String {
-        // Serialising plain structs of numbers and strings cannot fail; NaN/inf become null.
-        serde_json::to_string_pretty(report).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
+    fn export(&self, doc: &dyn Document) -> Result<String> {
+        Ok(doc.json()? + "\n")
     }
 }

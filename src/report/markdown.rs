@@ -1,5 +1,8 @@
-use super::sections::{sections, Section};
-use super::{Exporter, Report};
+//! `--format markdown`: a `###` heading and a pipe table per section.
+
+use super::render::{Document, Exporter};
+use super::section::Section;
+use crate::error::Result;
 
 pub struct MarkdownExporter;
 
@@ -7,7 +10,7 @@ fn cell(s: &str) -> String {
     s.replace('|', "\\|")
 }
 
-pub fn render_sections(secs: &[Section]) -> String {
+fn render_sections(secs: &[Section]) -> String {
     let mut out = String::new();
     for sec in secs {
         out.push_str(&format!("### {}\n\n", sec.title));
@@ -32,7 +35,7 @@ pub fn render_sections(secs: &[Section]) -> String {
 }
 
 impl Exporter for MarkdownExporter {
-    fn render(&self, report: &Report) -> String {
-        render_sections(&sections(report))
+    fn export(&self, doc: &dyn Document) -> Result<String> {
+        Ok(render_sections(&doc.sections()))
     }
 }

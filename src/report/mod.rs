@@ -1,114 +1,40 @@
-//! Reports: one `Report` computed once, rendered by one exporter per format. Exporters turn
-//! numbers into text; they never compute.
+//! Output: every command builds a serialisable result and hands it to [`emit`] with the format
+//! asked for. A result implements [`Render`]: its JSON is everything, its sections are the
+//! tables. A format is one file here implementing [`Exporter`] (`table.rs`, `json.rs`,
+//! `markdown.rs`), registered in [`Format`] and [`exporter`]. Exporters turn results into text;
+//! they never compute. `csv.rs` and `svg.rs` are the files `sweep` writes beside its output.
 
+pub mod bench;
 pub mod csv;
+pub mod gguf;
+pub mod gpus;
 pub mod infer;
+pub mod inspect;
 pub mod json;
 pub mod markdown;
-pub mod memory_rules;
+pub mod presets;
+mod render;
+pub mod scaling;
+pub mod section;
 pub mod sections;
+pub mod sizing;
 pub mod svg;
 pub mod sweep;
 pub mod table;
 
-use crate::cli::Format;
-use crate::config::ModelConfig;
-use crate::estimate::memory::{TrainingMemory, WeightBytes};
-use crate::estimate::ParamEstimate;
-use crate::measure::census::Census;
-use crate::measure::run::PhaseBytes;
-use crate::verify::Check;
-use serde::Serialize;
+pub use render::{Document, Exporter, Render, View};
+pub use sizing::{MemoryReport, Report, RunInfo, Timing};
 
-/// Everything a command found, serialised as the JSON contract (DESIGN.md).
-#[derive(Debug, Clone, Serialize)]
-pub struct Report {
-    pub command: &'static str,
-    pub model: ModelConfig,
-    pub run: RunInfo,
-    pub params: ParamEstimate,
-    pub weights: Vec<WeightBytes>,
-    pub training: TrainingMemory,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub census: Option<Census>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub memory: Option<MemoryReport>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub timing: Option<Timing>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub loss: Option<f64>,
-    /// FLOPs of one sequence of `run.seq` tokens (estimate::flops).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub flops: Option<crate::estimate::flops::FlopsEstimate>,
-    /// Achieved FLOP/s and MFU from the measured step (verify).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub mfu: Option<crate::estimate::flops::Mfu>,
-    /// A real `.safetensors` file written and measured (verify).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub checkpoint: Option<crate::measure::checkpoint::CheckpointReport>,
-    /// Sizes from real quantized tensors, by format (verify).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub quantized: Option<crate::measure::quantize::QuantizedReport>,
-    /// Rules of thumb for the peak beside our prediction, each scored against the measured peak.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub rules: Vec<crate::estimate::rules::RuleOfThumb>,
-    /// `verify --extrapolate`: the peak predicted from 1- and 2-layer runs.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub extrapolation: Option<crate::measure::extrapolate::Extrapolation>,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub checks: Vec<Check>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub pass: Option<bool>,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub notes: Vec<String>,
-    /// Peak resident set size of this process (context: shows shape-only runs allocate nothing).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub peak_rss_bytes: Option<u64>,
-}
+use crate::error::{Error, Result};
+use render::Viewed;
+use std::io::Write;
 
-#[derive(Debug, Clone, Serialize)]
-pub struct RunInfo {
-    pub batch: usize,
-    pub seq: usize,
-    pub dtype: crate::dtype::TrainDtype,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub device: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub tolerance: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub repeat: Option<usize>,
-    /// Where the weights came from: "random (seed N)" or the checkpoint path.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub weights: Option<String>,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct MemoryReport {
-    /// How bytes were measured.
-    pub source: &'static str,
-    #[serde(flatten)]
-    pub phases: PhaseBytes,
-    /// Analytic prediction of `peak_bytes` (estimate::activations).
-    pub predicted_peak_bytes: u64,
-    /// Measured peak minus the weights: what training adds on top of the model.
-    pub peak_above_weights_bytes: u64,
-    /// Process RSS at the end, for context only (includes the runtime, ~80–100 MiB).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub rss_bytes: Option<u64>,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct Timing {
-    pub repeat: usize,
-    /// Median over `repeat` runs, seconds.
-    pub forward_s: f64,
-    pub backward_s: f64,
-    pub build_s: f64,
-}
-
-/// One output format.
-pub trait Exporter {
-    fn render(&self, report: &Report) -> String;
+/// Output formats of every command (`--format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    Table,
+    Json,
+    Markdown,
 }
 
 pub fn exporter(format: Format) -> Box<dyn Exporter> {
@@ -116,5 +42,25 @@ pub fn exporter(format: Format) -> Box<dyn Exporter> {
         Format::Table => Box::new(table::TableExporter),
         Format::Json => Box::new(json::JsonExporter),
         Format::Markdown => Box::new(markdown::MarkdownExporter),
+    }
+}
+
+/// `result` as text in `format`.
+pub fn render(format: Format, result: &impl Render, view: View) -> Result<String> {
+    exporter(format).export(&Viewed { result, view })
+}
+
+/// Render `result` in `format` and write it to stdout. A closed pipe (`| head`) ends the output
+/// quietly; any other write failure is an error, never a panic.
+pub fn emit(format: Format, result: &impl Render, view: View) -> Result<()> {
+    write_stdout(&render(format, result, view)?)
+}
+
+fn write_stdout(text: &str) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        Err(e) => Err(Error::Output(e.to_string())),
     }
 }

@@ -1,7 +1,8 @@
 //! What `truesize sweep` found: one measured training step per (batch, seq), with our prediction
 //! and the rules of thumb beside it. Rendered as a table (stdout), CSV, JSON and SVG.
 
-use super::sections::Section;
+use super::render::{Render, View};
+use super::section::Section;
 use crate::dtype::TrainDtype;
 use crate::estimate::rules::RuleOfThumb;
 use crate::units::{group, percent, Bytes};
@@ -43,6 +44,12 @@ pub struct SweepPoint {
     pub backward_s: f64,
     /// Every rule (ours first), scored against `measured_peak_bytes`.
     pub rules: Vec<RuleOfThumb>,
+}
+
+impl Render for SweepReport {
+    fn sections(&self, _view: View) -> Vec<Section> {
+        sections(self)
+    }
 }
 
 /// The summary table printed on stdout.

@@ -1,5 +1,8 @@
-use super::sections::{sections, Section};
-use super::{Exporter, Report};
+//! `--format table` (the default): comfy-table tables, notes under each.
+
+use super::render::{Document, Exporter};
+use super::section::Section;
+use crate::error::Result;
 use comfy_table::{presets::UTF8_FULL_CONDENSED, Cell, CellAlignment, ContentArrangement, Table};
 
 pub struct TableExporter;
@@ -7,8 +10,8 @@ pub struct TableExporter;
 /// Width that long notes wrap at, so tables stay readable in a terminal and in CI logs.
 const TABLE_WIDTH: u16 = 150;
 
-/// Render titled sections as comfy-table tables (also used by `presets`).
-pub fn render_sections(secs: &[Section]) -> String {
+/// Render titled sections as comfy-table tables.
+fn render_sections(secs: &[Section]) -> String {
     let mut out = String::new();
     for sec in secs {
         out.push_str(&sec.title);
@@ -43,7 +46,7 @@ pub fn render_sections(secs: &[Section]) -> String {
 }
 
 impl Exporter for TableExporter {
-    fn render(&self, report: &Report) -> String {
-        render_sections(&sections(report))
+    fn export(&self, doc: &dyn Document) -> Result<String> {
+        Ok(render_sections(&doc.sections()))
     }
 }

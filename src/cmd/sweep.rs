@@ -1,23 +1,23 @@
 //! `truesize sweep`: one measured training step per (batch, seq) over one model, beside our
 //! prediction and the rules of thumb; writes sweep.csv, sweep.json and sweep.svg.
-//! Also the hidden `truesize bench-matmul` (the roofline for scripts/bench.sh).
 
-use crate::cli::{Format, SweepArgs};
-use crate::commands::load_config;
-use crate::config::{self, ModelConfig};
+use super::common::load_config;
+use crate::cli::SweepArgs;
+use crate::config::{self, ModelConfig, Step};
 use crate::dtype::TrainDtype;
 use crate::error::{Error, Result, EXIT_OK};
-use crate::estimate::activations::{self, Step};
 use crate::estimate::{params, rules};
 use crate::measure::extrapolate::{probe_for, random_tokens};
 use crate::measure::{run, sysmem};
+use crate::model::autograd_replay as activations;
 use crate::model::build;
 use crate::report::sweep::{SweepPoint, SweepReport};
 use crate::report::{csv, svg};
+use crate::report::{emit, render, Format, View};
 use crate::units::Bytes;
 use candle_core::Device;
 use indicatif::{ProgressBar, ProgressStyle};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Most grid points one sweep runs (each is a full training step).
 pub const MAX_POINTS: usize = 1024;
@@ -42,6 +42,37 @@ pub fn parse_list(flag: &str, text: &str) -> Result<Vec<usize>> {
         }
     }
     Ok(out)
+}
+
+/// Every input, validated.
+pub struct Plan {
+    pub cfg: ModelConfig,
+    pub batches: Vec<usize>,
+    pub seqs: Vec<usize>,
+    pub dtype: TrainDtype,
+    /// Exists and takes new files.
+    pub out: PathBuf,
+    pub seed: u64,
+    pub max_memory: Option<u64>,
+    pub format: Format,
+}
+
+impl Plan {
+    pub fn from_args(a: SweepArgs) -> Result<Plan> {
+        let cfg = load_config(&a.config)?;
+        let (batches, seqs, dtype) = resolve(&a, &cfg)?;
+        prepare_out_dir(&a.out)?;
+        Ok(Plan {
+            cfg,
+            batches,
+            seqs,
+            dtype,
+            out: a.out,
+            seed: a.seed,
+            max_memory: a.max_memory,
+            format: a.format,
+        })
+    }
 }
 
 fn resolve(a: &SweepArgs, cfg: &ModelConfig) -> Result<(Vec<usize>, Vec<usize>, TrainDtype)> {
@@ -76,22 +107,47 @@ fn resolve(a: &SweepArgs, cfg: &ModelConfig) -> Result<(Vec<usize>, Vec<usize>, 
     Ok((batches, seqs, dtype))
 }
 
-pub fn sweep(a: SweepArgs) -> Result<u8> {
-    let cfg = load_config(&a.config)?;
-    let (batches, seqs, dtype) = resolve(&a, &cfg)?;
+/// The output folder exists (created if missing) and accepts a new file: checked before any
+/// step runs, so a bad `--out` costs nothing.
+fn prepare_out_dir(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir)
+        .map_err(|e| Error::file(dir, format!("cannot create the output folder: {e}")))?;
+    let probe = dir.join(format!(".truesize-write-test-{}", std::process::id()));
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&probe)
+        .map_err(|e| Error::file(dir, format!("cannot write in the output folder: {e}")))?;
+    std::fs::remove_file(&probe)
+        .map_err(|e| Error::file(&probe, format!("cannot remove a probe file: {e}")))?;
+    Ok(())
+}
+
+pub fn run(a: SweepArgs) -> Result<u8> {
+    let Plan {
+        cfg,
+        batches,
+        seqs,
+        dtype,
+        out,
+        seed,
+        max_memory,
+        format,
+    } = Plan::from_args(a)?;
     let p = params::estimate(&cfg)?;
     let grid: Vec<Step> = batches
         .iter()
         .flat_map(|&batch| seqs.iter().map(move |&seq| Step { batch, seq, dtype }))
         .collect();
 
-    // Preflight on the largest predicted point: refuse before allocating anything.
-    let worst = grid
+    // The replay's prediction, once per point; the preflight refuses on the largest before
+    // allocating anything.
+    let predicted: Vec<u64> = grid
         .iter()
         .map(|&s| activations::predicted_peak(&cfg, p.total, s))
-        .max()
-        .unwrap_or(0);
-    if let Some(limit) = a.max_memory.or_else(sysmem::available_bytes) {
+        .collect();
+    let worst = predicted.iter().copied().max().unwrap_or(0);
+    if let Some(limit) = max_memory.or_else(sysmem::available_bytes) {
         if worst > limit {
             return Err(Error::Refused(format!(
                 "the largest point of this sweep needs about {} but only {} is available; \
@@ -107,7 +163,7 @@ pub fn sweep(a: SweepArgs) -> Result<u8> {
     probe.reset_peak()?;
     let baseline = probe.current()?;
     // The model is built once; each point runs one step on it.
-    let (varmap, model) = build::random(&cfg, dtype.candle(), &device, a.seed)?;
+    let (varmap, model) = build::random(&cfg, dtype.candle(), &device, seed)?;
     let after_build = probe.current()?;
 
     let bar = ProgressBar::new(grid.len() as u64);
@@ -117,9 +173,9 @@ pub fn sweep(a: SweepArgs) -> Result<u8> {
             .progress_chars("=> "),
     );
     let mut points = Vec::with_capacity(grid.len());
-    for step in &grid {
+    for (step, &predicted) in grid.iter().zip(&predicted) {
         bar.set_message(format!("batch {} × seq {}", step.batch, step.seq));
-        let ids = random_tokens(cfg.vocab_size, step.batch, step.seq, a.seed, &device)?;
+        let ids = random_tokens(cfg.vocab_size, step.batch, step.seq, seed, &device)?;
         let r = run::train_step(
             &model,
             &varmap,
@@ -130,9 +186,8 @@ pub fn sweep(a: SweepArgs) -> Result<u8> {
             1,
         )?;
         let measured = r.memory.peak_bytes;
-        let mut rs = rules::predict(&cfg, p.total, *step, false);
+        let mut rs = rules::predict(&cfg, p.total, *step, false, predicted);
         rules::score(&mut rs, measured);
-        let predicted = activations::predicted_peak(&cfg, p.total, *step);
         points.push(SweepPoint {
             batch: step.batch,
             seq: step.seq,
@@ -165,29 +220,13 @@ pub fn sweep(a: SweepArgs) -> Result<u8> {
                 .into(),
         ],
     };
-    write_outputs(&a.out, &report)?;
-    match a.format {
-        Format::Json => print!("{}", to_json(&report)?),
-        Format::Table => print!(
-            "{}",
-            crate::report::table::render_sections(&crate::report::sweep::sections(&report))
-        ),
-        Format::Markdown => print!(
-            "{}",
-            crate::report::markdown::render_sections(&crate::report::sweep::sections(&report))
-        ),
-    }
+    write_outputs(&out, &report)?;
+    emit(format, &report, View::Full)?;
     eprintln!(
         "wrote {0}/sweep.csv, {0}/sweep.json, {0}/sweep.svg",
-        a.out.display()
+        out.display()
     );
     Ok(EXIT_OK)
-}
-
-fn to_json(r: &SweepReport) -> Result<String> {
-    let mut s = serde_json::to_string_pretty(r).map_err(|e| Error::Internal(e.into()))?;
-    s.push('\n');
-    Ok(s)
 }
 
 fn write_outputs(dir: &Path, r: &SweepReport) -> Result<()> {
@@ -198,23 +237,9 @@ fn write_outputs(dir: &Path, r: &SweepReport) -> Result<()> {
         std::fs::write(&path, text).map_err(|e| Error::file(&path, format!("cannot write: {e}")))
     };
     write("sweep.csv", &csv::render_sweep(r))?;
-    write("sweep.json", &to_json(r)?)?;
+    write("sweep.json", &render(Format::Json, r, View::Full)?)?;
     write("sweep.svg", &svg::render_sweep(r)?)?;
     Ok(())
-}
-
-/// `truesize bench-matmul`: the f32 matmul probe (`measure::peak`) as one JSON object.
-pub fn bench_matmul() -> Result<u8> {
-    let (flops_per_s, source) = crate::measure::peak::measure_matmul_peak(&Device::Cpu)?;
-    println!(
-        "{}",
-        serde_json::json!({
-            "matmul_size": crate::measure::peak::PROBE_SIZE,
-            "flops_per_s": flops_per_s,
-            "source": source,
-        })
-    );
-    Ok(EXIT_OK)
 }
 
 #[cfg(test)]

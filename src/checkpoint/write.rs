@@ -1,4 +1,4 @@
-//! Checkpoint size, predicted to the byte and measured on a real file.
+//! Writing a checkpoint: its size predicted to the byte and measured on a real file.
 //!
 //! A `.safetensors` file is 8 bytes of little-endian header length, a JSON header, then the raw
 //! tensor data. The `safetensors` crate (0.8, `tensor.rs::prepare`) writes the header as
@@ -7,18 +7,16 @@
 //! header padded with spaces to a multiple of 8 bytes. So the file size follows from names,
 //! shapes and dtypes alone: `8 + padded header + Σ numel × element size`.
 
+use super::safetensors::LEN_PREFIX_BYTES;
 use crate::error::{Error, Result};
 use crate::estimate::memory::{ADAMW_STATES, F32_BYTES};
+use ::safetensors::Dtype as StDtype;
 use candle_core::DType;
 use candle_nn::VarMap;
-use safetensors::Dtype as StDtype;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-/// Bytes of the little-endian u64 header length at the start of every safetensors file
-/// (safetensors format spec, `N_LEN` in `tensor.rs`).
-pub const HEADER_LEN_BYTES: u64 = 8;
 /// The header is padded with spaces to a multiple of this (safetensors `tensor.rs::prepare`,
 /// "Force alignment to 8 bytes").
 pub const HEADER_ALIGN: u64 = 8;
@@ -102,7 +100,7 @@ pub fn predict(tensors: &[TensorMeta<'_>]) -> Result<PredictedFile> {
     Ok(PredictedFile {
         header_bytes,
         data_bytes,
-        file_bytes: HEADER_LEN_BYTES + header_bytes + data_bytes,
+        file_bytes: LEN_PREFIX_BYTES + header_bytes + data_bytes,
     })
 }
 
@@ -151,7 +149,7 @@ fn temp_path() -> PathBuf {
 fn stored_header_len(path: &Path) -> Result<u64> {
     use std::io::Read;
     let mut f = std::fs::File::open(path).map_err(|e| Error::file(path, e))?;
-    let mut b = [0u8; HEADER_LEN_BYTES as usize];
+    let mut b = [0u8; LEN_PREFIX_BYTES as usize];
     f.read_exact(&mut b).map_err(|e| Error::file(path, e))?;
     Ok(u64::from_le_bytes(b))
 }
@@ -189,7 +187,7 @@ pub fn save_and_measure(
         header_bytes,
         predicted_header_bytes: predicted.header_bytes,
         data_bytes: predicted.data_bytes,
-        overhead_bytes: HEADER_LEN_BYTES + predicted.header_bytes,
+        overhead_bytes: LEN_PREFIX_BYTES + predicted.header_bytes,
         tensors: tensors.len(),
         training_checkpoint_bytes: params.saturating_mul((1 + ADAMW_STATES) * F32_BYTES),
         save_s,

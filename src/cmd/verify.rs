@@ -1,49 +1,101 @@
 //! `truesize verify`: estimate, build the genuine model, measure it, compare.
 
-use crate::cli::VerifyArgs;
-use crate::commands::{base_report, load_config, resolve_step, verdict, DEFAULT_TOLERANCE};
-use crate::config::{self, ConfigSource, ModelConfig};
+use super::common::{base_report, load_config, resolve_step, verdict};
+use crate::check::{all_pass, Check};
+use crate::checkpoint::write::{self, TensorMeta};
+use crate::checkpoint::{self, Checkpoint};
+use crate::cli::{Optimizer, VerifyArgs};
+use crate::config::{self, ConfigSource, ModelConfig, Step};
 use crate::error::{Error, Result};
-use crate::estimate::activations::{self, Step};
 use crate::estimate::params::{self, Component};
+use crate::family;
 use crate::measure::census::{self, Census};
 use crate::measure::device::DeviceSpec;
-use crate::measure::run::{self, MemoryProbe};
-use crate::measure::{alloc, sysmem};
+use crate::measure::reference::Reference;
+use crate::measure::run::{self, MemoryProbe, OptimizerStep};
+use crate::measure::{alloc, quantize, sysmem};
+use crate::model::autograd_replay::{self as activations, ActivationModel};
 use crate::model::build;
-use crate::report::{exporter, MemoryReport, Report, Timing};
+use crate::report::{emit, Format, MemoryReport, Report, Timing, View};
 use crate::units::Bytes;
-use crate::verify::{all_pass, Check};
 use candle_core::Device;
+use std::collections::HashMap;
+use std::path::PathBuf;
 use std::time::Instant;
 
-/// Predicted vs measured peak memory (issue #5): the replay is exact to ~0.5% on the grid in
+/// The 12·d² rule's bound where its assumptions hold (`--tolerance`, `[run] tolerance`).
+pub const DEFAULT_TOLERANCE: f64 = 0.01;
+/// Predicted vs measured peak memory: the replay is exact to ~0.5% on the grid in
 /// tests/activations.rs; 5% leaves room for data-dependent MoE routing and gemm's threading.
 const PEAK_TOLERANCE: f64 = 0.05;
+/// At initialisation every token is about equally likely: the loss is within this of ln(vocab)
+/// (shown, never gating).
+const LOSS_AT_INIT_TOLERANCE: f64 = 0.05;
 /// Largest accepted `--repeat`.
 const MAX_REPEAT: usize = 1000;
 /// Allocated weight and gradient bytes exceed numel × element size by the bookkeeping of each
 /// tensor (its name `String`, `Arc`'d tensor header, map slot): measured 330–340 B per tensor
 /// on the fixtures and baby-gpt, so 512 B per tensor bounds it.
 const BOOKKEEPING_BYTES_PER_TENSOR: u64 = 512;
-/// Reference tolerances (issue #4): logits max relative error, loss, gradient norms.
+/// Reference tolerances: logits max relative error, loss, gradient norms.
 const LOGITS_TOLERANCE: f64 = 1e-4;
 const LOSS_TOLERANCE: f64 = 1e-5;
 const GRAD_NORM_TOLERANCE: f64 = 1e-3;
+/// Checks from the checkpoint checker carry this prefix in verify's report.
+const CHECKPOINT_CHECK_PREFIX: &str = "checkpoint headers: ";
 
-pub fn verify(a: VerifyArgs) -> Result<u8> {
-    let gguf = a
-        .model
-        .as_deref()
-        .is_some_and(crate::checkpoint::gguf::has_magic);
-    if gguf && !a.shapes_only {
-        return Err(Error::file(
-            a.model.as_deref().unwrap_or(std::path::Path::new("")),
-            "is a GGUF file: verify trains in f32/f16/bf16 from an HF folder; use --shapes-only to check the file against its config, or `truesize infer --model` to run it",
-        ));
-    }
-    let cfg =
-        match &a.model {
+/// Where the device's peak FLOP/s for MFU comes from.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum PeakSource {
+    /// Not asked for: no MFU (a peak is never assumed).
+    None,
+    /// `--peak-tflops`, in FLOP/s.
+    Given(f64),
+    /// `--measure-peak`: the matmul probe.
+    Measure,
+}
+
+/// `--model DIR`: the folder, its checkpoint opened and checked from the headers.
+#[derive(Debug, Clone)]
+pub struct ModelDir {
+    pub dir: PathBuf,
+    /// `None` for a GGUF file (checked from its header with `--shapes-only` only).
+    pub checkpoint: Option<Checkpoint>,
+    pub findings: checkpoint::Findings,
+}
+
+/// Every input of a verify run, validated before anything is built or run.
+pub struct Plan {
+    pub cfg: ModelConfig,
+    pub model: Option<ModelDir>,
+    pub reference: Option<Reference>,
+    pub device: DeviceSpec,
+    pub step: Step,
+    pub tolerance: f64,
+    pub repeat: usize,
+    pub shapes_only: bool,
+    pub seed: u64,
+    pub max_memory: Option<u64>,
+    pub peak: PeakSource,
+    /// Write the checkpoint file and quantize the weights.
+    pub artifacts: bool,
+    pub extrapolate: bool,
+    pub optimizer: Option<OptimizerStep>,
+    /// Every table, not only the headline.
+    pub full: bool,
+    pub format: Format,
+}
+
+impl Plan {
+    pub fn from_args(a: VerifyArgs) -> Result<Plan> {
+        let gguf = a.model.as_deref().is_some_and(checkpoint::gguf::has_magic);
+        if let (true, false, Some(f)) = (gguf, a.shapes_only, &a.model) {
+            return Err(Error::file(
+                f,
+                "is a GGUF file: verify trains in f32/f16/bf16 from an HF folder; use --shapes-only to check the file against its config, or `truesize infer --model` to run it",
+            ));
+        }
+        let cfg = match &a.model {
             Some(dir) if gguf => config::load(ConfigSource::Path(dir))?,
             Some(dir) if dir.is_file() => return Err(Error::file(
                 dir,
@@ -52,111 +104,214 @@ pub fn verify(a: VerifyArgs) -> Result<u8> {
             Some(dir) => config::load(ConfigSource::Path(dir))?,
             None => load_config(&a.config)?,
         };
-    if a.repeat == 0 || a.repeat > MAX_REPEAT {
-        return Err(Error::field(
-            "command line",
-            "--repeat",
-            a.repeat,
-            format!("must be between 1 and {MAX_REPEAT}"),
-        ));
-    }
-    let tolerance = a
-        .tolerance
-        .or(cfg.run.tolerance)
-        .unwrap_or(DEFAULT_TOLERANCE);
-    if !(tolerance.is_finite() && tolerance >= 0.0) {
-        return Err(Error::field(
-            "command line",
-            "--tolerance",
-            tolerance,
-            "must be >= 0",
-        ));
-    }
-    let device_spec = DeviceSpec::parse(&a.device)?;
-    let reference = match &a.reference {
-        Some(p) => Some(crate::measure::reference::load(p)?),
-        None => None,
-    };
-    let mut step = resolve_step(&cfg, &a.step)?;
-    if let Some(r) = &reference {
-        // The reference fixes the input; its shape overrides --batch/--seq.
-        let dims = r.input_ids.dims();
-        if let [b, t] = dims {
-            step.batch = *b;
-            step.seq = *t;
-            cfg.check_seq(*t)?;
+        if a.repeat == 0 || a.repeat > MAX_REPEAT {
+            return Err(Error::field(
+                "command line",
+                "--repeat",
+                a.repeat,
+                format!("must be between 1 and {MAX_REPEAT}"),
+            ));
         }
-        if let Some(max) = r.max_token_id {
-            if max as usize >= cfg.vocab_size {
+        let tolerance = a
+            .tolerance
+            .or(cfg.run.tolerance)
+            .unwrap_or(DEFAULT_TOLERANCE);
+        if !(tolerance.is_finite() && tolerance >= 0.0) {
+            return Err(Error::field(
+                "command line",
+                "--tolerance",
+                tolerance,
+                "must be >= 0",
+            ));
+        }
+        let peak = match (a.peak_tflops, a.measure_peak) {
+            (Some(tf), _) if tf.is_finite() && tf > 0.0 => PeakSource::Given(tf * 1e12),
+            (Some(tf), _) => {
                 return Err(Error::field(
-                    r.source.display().to_string(),
-                    "input_ids",
-                    max,
-                    format!(
-                        "token id beyond the model's vocab_size = {}",
-                        cfg.vocab_size
-                    ),
-                ));
+                    "command line",
+                    "--peak-tflops",
+                    tf,
+                    "must be > 0",
+                ))
             }
+            (None, true) => PeakSource::Measure,
+            (None, false) => PeakSource::None,
+        };
+        let device = DeviceSpec::parse(&a.device)?;
+        let reference = match &a.reference {
+            Some(p) => Some(crate::measure::reference::load(p)?),
+            None => None,
+        };
+        let mut step = resolve_step(&cfg, &a.step)?;
+        if let Some(r) = &reference {
+            check_reference(r, &cfg, &mut step)?;
+        }
+        if step.seq < 2 && !a.shapes_only {
+            return Err(Error::field(
+                "command line",
+                "--seq",
+                step.seq,
+                "a next-token loss needs at least 2 positions",
+            ));
+        }
+        let model = match a.model {
+            Some(dir) if gguf => {
+                // The GGUF header, checked against the config its metadata describes.
+                let r = checkpoint::gguf_inspect::inspect(&dir)?;
+                let findings = checkpoint::Findings {
+                    file_tensors: r.file_tensors,
+                    file_numel: r.file_numel,
+                    missing: r.missing,
+                    unexpected: r.unexpected,
+                    misshaped: r.misshaped,
+                    expected_params: r.expected_params,
+                    checks: r.checks,
+                    notes: r.notes,
+                    ..Default::default()
+                };
+                Some(ModelDir {
+                    dir,
+                    checkpoint: None,
+                    findings,
+                })
+            }
+            Some(dir) => {
+                // Headers only: a corrupt file is bad input (exit 2) before anything is built.
+                let checkpoint = Checkpoint::open(&dir)?;
+                let findings = checkpoint::check(&checkpoint, Some(&cfg))?;
+                Some(ModelDir {
+                    dir,
+                    checkpoint: Some(checkpoint),
+                    findings,
+                })
+            }
+            None => None,
+        };
+        Ok(Plan {
+            cfg,
+            model,
+            reference,
+            device,
+            step,
+            tolerance,
+            repeat: a.repeat,
+            shapes_only: a.shapes_only,
+            seed: a.seed,
+            max_memory: a.max_memory,
+            peak,
+            artifacts: !a.no_artifacts,
+            extrapolate: a.extrapolate,
+            optimizer: a.optimizer.map(|o| match o {
+                Optimizer::Adamw => OptimizerStep::AdamW,
+            }),
+            full: a.full,
+            format: a.format,
+        })
+    }
+}
+
+/// The reference fixes the input: its shape overrides `--batch`/`--seq`, and its ids and logits
+/// must fit the model's vocabulary.
+fn check_reference(r: &Reference, cfg: &ModelConfig, step: &mut Step) -> Result<()> {
+    if let [b, t] = r.input_ids.dims() {
+        step.batch = *b;
+        step.seq = *t;
+        cfg.check_seq(*t)?;
+    }
+    if let Some(max) = r.max_token_id {
+        if max as usize >= cfg.vocab_size {
+            return Err(Error::field(
+                r.source.display().to_string(),
+                "input_ids",
+                max,
+                format!(
+                    "token id beyond the model's vocab_size = {}",
+                    cfg.vocab_size
+                ),
+            ));
         }
     }
-    if step.seq < 2 && !a.shapes_only {
-        return Err(Error::field(
-            "command line",
-            "--seq",
-            step.seq,
-            "a next-token loss needs at least 2 positions",
-        ));
+    if let [b, t, v] = r.logits.dims() {
+        if *v != cfg.vocab_size {
+            return Err(Error::field(
+                r.source.display().to_string(),
+                "logits",
+                format!("{:?}", r.logits.dims()),
+                format!(
+                    "the model's logits are [{b}, {t}, {}] (vocab_size = {})",
+                    cfg.vocab_size, cfg.vocab_size
+                ),
+            ));
+        }
     }
-    let mut report = base_report("verify", &cfg, step)?;
-    report.run.device = Some(device_spec.label());
-    report.run.tolerance = Some(tolerance);
-    report.run.repeat = Some(a.repeat);
+    Ok(())
+}
+
+pub fn run(a: VerifyArgs) -> Result<u8> {
+    let plan = Plan::from_args(a)?;
+    let (cfg, step) = (&plan.cfg, plan.step);
+    let mut report = base_report("verify", cfg, step)?;
+    report.run.device = Some(plan.device.label());
+    report.run.tolerance = Some(plan.tolerance);
+    report.run.repeat = Some(plan.repeat);
 
     // Shape-only census: always cheap, and the count when we cannot or need not allocate.
     let t_shapes = Instant::now();
-    let specs = build::shapes_only(&cfg, step.dtype.candle())?;
+    let components = family::components_by_name(cfg);
+    let specs = build::shapes_only(cfg, step.dtype.candle())?;
     let shape_census = Census::from_rows(
         specs
             .iter()
-            .map(|s| census::row(&s.name, &s.shape, s.dtype))
+            .map(|s| census::row(&s.name, &s.shape, s.dtype, &components))
             .collect(),
         None,
         true,
     );
     let shapes_s = t_shapes.elapsed().as_secs_f64();
 
-    let predicted_peak = activations::predicted_peak(&cfg, report.params.total, step);
+    let act = report
+        .activation
+        .clone()
+        .unwrap_or_else(|| activations::model(cfg, report.params.total, step));
+    let predicted_peak = act.peak_bytes;
     let weights_need = shape_census.bytes;
     // Open the device before deciding anything: an absent device is an input error (exit 2).
-    let device = if a.shapes_only {
+    let device = if plan.shapes_only {
         None
     } else {
-        Some(device_spec.open()?)
+        Some(plan.device.open()?)
     };
-    let limit = a.max_memory.or_else(|| match &device {
+    let limit = plan.max_memory.or_else(|| match &device {
         Some(d) if !d.is_cpu() => crate::measure::device::free_bytes(d),
         _ => sysmem::available_bytes(),
     });
-    let mut checks = census_checks(&report, &shape_census, tolerance, &cfg);
+    let mut checks = census_checks(&report, &shape_census, plan.tolerance, cfg);
+    // The checkpoint, checked from its headers whether or not its weights are loaded.
     let mut refused: Option<String> = None;
+    if let Some(m) = &plan.model {
+        checks.extend(checkpoint_checks(&m.findings));
+        let failures = m.findings.failures();
+        if !failures.is_empty() {
+            let msg = format!(
+                "{}: the checkpoint does not match the {} config {}: {}",
+                m.dir.display(),
+                cfg.model_type,
+                cfg.name,
+                failures.join("; ")
+            );
+            report
+                .notes
+                .push(format!("nothing was built or run: {msg}"));
+            refused = Some(msg);
+        }
+    }
 
-    if a.shapes_only {
+    if plan.shapes_only {
         report
             .notes
             .push(format!("--shapes-only: counted {} tensors from names and shapes in {:.1} ms; nothing allocated", shape_census.tensors, shapes_s * 1e3));
-        if let Some(dir) = &a.model {
-            // No weights are loaded, but the checkpoint is still checked, from its headers.
-            let header_checks = if gguf {
-                crate::checkpoint::gguf_inspect::inspect(dir)?.checks
-            } else {
-                crate::inspect::inspect(dir, None)?.checks
-            };
-            checks.extend(header_checks.into_iter().map(|mut c| {
-                c.name = format!("checkpoint headers: {}", c.name);
-                c
-            }));
-        }
+    } else if refused.is_some() {
+        // The checkpoint's own checks failed: nothing to build.
     } else if let Some(limit) = limit.filter(|&l| predicted_peak > l) {
         let msg = format!(
             "this run needs about {} (weights {} + activations and gradients at batch {} × seq {}), \
@@ -181,50 +336,44 @@ pub fn verify(a: VerifyArgs) -> Result<u8> {
             gating: true,
             note: Some("predicted bytes vs bytes available".into()),
         });
-        refused = Some(msg);
+        refused = Some(format!("refused: {msg}"));
     }
 
     if let (Some(device), None) = (&device, &refused) {
-        measure_real(
-            &a,
-            &cfg,
-            step,
-            device,
-            tolerance,
-            predicted_peak,
-            reference.as_ref(),
-            &mut report,
-            &mut checks,
-        )?;
+        measure_real(&plan, device, &act, &components, &mut report, &mut checks)?;
     } else {
         report.census = Some(shape_census);
     }
-    rules_and_extrapolation(&a, &cfg, step, device_spec, &mut report, &mut checks)?;
+    rules_and_extrapolation(&plan, &mut report, &mut checks)?;
     let pass = all_pass(&checks);
     report.checks = checks;
     report.pass = Some(pass);
     report.peak_rss_bytes = sysmem::peak_rss_bytes();
-    print!("{}", exporter(a.format).render(&report));
+    let view = if plan.full {
+        View::Full
+    } else {
+        View::Headline
+    };
+    emit(plan.format, &report, view)?;
     if let Some(msg) = refused {
-        eprintln!("error: refused: {msg}");
+        eprintln!("error: {msg}");
     }
     Ok(verdict(pass))
 }
 
 /// Rules of thumb beside our prediction, scored against the measured peak, and with
-/// `--extrapolate` the peak predicted from 1- and 2-layer runs (issue #5, items 3 and 4).
+/// `--extrapolate` the peak predicted from 1- and 2-layer runs.
 fn rules_and_extrapolation(
-    a: &VerifyArgs,
-    cfg: &ModelConfig,
-    step: Step,
-    device_spec: DeviceSpec,
+    plan: &Plan,
     report: &mut Report,
     checks: &mut Vec<Check>,
 ) -> Result<()> {
+    let (cfg, step) = (&plan.cfg, plan.step);
     use crate::estimate::rules;
     let measured = report.memory.as_ref().map(|m| m.phases.peak_bytes);
     // The measured step runs no optimizer, so the rules get no AdamW states added.
-    let mut rs = rules::predict(cfg, report.params.total, step, false);
+    let predicted_peak = report.activation.as_ref().map_or(0, |a| a.peak_bytes);
+    let mut rs = rules::predict(cfg, report.params.total, step, false, predicted_peak);
     if let Some(m) = measured {
         rules::score(&mut rs, m);
     }
@@ -235,14 +384,21 @@ fn rules_and_extrapolation(
             alloc::NO_COUNT_ENV
         ));
     }
-    if a.extrapolate {
-        let device = device_spec.open()?;
+    if plan.extrapolate {
+        let device = plan.device.open()?;
         // The full model's step ran first in this process: its residue is the runtime's.
         let runtime = report
             .memory
             .as_ref()
             .map(|m| crate::measure::extrapolate::runtime_residue(&m.phases));
-        let mut e = crate::measure::extrapolate::extrapolate(cfg, step, a.seed, &device, runtime)?;
+        let mut e = crate::measure::extrapolate::extrapolate(
+            cfg,
+            step,
+            plan.seed,
+            &device,
+            runtime,
+            predicted_peak,
+        )?;
         if let Some(m) = measured {
             e = e.with_measured(m);
             checks.push(
@@ -267,6 +423,18 @@ fn rules_and_extrapolation(
         report.extrapolation = Some(e);
     }
     Ok(())
+}
+
+/// The checkpoint checker's checks, named as verify reports them.
+fn checkpoint_checks(f: &checkpoint::Findings) -> Vec<Check> {
+    f.checks
+        .iter()
+        .cloned()
+        .map(|mut c| {
+            c.name = format!("{CHECKPOINT_CHECK_PREFIX}{}", c.name);
+            c
+        })
+        .collect()
 }
 
 /// Census against the estimate: total, per component, bytes, and the 12·d² rule.
@@ -319,18 +487,19 @@ fn census_checks(report: &Report, c: &Census, tolerance: f64, cfg: &ModelConfig)
     checks
 }
 
-#[allow(clippy::too_many_arguments)]
+/// Build the genuine model (random or from the checkpoint), census it, run the step under the
+/// memory probe, and check every measurement.
 fn measure_real(
-    a: &VerifyArgs,
-    cfg: &ModelConfig,
-    step: Step,
+    plan: &Plan,
     device: &Device,
-    tolerance: f64,
-    predicted_peak: u64,
-    reference: Option<&crate::measure::reference::Reference>,
+    act: &ActivationModel,
+    components: &HashMap<String, Component>,
     report: &mut Report,
     checks: &mut Vec<Check>,
 ) -> Result<()> {
+    let (cfg, step, tolerance) = (&plan.cfg, plan.step, plan.tolerance);
+    let predicted_peak = act.peak_bytes;
+    let reference = plan.reference.as_ref();
     let probe: Box<dyn MemoryProbe> = run::probe_for(device)?;
     let input_ids = match reference {
         Some(r) => r.input_ids.to_device(device)?,
@@ -338,15 +507,16 @@ fn measure_real(
             cfg.vocab_size,
             step.batch,
             step.seq,
-            a.seed,
+            plan.seed,
             device,
         )?,
     };
     probe.reset_peak()?;
     let baseline = probe.current()?;
     let t0 = Instant::now();
-    let (varmap, model, source) = match &a.model {
-        Some(dir) => {
+    let (varmap, model, source) = match &plan.model {
+        Some(m) => {
+            let dir = &m.dir;
             let loaded = build::from_checkpoint(cfg, dir, step.dtype.candle(), device)?;
             if !loaded.unexpected.is_empty() {
                 report.notes.push(format!(
@@ -357,18 +527,20 @@ fn measure_real(
             (loaded.varmap, loaded.model, dir.display().to_string())
         }
         None => {
-            let (vm, m) = build::random(cfg, step.dtype.candle(), device, a.seed)?;
-            (vm, m, format!("random N(0, 0.02), seed {}", a.seed))
+            let (vm, m) = build::random(cfg, step.dtype.candle(), device, plan.seed)?;
+            (vm, m, format!("random N(0, 0.02), seed {}", plan.seed))
         }
     };
     let build_s = t0.elapsed().as_secs_f64();
     let after_build = probe.current()?;
     report.run.weights = Some(source);
 
-    let real = census::of_varmap(&varmap);
-    // The real census replaces the shape-only checks made before building.
+    let real = census::of_varmap(&varmap, components);
+    // The real census replaces the shape-only checks made before building. Nothing else is
+    // added to `checks` before the step: its allocations would count in the step's bytes.
     checks.clear();
     checks.extend(census_checks(report, &real, tolerance, cfg));
+    let after_census = checks.len();
     let weights_measured = after_build.saturating_sub(baseline);
     let bookkeeping_tolerance =
         (BOOKKEEPING_BYTES_PER_TENSOR * real.tensors as u64) as f64 / real.bytes.max(1) as f64;
@@ -385,9 +557,6 @@ fn measure_real(
         )),
     );
 
-    let optimizer = a.optimizer.map(|o| match o {
-        crate::cli::Optimizer::Adamw => run::OptimizerStep::AdamW,
-    });
     let r = run::train_step_with(
         &model,
         &varmap,
@@ -395,9 +564,12 @@ fn measure_real(
         probe.as_ref(),
         baseline,
         after_build,
-        a.repeat,
-        optimizer,
+        plan.repeat,
+        plan.optimizer,
     )?;
+    if let Some(m) = &plan.model {
+        checks.splice(after_census..after_census, checkpoint_checks(&m.findings));
+    }
     checks.push(Check::holds(
         "every parameter got a gradient",
         r.missing_grads.is_empty(),
@@ -420,7 +592,6 @@ fn measure_real(
     // on CPU; on a GPU the pool's high-water mark follows other rules (no bf16 widening, no
     // gemm slabs), so there it is shown only.
     let on_cpu = matches!(device, Device::Cpu);
-    let act = activations::model(cfg, report.params.total, step);
     // gemm's pool threads beyond the first allocate their L2 slab only if they win a race
     // for a task: the model states that ± and the tolerance widens by it (tiny models only).
     let race = |measured: u64| act.gemm_slab_uncertainty_bytes as f64 / measured.max(1) as f64;
@@ -455,8 +626,13 @@ fn measure_real(
         // At initialisation every token is about equally likely: loss ≈ ln(vocab).
         let ln_v = (cfg.vocab_size as f64).ln();
         checks.push(
-            Check::rel("loss at init vs ln(vocab)", r.loss, ln_v, 0.05)
-                .informational("sanity: random weights predict a near-uniform distribution"),
+            Check::rel(
+                "loss at init vs ln(vocab)",
+                r.loss,
+                ln_v,
+                LOSS_AT_INIT_TOLERANCE,
+            )
+            .informational("sanity: random weights predict a near-uniform distribution"),
         );
     }
     if let Some(refr) = reference {
@@ -470,27 +646,19 @@ fn measure_real(
         rss_bytes: sysmem::rss_bytes(),
     });
     report.timing = Some(Timing {
-        repeat: a.repeat,
+        repeat: plan.repeat,
         forward_s: run::median(&r.forward_s),
         backward_s: run::median(&r.backward_s),
         build_s,
     });
     report.loss = Some(r.loss);
     if let (Some(f), Some(t)) = (&report.flops, &report.timing) {
-        let peak = match (a.peak_tflops, a.measure_peak) {
-            (Some(tf), _) if tf.is_finite() && tf > 0.0 => {
-                Some((tf * 1e12, "given: --peak-tflops".to_string()))
+        let peak = match plan.peak {
+            PeakSource::Given(flops_per_s) => {
+                Some((flops_per_s, "given: --peak-tflops".to_string()))
             }
-            (Some(tf), _) => {
-                return Err(Error::field(
-                    "command line",
-                    "--peak-tflops",
-                    tf,
-                    "must be > 0",
-                ))
-            }
-            (None, true) => Some(crate::measure::peak::measure_matmul_peak(device)?),
-            (None, false) => None,
+            PeakSource::Measure => Some(crate::measure::peak::measure_matmul_peak(device)?),
+            PeakSource::None => None,
         };
         report.mfu = Some(crate::estimate::flops::mfu(
             f,
@@ -499,14 +667,14 @@ fn measure_real(
             peak,
         ));
     }
-    if !a.no_artifacts {
+    if plan.artifacts {
         measure_artifacts(cfg, step, &varmap, real.numel, report, checks)?;
     }
     report.census = Some(real);
     Ok(())
 }
 
-/// Write the model to a real `.safetensors` file and quantize its weights (issue #6).
+/// Write the model to a real `.safetensors` file and quantize its weights.
 fn measure_artifacts(
     cfg: &ModelConfig,
     step: Step,
@@ -515,19 +683,18 @@ fn measure_artifacts(
     report: &mut Report,
     checks: &mut Vec<Check>,
 ) -> Result<()> {
-    use crate::measure::{checkpoint, quantize};
     let specs = build::shapes_only(cfg, step.dtype.candle())?;
-    let metas: Vec<checkpoint::TensorMeta> = specs
+    let metas: Vec<TensorMeta> = specs
         .iter()
-        .map(|s| checkpoint::TensorMeta {
+        .map(|s| TensorMeta {
             name: &s.name,
             shape: &s.shape,
             dtype: s.dtype,
         })
         .collect();
-    let predicted = checkpoint::predict(&metas)?;
-    if predicted.file_bytes <= checkpoint::MAX_CHECKPOINT_BYTES {
-        let c = checkpoint::save_and_measure(varmap, &metas, None)?;
+    let predicted = write::predict(&metas)?;
+    if predicted.file_bytes <= write::MAX_CHECKPOINT_BYTES {
+        let c = write::save_and_measure(varmap, &metas, None)?;
         checks.push(
             Check::exact(
                 "checkpoint: file bytes == predicted",
@@ -546,7 +713,7 @@ fn measure_artifacts(
         report.notes.push(format!(
             "checkpoint not written: {} predicted exceeds the {} limit for a temp file",
             Bytes(predicted.file_bytes),
-            Bytes(checkpoint::MAX_CHECKPOINT_BYTES)
+            Bytes(write::MAX_CHECKPOINT_BYTES)
         ));
     }
     if numel <= quantize::MAX_QUANTIZE_PARAMS {

@@ -1,0 +1,97 @@
+//! Helpers the command files share. Imports nothing from the command files, so no command
+//! depends on another.
+
+use crate::cli::{ConfigArgs, StepArgs};
+use crate::config::{self, presets, ConfigSource, ModelConfig, Step};
+use crate::error::{Error, Result, EXIT_CHECK_FAILED, EXIT_OK};
+use crate::estimate::{memory, params};
+use crate::model::autograd_replay as activations;
+use crate::report::{Report, RunInfo};
+use crate::units::Bytes;
+
+/// `--config PATH`, `--preset NAME`, or the default preset.
+pub fn load_config(args: &ConfigArgs) -> Result<ModelConfig> {
+    match (&args.config, &args.preset) {
+        (Some(path), _) => config::load(ConfigSource::Path(path)),
+        (None, Some(name)) => config::load(ConfigSource::Preset(name)),
+        (None, None) => config::load(ConfigSource::Preset(presets::DEFAULT_PRESET)),
+    }
+}
+
+/// batch, seq, dtype after command line > config `[run]` > defaults, validated against the model.
+pub fn resolve_step(cfg: &ModelConfig, step: &StepArgs) -> Result<Step> {
+    Step::resolve(cfg, step.batch, step.seq, step.dtype.as_deref())
+}
+
+/// The estimate part every report starts from.
+pub fn base_report(command: &'static str, cfg: &ModelConfig, step: Step) -> Result<Report> {
+    let p = params::estimate(cfg)?;
+    let flops = crate::estimate::flops::estimate(cfg, &p, step.seq, false)?;
+    // What the step adds at its peak beyond weights and gradients: kept activations, the
+    // gradients in flight and the largest op's transients (the per-op replay).
+    let am = activations::model(cfg, p.total, step);
+    let act = (am.peak_bytes != u64::MAX).then(|| {
+        Bytes(
+            am.peak_bytes
+                .saturating_sub(am.weights_bytes)
+                .saturating_sub(am.gradients_bytes),
+        )
+    });
+    Ok(Report {
+        command,
+        model: cfg.clone(),
+        run: RunInfo {
+            batch: step.batch,
+            seq: step.seq,
+            dtype: step.dtype,
+            device: None,
+            tolerance: None,
+            repeat: None,
+            weights: None,
+        },
+        weights: memory::weight_bytes(p.total),
+        training: memory::training(&p, step.dtype, act),
+        params: p,
+        census: None,
+        memory: None,
+        timing: None,
+        loss: None,
+        flops: Some(flops),
+        mfu: None,
+        checkpoint: None,
+        quantized: None,
+        rules: Vec::new(),
+        extrapolation: None,
+        checks: Vec::new(),
+        pass: None,
+        notes: Vec::new(),
+        peak_rss_bytes: None,
+        activation: Some(am),
+    })
+}
+
+/// Exit code for a finished run with checks.
+pub fn verdict(pass: bool) -> u8 {
+    if pass {
+        EXIT_OK
+    } else {
+        EXIT_CHECK_FAILED
+    }
+}
+
+/// Largest accepted `--flops` (10^35: far beyond any conceivable training run) and `--tokens`.
+pub const MAX_BUDGET: f64 = 1e35;
+
+/// A command-line number that must be finite, > 0 and at most `max`.
+pub fn positive(field: &str, v: f64, max: f64) -> Result<f64> {
+    if v.is_finite() && v > 0.0 && v <= max {
+        Ok(v)
+    } else {
+        Err(Error::field(
+            "command line",
+            field,
+            v,
+            format!("must be > 0 and at most {max:e}"),
+        ))
+    }
+}
