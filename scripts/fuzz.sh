@@ -4,7 +4,7 @@
 #   scripts/fuzz.sh [SECONDS] [TARGET...]
 #
 # SECONDS (default 600) is each target's -max_total_time; TARGETs default to all of
-# toml_config, hf_config, safetensors_header. Targets run one after another; PARALLEL=1 runs them
+# toml_config, hf_config, safetensors_header, gguf_header. Targets run one after another; PARALLEL=1 runs them
 # all at once (one process each). NICE (default 10) lowers their priority on a shared machine.
 # Each run prints its executions, exec/s, corpus size and findings; crash/timeout/oom inputs land
 # in fuzz/artifacts/<target>/ (copy one to fuzz/regressions/<target>/ once fixed:
@@ -18,7 +18,7 @@ cd "$(dirname "$0")/.."
 SECONDS_PER_TARGET=${1:-600}
 shift || true
 TARGETS=("$@")
-[ ${#TARGETS[@]} -gt 0 ] || TARGETS=(toml_config hf_config safetensors_header)
+[ ${#TARGETS[@]} -gt 0 ] || TARGETS=(toml_config hf_config safetensors_header gguf_header)
 export RUSTC_BOOTSTRAP=${RUSTC_BOOTSTRAP:-1}
 NICE=${NICE:-10}
 

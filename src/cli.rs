@@ -48,6 +48,9 @@ pub enum Command {
     /// Which GPUs the training state fits on, and days to train D tokens on N of them.
     #[command(allow_negative_numbers = true)]
     Gpus(GpusArgs),
+    /// Serving memory (weights in any format, KV cache, prefill and decode peaks), proved on a
+    /// genuine greedy generation run; what fits in a memory budget.
+    Infer(InferArgs),
 }
 
 pub use crate::report::Format;
@@ -81,6 +84,9 @@ pub struct StepArgs {
 pub struct EstimateArgs {
     #[command(flatten)]
     pub config: ConfigArgs,
+    /// A model folder or a GGUF file to read the config from (same as --config).
+    #[arg(long, value_name = "PATH", conflicts_with_all = ["config", "preset"])]
+    pub model: Option<std::path::PathBuf>,
     #[command(flatten)]
     pub step: StepArgs,
     #[arg(long, value_enum, default_value_t = Format::Table)]
@@ -91,7 +97,8 @@ pub struct EstimateArgs {
 pub struct VerifyArgs {
     #[command(flatten)]
     pub config: ConfigArgs,
-    /// HF checkpoint folder: config.json + model.safetensors (or a sharded index). Loads real weights.
+    /// HF checkpoint folder: config.json + model.safetensors (or a sharded index). Loads real
+    /// weights. A GGUF file is accepted with --shapes-only (its header is checked).
     #[arg(long, value_name = "DIR", conflicts_with_all = ["config", "preset"])]
     pub model: Option<PathBuf>,
     /// Reference outputs (expected.safetensors + expected.json) to check logits, loss and gradients.
@@ -188,7 +195,7 @@ pub struct PresetsArgs {
 
 #[derive(Debug, Args)]
 pub struct InspectArgs {
-    /// A .safetensors file, a model.safetensors.index.json, or an HF model folder.
+    /// A .safetensors file, a model.safetensors.index.json, an HF model folder, or a GGUF file.
     #[arg(value_name = "PATH")]
     pub path: PathBuf,
     /// Config to check the checkpoint against (default: the folder's config.json, if any).
@@ -225,6 +232,69 @@ pub struct GpusArgs {
     /// Assumed model FLOPs utilisation, 0 < X ≤ 1 (default 0.40: an assumption, not a measurement).
     #[arg(long, value_name = "X")]
     pub mfu: Option<f64>,
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    pub format: Format,
+}
+
+#[derive(Debug, Args)]
+pub struct InferArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// Real weights: an HF model folder (config.json + safetensors) or a GGUF file.
+    #[arg(long, value_name = "PATH", conflicts_with_all = ["config", "preset"])]
+    pub model: Option<PathBuf>,
+    /// Greedy-generation reference (greedy.json: prompt ids and HF's generated ids) to check the
+    /// tokens against; supplies --prompt-ids and --generate unless given.
+    #[arg(long, value_name = "PATH")]
+    pub reference: Option<PathBuf>,
+    /// cpu, cuda or cuda:N (cuda needs a build with `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Concurrent sequences (default 1).
+    #[arg(long, value_name = "B")]
+    pub batch: Option<usize>,
+    /// Prompt length in tokens, random ids drawn with --seed (default 32).
+    #[arg(long, value_name = "P", conflicts_with = "prompt_ids")]
+    pub prompt: Option<usize>,
+    /// Prompt token ids, comma-separated (every sequence of the batch gets this prompt).
+    #[arg(long, value_name = "IDS")]
+    pub prompt_ids: Option<String>,
+    /// Tokens to generate per sequence (default 16); the context is prompt + generate.
+    #[arg(long, value_name = "N")]
+    pub generate: Option<usize>,
+    /// Weight storage: f32, f16, bf16 or a llama.cpp file type (q8_0, q6_k, q5_k_m, q4_k_m,
+    /// q4_0, ...). A GGUF file's own tensor types are used as stored.
+    #[arg(long, value_name = "FORMAT")]
+    pub weights: Option<String>,
+    /// K and V element type: f32, f16 or bf16 (default: the activation dtype).
+    #[arg(long, value_name = "DTYPE")]
+    pub kv_dtype: Option<String>,
+    /// Tokens per prefill forward (default 512, llama.cpp's physical batch; the fit questions
+    /// use it too).
+    #[arg(long, value_name = "C")]
+    pub prefill_chunk: Option<usize>,
+    /// The estimate only, at any size: nothing is loaded or run.
+    #[arg(long)]
+    pub shapes_only: bool,
+    /// Seed for random weights and random prompt ids.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Memory the run may use (bytes, or 24GiB / 24GB), instead of what the OS reports.
+    #[arg(long, value_name = "SIZE")]
+    pub max_memory: Option<String>,
+    /// Memory budget for the fit questions (bytes, or 24GiB / 80GB).
+    #[arg(long, value_name = "SIZE", conflicts_with = "gpu")]
+    pub memory: Option<String>,
+    /// A GPU from `truesize gpus` as the budget for the fit questions (its name, or a unique
+    /// part of it such as "4090").
+    #[arg(long, value_name = "NAME")]
+    pub gpu: Option<String>,
+    /// Runtime overhead assumed by the fit questions (default 1GiB; shown as its own line).
+    #[arg(long, value_name = "SIZE")]
+    pub overhead: Option<String>,
+    /// Skip the full forward that checks the incremental decode's logits.
+    #[arg(long)]
+    pub no_full_forward: bool,
     #[arg(long, value_enum, default_value_t = Format::Table)]
     pub format: Format,
 }

@@ -13,6 +13,7 @@ pub mod error;
 pub mod estimate;
 pub mod family;
 pub mod files;
+pub mod infer;
 pub mod measure;
 pub mod model;
 pub mod report;

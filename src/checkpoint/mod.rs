@@ -2,9 +2,9 @@
 //! input (`safetensors`), the one checker that compares them with a model family's tensor list
 //! (`check`), and writing one to measure its size (`write`).
 //!
-//! GGUF files (llama.cpp) belong here too, as `gguf.rs` beside `safetensors.rs`: a header
-//! reader with the same contract (bounded reads, every failure an `Error::File`), producing the
-//! tensors that `check` compares.
+//! GGUF files (llama.cpp): `gguf.rs` beside `safetensors.rs`, a header reader with the same
+//! contract (bounded reads, every failure an `Error::File`), and `gguf_inspect.rs`, the same
+//! structure comparison for them (against the family's GGUF layout).
 //!
 //! # One fault, one verdict
 //! `inspect`, `verify --model` and `verify --model --shapes-only` all open a checkpoint with
@@ -18,6 +18,8 @@
 //! | known buffers (GPT-2's `attn.bias` masks, `rotary_emb.inv_freq`), a tied head stored twice | shown, never failing |
 
 pub mod check;
+pub mod gguf;
+pub mod gguf_inspect;
 pub mod resolve;
 pub mod safetensors;
 pub mod write;

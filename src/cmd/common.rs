@@ -12,7 +12,7 @@ use crate::units::Bytes;
 /// `--config PATH`, `--preset NAME`, or the default preset.
 pub fn load_config(args: &ConfigArgs) -> Result<ModelConfig> {
     match (&args.config, &args.preset) {
-        (Some(path), _) => config::load(ConfigSource::Path(path)),
+        (Some(path), _) => config_at(path),
         (None, Some(name)) => config::load(ConfigSource::Preset(name)),
         (None, None) => config::load(ConfigSource::Preset(presets::DEFAULT_PRESET)),
     }
@@ -94,4 +94,14 @@ pub fn positive(field: &str, v: f64, max: f64) -> Result<f64> {
             format!("must be > 0 and at most {max:e}"),
         ))
     }
+}
+
+/// The config at `path`: a GGUF file's metadata, an HF folder or `config.json`, or a truesize
+/// TOML. GGUF is told by its magic bytes, whatever the file is called.
+pub fn config_at(path: &std::path::Path) -> Result<ModelConfig> {
+    if crate::checkpoint::gguf::has_magic(path) {
+        let h = crate::checkpoint::gguf::read_header(path)?;
+        return crate::checkpoint::gguf::config_from_header(&h);
+    }
+    config::load(ConfigSource::Path(path))
 }

@@ -15,7 +15,10 @@ pub struct Plan {
 
 impl Plan {
     pub fn from_args(a: EstimateArgs) -> Result<Plan> {
-        let cfg = load_config(&a.config)?;
+        let cfg = match &a.model {
+            Some(p) => super::common::config_at(p)?,
+            None => load_config(&a.config)?,
+        };
         let step = resolve_step(&cfg, &a.step)?;
         Ok(Plan {
             cfg,

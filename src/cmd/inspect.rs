@@ -5,7 +5,7 @@ use super::common::verdict;
 use crate::check::all_pass;
 use crate::checkpoint::{self, Checkpoint};
 use crate::cli::InspectArgs;
-use crate::config::{self, ConfigSource, ModelConfig};
+use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::measure::census::{Census, TensorRow};
 use crate::report::inspect::InspectReport;
@@ -29,7 +29,7 @@ impl Plan {
     pub fn new(path: PathBuf, config: Option<&Path>, format: Format) -> Result<Plan> {
         let checkpoint = Checkpoint::open(&path)?;
         let cfg = match config.or(checkpoint.folder_config.as_deref()) {
-            Some(p) => Some(config::load(ConfigSource::Path(p))?),
+            Some(p) => Some(super::common::config_at(p)?),
             None => None,
         };
         Ok(Plan {
@@ -42,6 +42,19 @@ impl Plan {
 }
 
 pub fn run(a: InspectArgs) -> Result<u8> {
+    if checkpoint::gguf::has_magic(&a.path) {
+        if let Some(c) = &a.config {
+            return Err(crate::error::Error::field(
+                "command line",
+                "--config",
+                c.display(),
+                "a GGUF file carries its own config in its metadata",
+            ));
+        }
+        let r = checkpoint::gguf_inspect::inspect(&a.path)?;
+        emit(a.format, &r, View::Full)?;
+        return Ok(verdict(r.pass));
+    }
     let plan = Plan::from_args(a)?;
     let r = report(&plan)?;
     emit(plan.format, &r, View::Full)?;

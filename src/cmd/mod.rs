@@ -7,6 +7,7 @@ mod common;
 pub mod bench_matmul;
 pub mod estimate;
 pub mod gpus;
+pub mod infer;
 pub mod inspect;
 pub mod presets;
 pub mod scaling;
@@ -27,5 +28,6 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Inspect(a) => inspect::run(a),
         Command::Scaling(a) => scaling::run(a),
         Command::Gpus(a) => gpus::run(a),
+        Command::Infer(a) => infer::run(a),
     }
 }

@@ -5,7 +5,7 @@ use crate::check::{all_pass, Check};
 use crate::checkpoint::write::{self, TensorMeta};
 use crate::checkpoint::{self, Checkpoint};
 use crate::cli::{Optimizer, VerifyArgs};
-use crate::config::{self, ConfigSource, ModelConfig, Step};
+use crate::config::{ModelConfig, Step};
 use crate::error::{Error, Result};
 use crate::estimate::params::{self, Component};
 use crate::family;
@@ -60,7 +60,8 @@ pub enum PeakSource {
 #[derive(Debug, Clone)]
 pub struct ModelDir {
     pub dir: PathBuf,
-    pub checkpoint: Checkpoint,
+    /// `None` for a GGUF file (checked from its header with `--shapes-only` only).
+    pub checkpoint: Option<Checkpoint>,
     pub findings: checkpoint::Findings,
 }
 
@@ -88,12 +89,20 @@ pub struct Plan {
 
 impl Plan {
     pub fn from_args(a: VerifyArgs) -> Result<Plan> {
+        let gguf = a.model.as_deref().is_some_and(checkpoint::gguf::has_magic);
+        if let (true, false, Some(f)) = (gguf, a.shapes_only, &a.model) {
+            return Err(Error::file(
+                f,
+                "is a GGUF file: verify trains in f32/f16/bf16 from an HF folder; use --shapes-only to check the file against its config, or `truesize infer --model` to run it",
+            ));
+        }
         let cfg = match &a.model {
+            Some(dir) if gguf => super::common::config_at(dir)?,
             Some(dir) if dir.is_file() => return Err(Error::file(
                 dir,
                 "--model takes an HF model folder (config.json + model.safetensors), not a file",
             )),
-            Some(dir) => config::load(ConfigSource::Path(dir))?,
+            Some(dir) => super::common::config_at(dir)?,
             None => load_config(&a.config)?,
         };
         if a.repeat == 0 || a.repeat > MAX_REPEAT {
@@ -168,13 +177,33 @@ impl Plan {
             ));
         }
         let model = match a.model {
+            Some(dir) if gguf => {
+                // The GGUF header, checked against the config its metadata describes.
+                let r = checkpoint::gguf_inspect::inspect(&dir)?;
+                let findings = checkpoint::Findings {
+                    file_tensors: r.file_tensors,
+                    file_numel: r.file_numel,
+                    missing: r.missing,
+                    unexpected: r.unexpected,
+                    misshaped: r.misshaped,
+                    expected_params: r.expected_params,
+                    checks: r.checks,
+                    notes: r.notes,
+                    ..Default::default()
+                };
+                Some(ModelDir {
+                    dir,
+                    checkpoint: None,
+                    findings,
+                })
+            }
             Some(dir) => {
                 // Headers only: a corrupt file is bad input (exit 2) before anything is built.
                 let checkpoint = Checkpoint::open(&dir)?;
                 let findings = checkpoint::check(&checkpoint, Some(&cfg))?;
                 Some(ModelDir {
                     dir,
-                    checkpoint,
+                    checkpoint: Some(checkpoint),
                     findings,
                 })
             }

@@ -127,5 +127,6 @@ pub struct TomlFields {
     pub n_experts_per_tok: Option<usize>,
     pub rope_theta: Option<f64>,
     pub norm_eps: Option<f64>,
+    pub sliding_window: Option<usize>,
     pub run: super::RunDefaults,
 }

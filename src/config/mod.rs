@@ -97,11 +97,20 @@ pub struct ModelConfig {
     pub rope_theta: f64,
     pub rope_scaling: Option<Llama3RopeScaling>,
     pub norm_eps: f64,
+    /// Sliding-window attention (Mistral's `sliding_window`): a token attends to itself and the
+    /// `w - 1` tokens before it. `None`: full causal attention. Changes memory, not the count.
+    pub sliding_window: Option<usize>,
     #[serde(skip)]
     pub run: RunDefaults,
 }
 
 impl ModelConfig {
+    /// The attention window of layer `layer` (`None`: full causal attention). One place for
+    /// per-layer rules (families that alternate local and global layers extend it).
+    pub fn attention_window(&self, _layer: usize) -> Option<usize> {
+        self.sliding_window
+    }
+
     pub fn is_moe(&self) -> bool {
         self.n_experts > 0
     }

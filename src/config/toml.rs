@@ -31,6 +31,7 @@ struct TomlConfig {
     n_experts_per_tok: Option<i64>,
     rope_theta: Option<f64>,
     norm_eps: Option<f64>,
+    sliding_window: Option<i64>,
     run: Option<TomlRun>,
 }
 
@@ -128,6 +129,10 @@ pub fn parse(text: &str, src: &str) -> Result<ModelConfig> {
         n_experts_per_tok,
         rope_theta: raw.rope_theta,
         norm_eps: raw.norm_eps,
+        sliding_window: raw
+            .sliding_window
+            .map(|v| size(src, "sliding_window", v))
+            .transpose()?,
         run,
     };
     fam.read_toml(&fields)

@@ -75,6 +75,16 @@ impl ModelConfig {
                 ));
             }
         }
+        if let Some(w) = self.sliding_window {
+            if w == 0 || w > MAX_DIM {
+                return Err(Error::field(
+                    src,
+                    "sliding_window",
+                    w,
+                    "must be > 0 and at most 2^24",
+                ));
+            }
+        }
         if !(self.norm_eps.is_finite() && self.norm_eps > 0.0) {
             return Err(Error::field(src, "norm_eps", self.norm_eps, "must be > 0"));
         }

@@ -6,5 +6,6 @@ pub mod memory;
 pub mod params;
 pub mod rules;
 pub mod scaling;
+pub mod serve;
 
 pub use params::{Component, ParamEstimate};

@@ -70,6 +70,7 @@ impl Family for Gpt2 {
             rope_theta: 10_000.0,
             rope_scaling: None,
             norm_eps: o.f64_opt("layer_norm_epsilon")?.unwrap_or(1e-5),
+            sliding_window: None,
             run: RunDefaults::default(),
         })
     }
@@ -124,6 +125,7 @@ impl Family for Gpt2 {
             rope_theta: 10_000.0,
             rope_scaling: None,
             norm_eps: f.norm_eps.unwrap_or(1e-5),
+            sliding_window: f.sliding_window,
             run: f.run.clone(),
         })
     }

@@ -246,6 +246,13 @@ impl Family for Llama {
             rope_theta,
             rope_scaling,
             norm_eps: o.f64_opt("rms_norm_eps")?.unwrap_or(d.rms_norm_eps),
+            // Mistral and Mixtral apply `sliding_window` to every layer whenever it is set
+            // (`null`, as in Mistral-7B v0.2+ and Mixtral, means full attention). Qwen2's window
+            // is per layer type and off in released configs; Llama has none.
+            sliding_window: match model_type {
+                "mistral" | "mixtral" => o.usize_opt("sliding_window")?,
+                _ => None,
+            },
             run: RunDefaults::default(),
         })
     }
@@ -311,6 +318,7 @@ impl Family for Llama {
             rope_theta: f.rope_theta.unwrap_or(10_000.0),
             rope_scaling: None,
             norm_eps: f.norm_eps.unwrap_or(1e-6),
+            sliding_window: f.sliding_window,
             run: f.run.clone(),
         })
     }

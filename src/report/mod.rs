@@ -6,7 +6,9 @@
 
 pub mod bench;
 pub mod csv;
+pub mod gguf;
 pub mod gpus;
+pub mod infer;
 pub mod inspect;
 pub mod json;
 pub mod markdown;
