@@ -6,7 +6,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarMap;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use truesize::config::{self, ConfigSource, Llama3RopeScaling, ModelConfig};
+use truesize::config::{self, ConfigSource, Llama3RopeScaling, ModelConfig, RopeScaling};
 use truesize::estimate::params::estimate;
 use truesize::measure::reference::{self, max_rel_error};
 use truesize::model::{build, next_token_loss};
@@ -151,12 +151,12 @@ fn configs() -> Vec<ModelConfig> {
         "arch='llama'\nvocab_size=40\nblock_size=32\nn_embd=32\nn_layer=2\nn_head=4\n\
          n_kv_head=1\nintermediate_size=48\nrope_theta=500000.0\n",
     );
-    scaled.rope_scaling = Some(Llama3RopeScaling {
+    scaled.rope_scaling = Some(RopeScaling::Llama3(Llama3RopeScaling {
         factor: 8.0,
         low_freq_factor: 1.0,
         high_freq_factor: 4.0,
         original_max_position_embeddings: 8,
-    });
+    }));
     vec![
         config::load(ConfigSource::Preset("baby-gpt")).unwrap(),
         // bias-free GPT-2 with an untied head

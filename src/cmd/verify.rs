@@ -390,6 +390,13 @@ fn rules_and_extrapolation(
                 )
                 .with_note("replay at full depth + its measured error at 1 and 2 layers"),
             );
+            if !activations::replay_gaps(cfg).is_empty() {
+                if let Some(c) = checks.pop() {
+                    checks.push(c.informational(
+                        "the per-op replay does not reproduce this family's switches",
+                    ));
+                }
+            }
         }
         report.extrapolation = Some(e);
     }
@@ -572,10 +579,16 @@ fn measure_real(
         r.memory.peak_bytes as f64,
         PEAK_TOLERANCE + race(r.memory.peak_bytes),
     );
-    checks.push(if on_cpu {
+    let gaps = activations::replay_gaps(cfg);
+    checks.push(if on_cpu && gaps.is_empty() {
         peak_check.with_note(format!(
             "per-op replay of candle's allocations; ±{} gemm-slab race",
             Bytes(act.gemm_slab_uncertainty_bytes)
+        ))
+    } else if on_cpu {
+        peak_check.informational(format!(
+            "the per-op replay follows the plain Llama skeleton and does not reproduce: {}",
+            gaps.join(", ")
         ))
     } else {
         peak_check.informational("the per-op model describes candle's CPU backend")
@@ -587,8 +600,10 @@ fn measure_real(
             measured as f64,
             PEAK_TOLERANCE + race(measured),
         );
-        checks.push(if on_cpu {
+        checks.push(if on_cpu && gaps.is_empty() {
             c.with_note("weights + gradients + 2 moments + the update's temporaries")
+        } else if on_cpu {
+            c.informational("the per-op replay does not reproduce this family's switches")
         } else {
             c.informational("the per-op model describes candle's CPU backend")
         });

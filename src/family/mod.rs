@@ -19,8 +19,13 @@
 //! and one line in [`FAMILIES`]. A family whose layers differ in shape (dense and sparse layers)
 //! overrides [`Family::layer_kind`] so that counts stay O(kinds), not O(layers).
 
+pub mod gemma2;
+pub mod gemma3;
 pub mod gpt2;
 pub mod llama;
+pub mod phi3;
+pub mod qwen3;
+pub mod qwen3_moe;
 
 use crate::config::fields::{JsonKeys, TomlFields};
 use crate::config::{Arch, ModelConfig};
@@ -267,7 +272,15 @@ pub trait Family: Sync {
 }
 
 /// The registry: every family truesize knows. A new family is one line here.
-pub static FAMILIES: &[&dyn Family] = &[&gpt2::Gpt2, &llama::Llama];
+pub static FAMILIES: &[&dyn Family] = &[
+    &gpt2::Gpt2,
+    &llama::Llama,
+    &qwen3::Qwen3,
+    &qwen3_moe::Qwen3Moe,
+    &gemma2::Gemma2,
+    &gemma3::Gemma3,
+    &phi3::Phi3,
+];
 
 /// The family registered for an HF `model_type`.
 pub fn by_model_type(model_type: &str) -> Option<&'static dyn Family> {
