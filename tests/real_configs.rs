@@ -235,3 +235,55 @@ fn bad_values_name_the_key_as_written() {
         );
     }
 }
+
+/// Each built-in preset of these families describes the real config it names: the same count
+/// (transformers'), the same layer pattern and the same switches. (The Gemma 3 4B+ presets leave
+/// out the hub's linear RoPE scaling of the global layers: numerics only.)
+#[test]
+fn presets_are_the_real_configs() {
+    for (preset, file) in [
+        ("qwen3-0.6b", "qwen3-0.6b"),
+        ("qwen3-8b", "qwen3-8b"),
+        ("qwen3-32b", "qwen3-32b"),
+        ("qwen3-30b-a3b", "qwen3-30b-a3b"),
+        ("qwen3-235b-a22b", "qwen3-235b-a22b"),
+        ("gemma2-2b", "gemma-2-2b"),
+        ("gemma2-9b", "gemma-2-9b"),
+        ("gemma2-27b", "gemma-2-27b"),
+        ("gemma3-1b", "gemma-3-1b"),
+        ("gemma3-4b", "gemma-3-4b"),
+        ("gemma3-12b", "gemma-3-12b"),
+        ("gemma3-27b", "gemma-3-27b"),
+        ("phi3-mini", "phi-3-mini-4k"),
+        ("phi3-medium", "phi-3-medium-4k"),
+    ] {
+        let p = config::load(ConfigSource::Preset(preset)).unwrap();
+        let r = load(file);
+        let &(_, total, active) = HF_COUNTS.iter().find(|(n, _, _)| *n == file).unwrap();
+        let e = estimate(&p).unwrap();
+        assert_eq!((e.total, e.active_per_token), (total, active), "{preset}");
+        let shape = |c: &ModelConfig| {
+            (
+                (c.vocab_size, c.block_size, c.n_embd, c.n_layer),
+                (c.n_head, c.n_kv_head, c.head_dim, c.intermediate_size),
+                (c.tie_embeddings, c.bias, c.qkv_bias, c.qk_norm),
+                (c.norm, c.norm_placement, c.mlp, c.embedding_scale),
+                (c.qkv_storage, c.gate_up_storage, c.moe_intermediate_size),
+                (c.n_experts, c.n_experts_per_tok, c.moe_renormalize),
+                c.layer_attention.clone(),
+            )
+        };
+        assert_eq!(shape(&p), shape(&r), "{preset} vs {file}");
+        let numerics = |c: &ModelConfig| {
+            (
+                c.attn_scalar,
+                c.attn_softcap,
+                c.final_softcap,
+                c.rope_theta,
+                c.rope_local_theta,
+                c.norm_eps,
+            )
+        };
+        assert_eq!(numerics(&p), numerics(&r), "{preset} vs {file}");
+    }
+}
