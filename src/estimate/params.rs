@@ -420,6 +420,25 @@ mod tests {
             ),
             ("model.norm.weight", Component::FinalNorm),
             ("lm_head.weight", Component::LmHead),
+            // Qwen-MoE's router and experts sit under `mlp.`; Phi-3 fuses; Gemma has 4 norms.
+            ("model.layers.0.mlp.gate.weight", Component::Router),
+            (
+                "model.layers.0.mlp.experts.5.down_proj.weight",
+                Component::Experts,
+            ),
+            (
+                "model.layers.1.self_attn.qkv_proj.weight",
+                Component::Attention,
+            ),
+            (
+                "model.layers.1.self_attn.q_norm.weight",
+                Component::Attention,
+            ),
+            ("model.layers.1.mlp.gate_up_proj.weight", Component::Mlp),
+            (
+                "model.layers.1.pre_feedforward_layernorm.weight",
+                Component::Norms,
+            ),
         ] {
             assert_eq!(crate::family::guess_component(name), Some(c), "{name}");
         }

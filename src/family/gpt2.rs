@@ -243,7 +243,8 @@ impl Family for Gpt2 {
             Component::LmHead
         } else if n.contains(".attn.") {
             Component::Attention
-        } else if n.contains(".mlp.") {
+        } else if n.contains(".mlp.c_fc.") || n.contains(".mlp.c_proj.") {
+            // GPT-2's own MLP names only: other families' `.mlp.` holds routers and experts.
             Component::Mlp
         } else if last("ln_1") || last("ln_2") {
             Component::Norms
