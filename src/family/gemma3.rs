@@ -178,6 +178,29 @@ impl Family for Gemma3 {
         validate_skeleton(cfg)
     }
 
+    /// The text model's tensors as `Gemma3ForConditionalGeneration` checkpoints store them:
+    /// `language_model.model.*` / `language_model.lm_head.*` (transformers 4.50, the hub's
+    /// files) or `model.language_model.*` (transformers ≥ 4.52).
+    fn canonical_name(&self, stored: &str) -> String {
+        for (from, to) in [
+            ("language_model.model.", "model."),
+            ("model.language_model.", "model."),
+            ("language_model.lm_head.", "lm_head."),
+        ] {
+            if let Some(rest) = stored.strip_prefix(from) {
+                return format!("{to}{rest}");
+            }
+        }
+        stored.to_string()
+    }
+
+    /// The vision tower and its projector (`vision_tower.*`, `multi_modal_projector.*`, also
+    /// under `model.`): parameters of the published model, not of the text model truesize builds.
+    fn outside_model(&self, name: &str) -> bool {
+        let n = name.strip_prefix("model.").unwrap_or(name);
+        n.starts_with("vision_tower.") || n.starts_with("multi_modal_projector.")
+    }
+
     fn global_tensors(&self, cfg: &ModelConfig) -> Vec<ParamTensor> {
         skeleton_global_tensors(cfg)
     }

@@ -260,6 +260,12 @@ pub trait Family: Sync {
     fn is_buffer(&self, _name: &str) -> bool {
         false
     }
+    /// A stored parameter of a part of the published model that truesize does not build or count
+    /// (Gemma 3's vision tower beside its text model): listed apart, neither a parameter of this
+    /// config nor unexpected. Default: none.
+    fn outside_model(&self, _name: &str) -> bool {
+        false
+    }
     /// The component a tensor name suggests, from this family's naming convention alone. Used
     /// only where no config says which tensors exist (`inspect FILE` without a config).
     fn guess_component(&self, name: &str) -> Option<Component>;
