@@ -116,6 +116,7 @@ fn switches_read_from_real_configs() {
         (g3.rope_theta, g3.rope_local_theta),
         (1_000_000.0, 10_000.0)
     );
+    assert!(g3.rope_per_layer_type);
     assert_eq!(g3.rope_scaling, Some(RopeScaling::Linear { factor: 8.0 }));
     assert!(g3.qk_norm && g3.attn_softcap.is_none());
     let g1 = load("gemma-3-1b");
@@ -124,6 +125,8 @@ fn switches_read_from_real_configs() {
 
     // Phi-3: fused storage, every layer windowed at 2047 (4k), LongRoPE for 3.5-mini.
     let p = load("phi-3-mini-4k");
+    // Windowed, yet one RoPE for every layer.
+    assert!(!p.rope_per_layer_type);
     assert_eq!(
         (p.qkv_storage, p.gate_up_storage),
         (Storage::Fused, Storage::Fused)
@@ -280,6 +283,7 @@ fn presets_are_the_real_configs() {
                 c.attn_softcap,
                 c.final_softcap,
                 c.rope_theta,
+                c.rope_per_layer_type,
                 c.rope_local_theta,
                 c.norm_eps,
             )

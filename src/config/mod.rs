@@ -199,11 +199,16 @@ pub struct ModelConfig {
     /// Experts per MoE layer; 0 means a dense MLP.
     pub n_experts: usize,
     pub n_experts_per_tok: usize,
-    /// RoPE base of full-attention layers (of every layer unless `rope_local_theta` differs).
+    /// RoPE base (of the full-attention layers when `rope_per_layer_type`).
     pub rope_theta: f64,
-    /// Frequency rescaling of full-attention layers; sliding-window layers are never rescaled.
+    /// Frequency rescaling (of the full-attention layers only when `rope_per_layer_type`).
     pub rope_scaling: Option<RopeScaling>,
-    /// RoPE base of sliding-window layers (Gemma 3: 10,000 beside 1,000,000); = `rope_theta` elsewhere.
+    /// Gemma 3's RoPE per layer type: sliding-window layers use `rope_local_theta`, unscaled.
+    /// Otherwise every layer, sliding or not, uses `rope_theta` and `rope_scaling` (Mistral,
+    /// Phi-3, Gemma 2).
+    pub rope_per_layer_type: bool,
+    /// RoPE base of sliding-window layers when `rope_per_layer_type` (Gemma 3: 10,000 beside
+    /// 1,000,000); equal to `rope_theta` otherwise.
     pub rope_local_theta: f64,
     /// Channels of each head that RoPE rotates (Phi `partial_rotary_factor`); `head_dim` elsewhere.
     pub rotary_dim: usize,
@@ -283,6 +288,7 @@ impl ModelConfig {
             n_experts_per_tok: 0,
             rope_theta: 10_000.0,
             rope_scaling: None,
+            rope_per_layer_type: false,
             rope_local_theta: 10_000.0,
             rotary_dim: d.head_dim,
             norm_eps: if gpt2 { 1e-5 } else { 1e-6 },

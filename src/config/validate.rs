@@ -190,6 +190,17 @@ impl ModelConfig {
             return Ok(());
         }
         positive("rope_local_theta", self.rope_local_theta)?;
+        if !self.rope_per_layer_type && self.rope_local_theta != self.rope_theta {
+            return Err(Error::field(
+                src,
+                "rope_local_theta",
+                self.rope_local_theta,
+                format!(
+                    "a separate RoPE base for sliding-window layers needs RoPE per layer type (Gemma 3); here every layer uses rope_theta = {}",
+                    self.rope_theta
+                ),
+            ));
+        }
         if self.rotary_dim == 0
             || self.rotary_dim > self.head_dim
             || !self.rotary_dim.is_multiple_of(2)

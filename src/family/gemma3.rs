@@ -88,6 +88,7 @@ fn read_text(o: &JsonKeys<'_>, model_type: &str) -> Result<ModelConfig> {
             None => None,
         },
     };
+    cfg.rope_per_layer_type = true;
     cfg.rope_local_theta = match local
         .as_ref()
         .map(|l| l.positive_opt("rope_theta"))
@@ -166,6 +167,7 @@ impl Family for Gemma3 {
         cfg.attn_softcap = s.attn_softcap;
         cfg.final_softcap = s.final_softcap;
         cfg.rope_theta = f.rope_theta.unwrap_or(DEFAULTS.rope_theta);
+        cfg.rope_per_layer_type = true;
         cfg.rope_local_theta = s.rope_local_theta.unwrap_or(LOCAL_THETA);
         let mut with_window = f.clone();
         with_window.switches.sliding_window = Some(s.sliding_window.unwrap_or(WINDOW));

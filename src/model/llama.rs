@@ -651,11 +651,20 @@ impl Llama {
                 theta: cfg.rope_theta,
                 scaling: cfg.rope_scaling.clone(),
             },
-            // Local (sliding-window) layers are never rescaled.
-            rope_local: RopeParams {
-                rotary_dim: cfg.rotary_dim,
-                theta: cfg.rope_local_theta,
-                scaling: None,
+            // Gemma 3's local (sliding-window) layers: their own base, never rescaled. Elsewhere
+            // every layer has the same RoPE.
+            rope_local: if cfg.rope_per_layer_type {
+                RopeParams {
+                    rotary_dim: cfg.rotary_dim,
+                    theta: cfg.rope_local_theta,
+                    scaling: None,
+                }
+            } else {
+                RopeParams {
+                    rotary_dim: cfg.rotary_dim,
+                    theta: cfg.rope_theta,
+                    scaling: cfg.rope_scaling.clone(),
+                }
             },
             layer_attention: (0..cfg.n_layer).map(|i| cfg.attention(i)).collect(),
             embedding_scale: cfg.embedding_scale,

@@ -132,10 +132,7 @@ pub fn replay_gaps(cfg: &ModelConfig) -> Vec<&'static str> {
         "fused projections",
     );
     gap(cfg.rotary_dim != cfg.head_dim, "partial rotary");
-    gap(
-        cfg.rope_local_theta != cfg.rope_theta,
-        "per-layer-type RoPE tables",
-    );
+    gap(cfg.rope_per_layer_type, "per-layer-type RoPE tables");
     gap(cfg.pad_token_id.is_some(), "padding row");
     gap(
         cfg.is_moe()
@@ -185,6 +182,7 @@ fn plain_skeleton(cfg: &ModelConfig) -> ModelConfig {
     p.final_softcap = None;
     p.qkv_storage = Storage::Separate;
     p.gate_up_storage = Storage::Separate;
+    p.rope_per_layer_type = false;
     p.rope_local_theta = p.rope_theta;
     p.rotary_dim = p.head_dim;
     p.pad_token_id = None;
