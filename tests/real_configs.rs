@@ -41,6 +41,15 @@ const HF_COUNTS: &[(&str, u64, u64)] = &[
     ("phi-3-mini-4k", 3_821_079_552, 3_821_079_552),
     ("phi-3.5-mini", 3_821_079_552, 3_821_079_552),
     ("phi-3-medium-4k", 13_960_238_080, 13_960_238_080),
+    // Each model type's defaults (`{"model_type": ...}` alone) ...
+    ("defaults-qwen3", 12_049_461_248, 12_049_461_248),
+    ("defaults-qwen3_moe", 15_350_731_776, 1_761_186_816),
+    ("defaults-gemma2", 2_614_341_888, 2_614_341_888),
+    ("defaults-gemma3_text", 2_628_658_432, 2_628_658_432),
+    ("defaults-gemma3", 2_628_658_432, 2_628_658_432),
+    ("defaults-phi3", 3_821_079_552, 3_821_079_552),
+    // ... and dense layers among sparse ones (decoder_sparse_step 2, mlp_only_layers [3]).
+    ("qwen3-moe-sparse-mix", 4_261_056, 3_671_232),
 ];
 
 #[test]
