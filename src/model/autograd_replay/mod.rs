@@ -100,50 +100,6 @@ pub struct ActivationModel {
     pub terms: Vec<(String, u64)>,
 }
 
-/// The switches of `cfg` that this replay does not reproduce op by op (the families after
-/// Llama: q/k norms, sandwich norms, GeGLU, soft-caps, fused storage, ...). Empty when the
-/// replay follows the network exactly; otherwise its figure is the plain Llama skeleton's and
-/// must not gate.
-pub fn replay_gaps(cfg: &ModelConfig) -> Vec<&'static str> {
-    use crate::config::{EmbeddingScale, MlpKind, NormKind, NormPlacement, Storage};
-    let mut gaps = Vec::new();
-    let mut gap = |cond: bool, what: &'static str| {
-        if cond {
-            gaps.push(what);
-        }
-    };
-    gap(cfg.norm == NormKind::RmsOnePlus, "(1 + w) RMSNorm");
-    gap(
-        cfg.norm_placement == NormPlacement::Sandwich,
-        "four norms per layer",
-    );
-    gap(cfg.mlp == MlpKind::GeGlu, "GeGLU");
-    gap(cfg.qk_norm, "q/k norms");
-    gap(
-        cfg.embedding_scale != EmbeddingScale::None,
-        "embedding scale",
-    );
-    gap(
-        cfg.attn_softcap.is_some() || cfg.final_softcap.is_some(),
-        "soft-capping",
-    );
-    gap(
-        cfg.qkv_storage == Storage::Fused || cfg.gate_up_storage == Storage::Fused,
-        "fused projections",
-    );
-    gap(cfg.rotary_dim != cfg.head_dim, "partial rotary");
-    gap(cfg.rope_per_layer_type, "per-layer-type RoPE tables");
-    gap(cfg.pad_token_id.is_some(), "padding row");
-    gap(
-        cfg.is_moe()
-            && (cfg.moe_intermediate_size != cfg.intermediate_size
-                || !cfg.moe_renormalize
-                || cfg.moe_layer_count() != cfg.n_layer),
-        "expert width, routing or sparse-layer selection",
-    );
-    gaps
-}
-
 /// Predicted peak bytes of forward + backward above the pre-build baseline.
 pub fn predicted_peak(cfg: &ModelConfig, params: u64, step: Step) -> u64 {
     model(cfg, params, step).peak_bytes
@@ -160,38 +116,7 @@ pub fn model(cfg: &ModelConfig, params: u64, step: Step) -> ActivationModel {
         return ActivationModel::beyond_any_machine();
     }
     let machine = Machine::detect();
-    if replay_gaps(cfg).is_empty() {
-        step::replay(cfg, params, step, machine)
-    } else {
-        step::replay(&plain_skeleton(cfg), params, step, machine)
-    }
-}
-
-/// The plain Llama skeleton of `cfg`'s sizes (what the replay reproduces): the same dimensions,
-/// experts and windows, with every switch the replay does not model at its plain value. Its
-/// figure is shown for such configs, never gated on.
-fn plain_skeleton(cfg: &ModelConfig) -> ModelConfig {
-    use crate::config::{EmbeddingScale, ExpertNames, MlpKind, NormKind, NormPlacement, Storage};
-    let mut p = cfg.clone();
-    p.norm = NormKind::Rms;
-    p.norm_placement = NormPlacement::Pre;
-    p.mlp = MlpKind::SwiGlu;
-    p.embedding_scale = EmbeddingScale::None;
-    p.qk_norm = false;
-    p.attn_softcap = None;
-    p.final_softcap = None;
-    p.qkv_storage = Storage::Separate;
-    p.gate_up_storage = Storage::Separate;
-    p.rope_per_layer_type = false;
-    p.rope_local_theta = p.rope_theta;
-    p.rotary_dim = p.head_dim;
-    p.pad_token_id = None;
-    p.expert_names = ExpertNames::Mixtral;
-    p.moe_intermediate_size = p.intermediate_size;
-    p.moe_renormalize = true;
-    p.moe_sparse_step = 1;
-    p.moe_dense_layers.clear();
-    p
+    step::replay(cfg, params, step, machine)
 }
 
 /// Above this bound (1 EiB) no machine could run the step, and the replay's u64 byte counters
