@@ -247,6 +247,61 @@ fn closed_form_matches_replay() {
     }
 }
 
+/// The closed form follows the newer families' switches too (see `newer_families`).
+#[test]
+fn closed_form_matches_replay_newer_families() {
+    let common = r#""vocab_size": 1800, "hidden_size": 96, "num_hidden_layers": 3,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 200,
+        "max_position_embeddings": 512, "pad_token_id": null"#;
+    for (json, dtype) in [
+        (
+            format!(
+                r#"{{"model_type": "gemma2", {common}, "head_dim": 32, "sliding_window": 48}}"#
+            ),
+            TrainDtype::F32,
+        ),
+        (
+            format!(
+                r#"{{"model_type": "gemma3_text", {common}, "head_dim": 24, "sliding_window": 40}}"#
+            ),
+            TrainDtype::Bf16,
+        ),
+        (
+            format!(r#"{{"model_type": "phi3", {common}, "partial_rotary_factor": 0.5}}"#),
+            TrainDtype::F32,
+        ),
+        (
+            format!(r#"{{"model_type": "qwen3", {common}, "head_dim": 32}}"#),
+            TrainDtype::Bf16,
+        ),
+    ] {
+        let cfg = config::hf::parse(&json, "closed-form").expect("config");
+        cfg.validate().expect("valid");
+        let params = truesize::estimate::params::estimate(&cfg)
+            .expect("params")
+            .total;
+        let step = Step {
+            batch: 4,
+            seq: 128,
+            dtype,
+        };
+        let m = activations::model(&cfg, params, step);
+        let replay_kept = m.after_forward_bytes - m.weights_bytes - m.gemm_slab_bytes;
+        let closed: u64 = activations::closed_form_kept(&cfg, step)
+            .iter()
+            .filter(|(k, _)| matches!(*k, "layers (all)" | "embed" | "head"))
+            .map(|(_, v)| v)
+            .sum();
+        let err = (closed as f64 - replay_kept as f64) / replay_kept as f64;
+        assert!(
+            err.abs() <= 0.02,
+            "{}: closed form {closed} vs replay {replay_kept} ({:+.2}%)",
+            cfg.model_type,
+            err * 100.0
+        );
+    }
+}
+
 /// The families after Llama through the same replay: Gemma 2 (sandwich (1 + w) norms, GeGLU,
 /// √d scale, soft-caps, windows shorter than the sequence), Gemma 3 (q/k norms, RoPE per layer
 /// type with linear scaling on global layers), Phi-3 (fused storage, partial rotary, LongRoPE
