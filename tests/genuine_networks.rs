@@ -6,7 +6,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarMap;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use truesize::config::{self, ConfigSource, Llama3RopeScaling, ModelConfig};
+use truesize::config::{self, ConfigSource, Llama3RopeScaling, ModelConfig, RopeScaling};
 use truesize::estimate::params::estimate;
 use truesize::measure::reference::{self, max_rel_error};
 use truesize::model::{build, next_token_loss};
@@ -151,12 +151,12 @@ fn configs() -> Vec<ModelConfig> {
         "arch='llama'\nvocab_size=40\nblock_size=32\nn_embd=32\nn_layer=2\nn_head=4\n\
          n_kv_head=1\nintermediate_size=48\nrope_theta=500000.0\n",
     );
-    scaled.rope_scaling = Some(Llama3RopeScaling {
+    scaled.rope_scaling = Some(RopeScaling::Llama3(Llama3RopeScaling {
         factor: 8.0,
         low_freq_factor: 1.0,
         high_freq_factor: 4.0,
         original_max_position_embeddings: 8,
-    });
+    }));
     vec![
         config::load(ConfigSource::Preset("baby-gpt")).unwrap(),
         // bias-free GPT-2 with an untied head
@@ -457,4 +457,59 @@ fn reference_errors_name_the_file() {
     let c = Tensor::new(&[1f32, -4.0], &Device::Cpu).unwrap();
     let d = Tensor::new(&[1.1f32, -4.0], &Device::Cpu).unwrap();
     assert!((max_rel_error(&d, &c).unwrap() - 0.025).abs() < 1e-6);
+}
+
+/// A Gemma 3 checkpoint saved by `Gemma3ForConditionalGeneration` (hub layout: the text model
+/// under `language_model.`, a vision tower and projector beside it) loads into the text model:
+/// the same logits as the text-only fixture, the vision tensors neither loaded nor unexpected,
+/// and `inspect` lists them apart from the parameters.
+#[test]
+fn gemma3_multimodal_checkpoint_loads_its_text_model() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-gemma3");
+    let dir = tempfile::tempdir().unwrap();
+    let text = candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap();
+    let mut stored: std::collections::HashMap<String, Tensor> = text
+        .into_iter()
+        .map(|(k, v)| (format!("language_model.{k}"), v))
+        .collect();
+    for (name, shape) in [
+        (
+            "vision_tower.vision_model.embeddings.patch_embedding.weight",
+            vec![8, 3, 2, 2],
+        ),
+        (
+            "multi_modal_projector.mm_input_projection_weight",
+            vec![8, 64],
+        ),
+    ] {
+        stored.insert(
+            name.into(),
+            Tensor::zeros(shape, DType::F32, &Device::Cpu).unwrap(),
+        );
+    }
+    candle_core::safetensors::save(&stored, dir.path().join("model.safetensors")).unwrap();
+    let text_cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    let mm = serde_json::json!({
+        "model_type": "gemma3",
+        "architectures": ["Gemma3ForConditionalGeneration"],
+        "text_config": text_cfg,
+        "vision_config": {"model_type": "siglip_vision_model", "hidden_size": 8},
+    });
+    std::fs::write(dir.path().join("config.json"), mm.to_string()).unwrap();
+
+    let cfg = config::load(ConfigSource::Path(dir.path())).unwrap();
+    assert_eq!(cfg.model_type, "gemma3");
+    let loaded = build::from_checkpoint(&cfg, dir.path(), DType::F32, &Device::Cpu).unwrap();
+    assert!(loaded.unexpected.is_empty(), "{:?}", loaded.unexpected);
+    let refr = reference::load(&src).unwrap();
+    let logits = loaded.model.forward(&refr.input_ids).unwrap();
+    assert!(max_rel_error(&logits, &refr.logits).unwrap() <= LOGITS_TOL);
+
+    let ckpt = truesize::checkpoint::Checkpoint::open(dir.path()).unwrap();
+    let f = truesize::checkpoint::check::check(&ckpt, Some(&cfg)).unwrap();
+    assert_eq!(f.outside.len(), 2);
+    assert!(f.unexpected.is_empty() && f.missing.is_empty(), "{f:?}");
+    let numel: u64 = f.params.iter().map(|t| t.numel).sum();
+    assert_eq!(numel, estimate(&cfg).unwrap().total);
 }

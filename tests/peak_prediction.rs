@@ -246,3 +246,112 @@ fn closed_form_matches_replay() {
         assert!(!m.terms.is_empty());
     }
 }
+
+/// The closed form follows the newer families' switches too (see `newer_families`).
+#[test]
+fn closed_form_matches_replay_newer_families() {
+    let common = r#""vocab_size": 1800, "hidden_size": 96, "num_hidden_layers": 3,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 200,
+        "max_position_embeddings": 512, "pad_token_id": null"#;
+    for (json, dtype) in [
+        (
+            format!(
+                r#"{{"model_type": "gemma2", {common}, "head_dim": 32, "sliding_window": 48}}"#
+            ),
+            TrainDtype::F32,
+        ),
+        (
+            format!(
+                r#"{{"model_type": "gemma3_text", {common}, "head_dim": 24, "sliding_window": 40}}"#
+            ),
+            TrainDtype::Bf16,
+        ),
+        (
+            format!(r#"{{"model_type": "phi3", {common}, "partial_rotary_factor": 0.5}}"#),
+            TrainDtype::F32,
+        ),
+        (
+            format!(r#"{{"model_type": "qwen3", {common}, "head_dim": 32}}"#),
+            TrainDtype::Bf16,
+        ),
+    ] {
+        let cfg = config::hf::parse(&json, "closed-form").expect("config");
+        cfg.validate().expect("valid");
+        let params = truesize::estimate::params::estimate(&cfg)
+            .expect("params")
+            .total;
+        let step = Step {
+            batch: 4,
+            seq: 128,
+            dtype,
+        };
+        let m = activations::model(&cfg, params, step);
+        let replay_kept = m.after_forward_bytes - m.weights_bytes - m.gemm_slab_bytes;
+        let closed: u64 = activations::closed_form_kept(&cfg, step)
+            .iter()
+            .filter(|(k, _)| matches!(*k, "layers (all)" | "embed" | "head"))
+            .map(|(_, v)| v)
+            .sum();
+        let err = (closed as f64 - replay_kept as f64) / replay_kept as f64;
+        assert!(
+            err.abs() <= 0.02,
+            "{}: closed form {closed} vs replay {replay_kept} ({:+.2}%)",
+            cfg.model_type,
+            err * 100.0
+        );
+    }
+}
+
+/// The families after Llama through the same replay: Gemma 2 (sandwich (1 + w) norms, GeGLU,
+/// √d scale, soft-caps, windows shorter than the sequence), Gemma 3 (q/k norms, RoPE per layer
+/// type with linear scaling on global layers), Phi-3 (fused storage, partial rotary, LongRoPE
+/// past its original context, a window on every layer), Qwen3-MoE (experts of their own width,
+/// no renormalisation, dense layers among sparse ones). No padding id, so that the batch's
+/// tokens cannot change what is allocated.
+#[test]
+fn newer_families() {
+    let common = r#""vocab_size": 1800, "hidden_size": 96, "num_hidden_layers": 3,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 200,
+        "max_position_embeddings": 512, "pad_token_id": null"#;
+    let configs = [
+        format!(
+            r#"{{"model_type": "gemma2", {common}, "head_dim": 32, "query_pre_attn_scalar": 24, "sliding_window": 48}}"#
+        ),
+        format!(
+            r#"{{"model_type": "gemma3_text", {common}, "head_dim": 24, "sliding_window": 40,
+            "sliding_window_pattern": 2, "rope_scaling": {{"rope_type": "linear", "factor": 4.0}}}}"#
+        ),
+        format!(
+            r#"{{"model_type": "phi3", {common}, "sliding_window": 50, "original_max_position_embeddings": 64,
+            "rope_scaling": {{"type": "longrope", "partial_rotary_factor": 0.5,
+            "short_factor": [1.0, 1.1, 1.2, 1.3, 1.4, 1.5], "long_factor": [2.0, 3.0, 4.0, 5.0, 6.0, 7.0]}}}}"#
+        ),
+        format!(
+            r#"{{"model_type": "qwen3_moe", {common}, "head_dim": 32, "num_experts": 4,
+            "num_experts_per_tok": 2, "moe_intermediate_size": 64, "decoder_sparse_step": 2,
+            "norm_topk_prob": false}}"#
+        ),
+    ];
+    for (i, json) in configs.iter().enumerate() {
+        let (_d, p) = temp_file("config.json", json.as_bytes());
+        let p = p.to_str().expect("utf-8 path");
+        let (b, t, dt) = [("2", "128", "f32"), ("4", "96", "bf16")][i % 2];
+        assert_close(
+            &["--config", p, "--batch", b, "--seq", t, "--dtype", dt],
+            PEAK,
+        );
+        assert_close(
+            &[
+                "--config",
+                p,
+                "--batch",
+                "2",
+                "--seq",
+                "64",
+                "--optimizer",
+                "adamw",
+            ],
+            ADAMW,
+        );
+    }
+}

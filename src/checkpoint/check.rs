@@ -88,6 +88,10 @@ pub struct Findings {
     /// Recognised non-parameter buffers.
     pub buffers: Vec<String>,
     pub buffers_numel: u64,
+    /// Parameters of parts of the published model this config leaves out (Gemma 3's vision
+    /// tower): not counted, not unexpected.
+    pub outside: Vec<String>,
+    pub outside_numel: u64,
     /// `lm_head.weight` stored although the config ties it to the token embedding.
     pub duplicate_tied_head: Option<String>,
     /// Tensors stored in more than one file: "name (file, file)".
@@ -172,6 +176,11 @@ pub fn check(ckpt: &Checkpoint, cfg: Option<&ModelConfig>) -> Result<Findings> {
     let components = cfg.map(family::components_by_name);
     let tied = cfg.is_some_and(|c| c.tie_embeddings);
     for (name, (t, _)) in &all {
+        if fam.is_some_and(|x| x.outside_model(name)) {
+            f.outside.push(name.clone());
+            f.outside_numel = f.outside_numel.saturating_add(t.numel);
+            continue;
+        }
         if is_buffer(name) {
             f.buffers.push(name.clone());
             f.buffers_numel = f.buffers_numel.saturating_add(t.numel);
@@ -209,6 +218,14 @@ pub fn check(ckpt: &Checkpoint, cfg: Option<&ModelConfig>) -> Result<Findings> {
             f.buffers.len(),
             crate::units::group(f.buffers_numel),
             f.buffers.join(", ")
+        ));
+    }
+    if !f.outside.is_empty() {
+        f.notes.push(format!(
+            "{} tensors ({} elements) of parts this config does not describe, not counted: {}",
+            f.outside.len(),
+            crate::units::group(f.outside_numel),
+            f.outside.join(", ")
         ));
     }
     if cfg.is_none() {
@@ -298,6 +315,7 @@ fn against_config(
     for name in all.keys() {
         let known = want.contains_key(name)
             || buffer_names.contains(&name)
+            || f.outside.contains(name)
             || f.duplicate_tied_head.as_deref() == Some(name);
         if !known {
             f.unexpected.push(name.clone());

@@ -14,7 +14,7 @@
 //! file (its reader divides by `general.alignment` without checking for zero, and keeps every
 //! token string) and loads the tensors; its tensor table is checked against ours.
 
-use crate::config::{Arch, ModelConfig, RunDefaults};
+use crate::config::{Arch, Attention, Dims, ModelConfig};
 use crate::error::{Error, Result};
 use crate::estimate::serve::formats::{self, GgmlType};
 use crate::estimate::serve::weights::{GgufName, TypeCount};
@@ -715,10 +715,7 @@ pub fn config_from_header(h: &GgufHeader) -> Result<ModelConfig> {
         None => None,
         Some(_) => Some(int("attention.sliding_window", None)? as usize),
     };
-    let cfg = ModelConfig {
-        name: src.clone(),
-        arch: arch_enum,
-        model_type: model_type.to_string(),
+    let dims = Dims {
         vocab_size: vocab,
         block_size: int("context_length", None)? as usize,
         n_embd,
@@ -731,24 +728,23 @@ pub fn config_from_header(h: &GgufHeader) -> Result<ModelConfig> {
         },
         head_dim,
         intermediate_size: int("feed_forward_length", None)? as usize,
-        // llama.cpp's GPT-2 converter stores the tied head as a copy (`output.weight`); the
-        // model itself (HF GPT-2) ties it. Other architectures tie when no head is stored.
-        tie_embeddings: arch_enum == Arch::Gpt2 || !has("output.weight"),
-        bias,
-        qkv_bias,
-        mlp_bias,
-        n_experts,
-        n_experts_per_tok,
-        rope_theta: if arch_enum == Arch::Gpt2 {
-            10_000.0
-        } else {
-            float("rope.freq_base", 10_000.0)?
-        },
-        rope_scaling: None,
-        norm_eps: eps,
-        sliding_window,
-        run: RunDefaults::default(),
     };
+    let mut cfg = ModelConfig::plain(src.clone(), arch_enum, model_type, dims);
+    // llama.cpp's GPT-2 converter stores the tied head as a copy (`output.weight`); the
+    // model itself (HF GPT-2) ties it. Other architectures tie when no head is stored.
+    cfg.tie_embeddings = arch_enum == Arch::Gpt2 || !has("output.weight");
+    cfg.bias = bias;
+    cfg.qkv_bias = qkv_bias;
+    cfg.mlp_bias = mlp_bias;
+    cfg.n_experts = n_experts;
+    cfg.n_experts_per_tok = n_experts_per_tok;
+    if arch_enum != Arch::Gpt2 {
+        cfg.set_rope_theta(float("rope.freq_base", 10_000.0)?);
+    }
+    cfg.norm_eps = eps;
+    if let Some(window) = sliding_window {
+        cfg.set_all_attention(Attention::Sliding { window });
+    }
     cfg.validate()?;
     Ok(cfg)
 }

@@ -402,6 +402,17 @@ fn plan(a: &InferArgs) -> Result<Plan> {
     let chunk = chunk.min(prompt.len());
     let device = DeviceSpec::parse(&a.device)?;
     if !a.shapes_only {
+        let missing = crate::infer::unsupported(&cfg);
+        if !missing.is_empty() {
+            return Err(cli(
+                "--config",
+                &cfg.model_type,
+                format!(
+                    "the measured generation does not implement {} yet; --shapes-only gives the serving estimate",
+                    missing.join(", ")
+                ),
+            ));
+        }
         // An absent device is bad input, found before any work.
         device.open()?;
         if let Some(t) = weights.tensors.iter().find(|t| {
@@ -588,10 +599,9 @@ fn execute(p: Plan) -> Result<(InferReport, Option<String>)> {
             )),
         );
     }
-    if cfg.sliding_window.is_some() {
+    if let Some(w) = (0..cfg.n_layer).find_map(|l| cfg.attention_window(l)) {
         notes.push(format!(
-            "sliding window {}: each layer caches at most that many tokens",
-            cfg.sliding_window.unwrap_or(0)
+            "sliding window {w}: each sliding layer caches at most that many tokens"
         ));
     }
     let fit = match &p.budget {

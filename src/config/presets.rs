@@ -67,6 +67,76 @@ pub const PRESETS: &[(&str, &str, &str)] = &[
         "mixtral-8x7b.toml",
         include_str!("../../configs/mixtral-8x7b.toml"),
     ),
+    (
+        "qwen3-0.6b",
+        "qwen3-0.6b.toml",
+        include_str!("../../configs/qwen3-0.6b.toml"),
+    ),
+    (
+        "qwen3-8b",
+        "qwen3-8b.toml",
+        include_str!("../../configs/qwen3-8b.toml"),
+    ),
+    (
+        "qwen3-32b",
+        "qwen3-32b.toml",
+        include_str!("../../configs/qwen3-32b.toml"),
+    ),
+    (
+        "qwen3-30b-a3b",
+        "qwen3-30b-a3b.toml",
+        include_str!("../../configs/qwen3-30b-a3b.toml"),
+    ),
+    (
+        "qwen3-235b-a22b",
+        "qwen3-235b-a22b.toml",
+        include_str!("../../configs/qwen3-235b-a22b.toml"),
+    ),
+    (
+        "gemma2-2b",
+        "gemma2-2b.toml",
+        include_str!("../../configs/gemma2-2b.toml"),
+    ),
+    (
+        "gemma2-9b",
+        "gemma2-9b.toml",
+        include_str!("../../configs/gemma2-9b.toml"),
+    ),
+    (
+        "gemma2-27b",
+        "gemma2-27b.toml",
+        include_str!("../../configs/gemma2-27b.toml"),
+    ),
+    (
+        "gemma3-1b",
+        "gemma3-1b.toml",
+        include_str!("../../configs/gemma3-1b.toml"),
+    ),
+    (
+        "gemma3-4b",
+        "gemma3-4b.toml",
+        include_str!("../../configs/gemma3-4b.toml"),
+    ),
+    (
+        "gemma3-12b",
+        "gemma3-12b.toml",
+        include_str!("../../configs/gemma3-12b.toml"),
+    ),
+    (
+        "gemma3-27b",
+        "gemma3-27b.toml",
+        include_str!("../../configs/gemma3-27b.toml"),
+    ),
+    (
+        "phi3-mini",
+        "phi3-mini.toml",
+        include_str!("../../configs/phi3-mini.toml"),
+    ),
+    (
+        "phi3-medium",
+        "phi3-medium.toml",
+        include_str!("../../configs/phi3-medium.toml"),
+    ),
 ];
 
 /// The name used when no config is given.

@@ -2,7 +2,7 @@
 //! The generic checks happen here; `arch` picks the family (`crate::family`) that applies its
 //! defaults and rules.
 
-use super::fields::TomlFields;
+use super::fields::{TomlFields, TomlSwitches};
 use super::{ModelConfig, RunDefaults};
 use crate::error::{Error, Result};
 use crate::family;
@@ -32,6 +32,12 @@ struct TomlConfig {
     rope_theta: Option<f64>,
     norm_eps: Option<f64>,
     sliding_window: Option<i64>,
+    attn_scalar: Option<f64>,
+    attn_softcap: Option<f64>,
+    final_softcap: Option<f64>,
+    moe_intermediate_size: Option<i64>,
+    moe_renormalize: Option<bool>,
+    rope_local_theta: Option<f64>,
     run: Option<TomlRun>,
 }
 
@@ -129,10 +135,15 @@ pub fn parse(text: &str, src: &str) -> Result<ModelConfig> {
         n_experts_per_tok,
         rope_theta: raw.rope_theta,
         norm_eps: raw.norm_eps,
-        sliding_window: raw
-            .sliding_window
-            .map(|v| size(src, "sliding_window", v))
-            .transpose()?,
+        switches: TomlSwitches {
+            sliding_window: opt("sliding_window", raw.sliding_window)?,
+            attn_scalar: raw.attn_scalar,
+            attn_softcap: raw.attn_softcap,
+            final_softcap: raw.final_softcap,
+            moe_intermediate_size: opt("moe_intermediate_size", raw.moe_intermediate_size)?,
+            moe_renormalize: raw.moe_renormalize,
+            rope_local_theta: raw.rope_local_theta,
+        },
         run,
     };
     fam.read_toml(&fields)

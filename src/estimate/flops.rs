@@ -5,7 +5,9 @@
 //! - only matmuls count: norms, softmax, activations, residual adds and bias adds are left out
 //!   ("effectively irrelevant"), and the embedding lookups cost 0;
 //! - attention scores `Q·Kᵀ` and the attention-weighted sum of `V` are counted in full `T×T`
-//!   (optionally only the `T(T+1)/2` query–key pairs a causal mask keeps);
+//!   (optionally only the query–key pairs the mask keeps: `T(T+1)/2` under a causal mask, and
+//!   on a sliding-window layer of window `w < T` only `w(w+1)/2 + (T − w)·w`, the band a
+//!   windowed kernel computes);
 //! - the lm head (`[T, d] @ [d, V]`) is included;
 //! - backward = 2 × forward (the notebook's "common estimate": gradients w.r.t. the input and
 //!   w.r.t. the weights each cost one forward).
@@ -14,7 +16,7 @@
 //! computed separately, from the parameter count, and compared.
 
 use super::params::{Component, ParamEstimate};
-use crate::config::ModelConfig;
+use crate::config::{Attention, ModelConfig};
 use crate::error::{Error, Result};
 use crate::family::{self, Kind};
 use serde::{Serialize, Serializer};
@@ -137,6 +139,19 @@ fn to_u64(cfg: &ModelConfig, what: &str, v: u128) -> Result<u64> {
     })
 }
 
+/// Query–key pairs a layer's mask keeps for `t` tokens: the causal triangle, or the band of a
+/// sliding window (query i sees keys i − w < j ≤ i).
+pub fn kept_pairs(attention: Attention, t: usize) -> u128 {
+    let t = t as u128;
+    match attention {
+        Attention::Sliding { window } if (window as u128) < t => {
+            let w = window as u128;
+            w * (w + 1) / 2 + (t - w) * w
+        }
+        _ => t * (t + 1) / 2,
+    }
+}
+
 /// Forward/backward FLOPs for one sequence of `seq` tokens, and the PaLM comparison.
 pub fn estimate(
     cfg: &ModelConfig,
@@ -149,8 +164,11 @@ pub fn estimate(
     let l = cfg.n_layer as u128;
     let q = cfg.q_dim() as u128;
     // Query–key pairs per head: all T² (the notebook), or the causal lower triangle.
-    let causal_pairs = t * (t + 1) / 2;
-    let pairs = if causal { causal_pairs } else { t * t };
+    // Summed over the layers: a sliding window keeps fewer pairs than the causal triangle.
+    let masked_pairs: u128 = (0..cfg.n_layer)
+        .map(|i| kept_pairs(cfg.attention(i), seq))
+        .sum();
+    let all_pairs = if causal { masked_pairs } else { l * t * t };
     // Every matrix of the family's tensor list costs 2·numel FLOPs per token that passes through
     // it: all tokens, or for an expert the n_experts_per_tok / n_experts routed to it.
     let mut weights = [0u128; MATMUL_TERMS.len()];
@@ -180,8 +198,8 @@ pub fn estimate(
     let qkv = mac * t * term_weights("attention/qkv");
     // per query head: [T, hd] @ [hd, T] -> scores; [T, T] @ [T, hd] -> values. With GQA the
     // k/v heads are shared but every query head still does its own matmuls.
-    let scores = l * mac * pairs * q;
-    let reduce = l * mac * pairs * q;
+    let scores = mac * all_pairs * q;
+    let reduce = mac * all_pairs * q;
     // [T, q] @ [q, d]
     let proj = mac * t * term_weights("attention/proj");
     let mlp = mac * t * term_weights("mlp");
@@ -255,7 +273,7 @@ pub fn estimate(
     let palm_per_token = PALM_FLOPS_PER_PARAM as u128 * palm_params as u128
         + PALM_ATTENTION_FACTOR as u128 * l * q * t;
     // Both attention terms are 2·pairs·q per layer.
-    let forward_causal = forward - (scores + reduce) + l * 2 * mac * causal_pairs * q;
+    let forward_causal = forward - (scores + reduce) + 2 * mac * masked_pairs * q;
     let backward = BACKWARD_PER_FORWARD as u128 * forward;
     let total = forward + backward;
     let palm_total = palm_per_token * t;
@@ -437,5 +455,36 @@ mod tests {
             Some((m.achieved_flops_per_s * 4.0, "given".into())),
         );
         assert!((m.mfu.unwrap() - 0.25).abs() < 1e-12);
+    }
+
+    /// A sliding window keeps the band w(w+1)/2 + (T − w)·w of query–key pairs; the dense count
+    /// is unchanged, and a window at least T long is the causal triangle.
+    #[test]
+    fn sliding_windows_keep_a_band() {
+        use crate::config::Attention;
+        assert_eq!(kept_pairs(Attention::Full, 16), 136);
+        assert_eq!(kept_pairs(Attention::Sliding { window: 16 }, 16), 136);
+        assert_eq!(kept_pairs(Attention::Sliding { window: 20 }, 16), 136);
+        // window 4, T 6: rows see 1, 2, 3, 4, 4, 4 keys
+        assert_eq!(kept_pairs(Attention::Sliding { window: 4 }, 6), 18);
+        let mut cfg = crate::config::toml::parse(
+            "arch='gemma2'\nvocab_size=50\nblock_size=64\nn_embd=32\nn_layer=2\nn_head=4\n\
+             head_dim=8\nintermediate_size=48\nsliding_window=4\n",
+            "t",
+        )
+        .unwrap();
+        let p = crate::estimate::params::estimate(&cfg).unwrap();
+        let windowed = estimate(&cfg, &p, 6, true).unwrap();
+        let windowed_dense = estimate(&cfg, &p, 6, false).unwrap();
+        cfg.set_all_attention(Attention::Full);
+        let full = estimate(&cfg, &p, 6, true).unwrap();
+        let full_dense = estimate(&cfg, &p, 6, false).unwrap();
+        // layer 0 slides (18 pairs instead of 21), layer 1 is global; 2 matmuls · 2 FLOPs · q.
+        let q = 4 * 8;
+        assert_eq!(full.forward_causal - windowed.forward_causal, 2 * 2 * 3 * q);
+        assert_eq!(windowed.forward, windowed.forward_causal);
+        assert_eq!(windowed.term("attention/scores"), 2 * (18 + 21) * q);
+        assert_eq!(full_dense.forward, windowed_dense.forward);
+        assert_eq!(windowed_dense.term("attention/scores"), 2 * 2 * 36 * q);
     }
 }

@@ -73,6 +73,10 @@ struct Sums {
     attention_weights: u128,
     /// Biases and norm vectors: the O(d) terms the 12·d² rule drops.
     vectors: u128,
+    /// RMSNorm weights over head_dim on q and k (Qwen3, Gemma 3), inside `Attention`.
+    qk_norms: u128,
+    /// Norms in layer 0 (2 for pre-norm blocks, 4 for Gemma's).
+    norms_in_layer0: usize,
 }
 
 impl Sums {
@@ -81,6 +85,8 @@ impl Sums {
             per: [0; 9],
             attention_weights: 0,
             vectors: 0,
+            qk_norms: 0,
+            norms_in_layer0: 0,
         };
         for (t, times) in family::weighted_tensors(cfg) {
             let n = t.numel() as u128 * times as u128;
@@ -90,6 +96,16 @@ impl Sums {
             }
             if matches!(t.kind, Kind::Bias | Kind::Norm) {
                 s.vectors += n;
+            }
+            if t.component == Component::Attention && t.kind == Kind::Norm {
+                s.qk_norms += n;
+            }
+            if t.component == Component::Norms
+                && t.layer == Some(0)
+                && t.kind == Kind::Norm
+                && t.name.ends_with(".weight")
+            {
+                s.norms_in_layer0 += 1;
             }
         }
         s
@@ -206,7 +222,7 @@ pub fn estimate(cfg: &ModelConfig) -> Result<ParamEstimate> {
     let mut rough_gap = vec![
         GapTerm {
             term: "attention",
-            delta: signed(s.get(Component::Attention)) - signed(rule_attention),
+            delta: signed(s.get(Component::Attention) - s.qk_norms) - signed(rule_attention),
             why: if s.attention_weights == rule_attention {
                 "rule's 4·d² per layer; the difference is biases".into()
             } else {
@@ -215,6 +231,14 @@ pub fn estimate(cfg: &ModelConfig) -> Result<ParamEstimate> {
                     s.attention_weights as f64 / l.max(1) as f64 / (d * d) as f64
                 )
             },
+        },
+        GapTerm {
+            term: "qk_norm",
+            delta: signed(s.qk_norms),
+            why: format!(
+                "q_norm and k_norm: RMSNorm weights over head_dim (2·{} per layer) that the rule leaves out",
+                cfg.head_dim
+            ),
         },
         GapTerm {
             term: "mlp",
@@ -244,9 +268,14 @@ pub fn estimate(cfg: &ModelConfig) -> Result<ParamEstimate> {
         GapTerm {
             term: "norms",
             delta: signed(s.get(Component::Norms) + s.get(Component::FinalNorm)),
-            why: "norm weights (and biases) that the rule leaves out".into(),
+            why: format!(
+                "norm weights (and biases) that the rule leaves out: {} per layer and the final norm",
+                s.norms_in_layer0
+            ),
         },
     ];
+    // A term that does not apply (no q/k norms) is not shown.
+    rough_gap.retain(|g| g.term != "qk_norm" || g.delta != 0);
     rough_gap.sort_by_key(|g| std::cmp::Reverse(g.delta.unsigned_abs()));
     let total_u = to_u64(cfg, "total", total)?;
     let rough_u = to_u64(cfg, "rough_12d2", rough)?;
@@ -394,6 +423,25 @@ mod tests {
             ),
             ("model.norm.weight", Component::FinalNorm),
             ("lm_head.weight", Component::LmHead),
+            // Qwen-MoE's router and experts sit under `mlp.`; Phi-3 fuses; Gemma has 4 norms.
+            ("model.layers.0.mlp.gate.weight", Component::Router),
+            (
+                "model.layers.0.mlp.experts.5.down_proj.weight",
+                Component::Experts,
+            ),
+            (
+                "model.layers.1.self_attn.qkv_proj.weight",
+                Component::Attention,
+            ),
+            (
+                "model.layers.1.self_attn.q_norm.weight",
+                Component::Attention,
+            ),
+            ("model.layers.1.mlp.gate_up_proj.weight", Component::Mlp),
+            (
+                "model.layers.1.pre_feedforward_layernorm.weight",
+                Component::Norms,
+            ),
         ] {
             assert_eq!(crate::family::guess_component(name), Some(c), "{name}");
         }

@@ -4,7 +4,7 @@
 
 use super::{Component, Family, Kind, LayerTensors, ParamTensor};
 use crate::config::fields::{JsonKeys, TomlFields};
-use crate::config::{Arch, ModelConfig, RunDefaults};
+use crate::config::{Arch, Dims, ModelConfig};
 use crate::error::{Error, Result};
 
 pub struct Gpt2;
@@ -47,10 +47,7 @@ impl Family for Gpt2 {
                 ));
             }
         }
-        Ok(ModelConfig {
-            name: src.to_string(),
-            arch: Arch::Gpt2,
-            model_type: "gpt2".into(),
+        let dims = Dims {
             vocab_size: o.usize_or("vocab_size", 50257)?,
             block_size: o.usize_or("n_positions", 1024)?,
             n_embd,
@@ -61,18 +58,11 @@ impl Family for Gpt2 {
             // `n_inner: null` means 4·d (saturating: an absurd n_embd is reported by validate,
             // not as an overflow; fuzz/regressions/hf_config).
             intermediate_size: o.usize_or("n_inner", n_embd.saturating_mul(4))?,
-            tie_embeddings: o.bool_or("tie_word_embeddings", true)?,
-            bias: true,
-            qkv_bias: false,
-            mlp_bias: false,
-            n_experts: 0,
-            n_experts_per_tok: 0,
-            rope_theta: 10_000.0,
-            rope_scaling: None,
-            norm_eps: o.f64_opt("layer_norm_epsilon")?.unwrap_or(1e-5),
-            sliding_window: None,
-            run: RunDefaults::default(),
-        })
+        };
+        let mut cfg = ModelConfig::plain(src, Arch::Gpt2, "gpt2", dims);
+        cfg.tie_embeddings = o.bool_or("tie_word_embeddings", true)?;
+        cfg.norm_eps = o.f64_opt("layer_norm_epsilon")?.unwrap_or(1e-5);
+        Ok(cfg)
     }
 
     fn hf_spelling(&self, _model_type: &str) -> &'static [(&'static str, &'static str)] {
@@ -99,11 +89,9 @@ impl Family for Gpt2 {
                 ));
             }
         }
+        f.only_switches("gpt2", &[])?;
         let n_experts = f.n_experts.unwrap_or(0);
-        Ok(ModelConfig {
-            name: f.name.clone().unwrap_or_else(|| src.to_string()),
-            arch: Arch::Gpt2,
-            model_type: "gpt2".into(),
+        let dims = Dims {
             vocab_size: f.vocab_size,
             block_size: f.block_size,
             n_embd: f.n_embd,
@@ -113,21 +101,19 @@ impl Family for Gpt2 {
             head_dim: f.head_dim.unwrap_or(f.n_embd / f.n_head),
             // Saturating: an absurd n_embd is reported by validate (fuzz/regressions/toml_config).
             intermediate_size: f.intermediate_size.unwrap_or(f.n_embd.saturating_mul(4)),
-            tie_embeddings: f.tie_embeddings.unwrap_or(true),
-            bias: f.bias.unwrap_or(true),
-            qkv_bias: false,
-            mlp_bias: false,
-            // Kept so that validate names the field: GPT-2 has no experts.
-            n_experts,
-            n_experts_per_tok: f
-                .n_experts_per_tok
-                .unwrap_or(if n_experts > 0 { 2 } else { 0 }),
-            rope_theta: 10_000.0,
-            rope_scaling: None,
-            norm_eps: f.norm_eps.unwrap_or(1e-5),
-            sliding_window: f.sliding_window,
-            run: f.run.clone(),
-        })
+        };
+        let name = f.name.clone().unwrap_or_else(|| src.to_string());
+        let mut cfg = ModelConfig::plain(name, Arch::Gpt2, "gpt2", dims);
+        cfg.tie_embeddings = f.tie_embeddings.unwrap_or(true);
+        cfg.bias = f.bias.unwrap_or(true);
+        // Kept so that validate names the field: GPT-2 has no experts.
+        cfg.n_experts = n_experts;
+        cfg.n_experts_per_tok = f
+            .n_experts_per_tok
+            .unwrap_or(if n_experts > 0 { 2 } else { 0 });
+        cfg.norm_eps = f.norm_eps.unwrap_or(1e-5);
+        cfg.run = f.run.clone();
+        Ok(cfg)
     }
 
     fn validate(&self, cfg: &ModelConfig) -> Result<()> {
@@ -265,7 +251,8 @@ impl Family for Gpt2 {
             Component::LmHead
         } else if n.contains(".attn.") {
             Component::Attention
-        } else if n.contains(".mlp.") {
+        } else if n.contains(".mlp.c_fc.") || n.contains(".mlp.c_proj.") {
+            // GPT-2's own MLP names only: other families' `.mlp.` holds routers and experts.
             Component::Mlp
         } else if last("ln_1") || last("ln_2") {
             Component::Norms

@@ -19,8 +19,13 @@
 //! and one line in [`FAMILIES`]. A family whose layers differ in shape (dense and sparse layers)
 //! overrides [`Family::layer_kind`] so that counts stay O(kinds), not O(layers).
 
+pub mod gemma2;
+pub mod gemma3;
 pub mod gpt2;
 pub mod llama;
+pub mod phi3;
+pub mod qwen3;
+pub mod qwen3_moe;
 
 use crate::config::fields::{JsonKeys, TomlFields};
 use crate::config::{Arch, ModelConfig};
@@ -233,7 +238,10 @@ pub trait Family: Sync {
     fn read_hf(&self, model_type: &str, keys: &JsonKeys<'_>) -> Result<ModelConfig>;
     /// (truesize field, HF key) for every config field this family reads from `config.json`
     /// under another name, so that messages quote the key the user wrote.
-    fn hf_spelling(&self, model_type: &str) -> &'static [(&'static str, &'static str)];
+    /// The Llama skeleton's spellings unless the family says otherwise.
+    fn hf_spelling(&self, _model_type: &str) -> &'static [(&'static str, &'static str)] {
+        llama::SKELETON_SPELLING
+    }
     /// truesize TOML fields -> config, with this family's defaults.
     fn read_toml(&self, fields: &TomlFields) -> Result<ModelConfig>;
     /// Rules beyond the generic ones (`ModelConfig::validate` calls this).
@@ -258,6 +266,12 @@ pub trait Family: Sync {
     fn is_buffer(&self, _name: &str) -> bool {
         false
     }
+    /// A stored parameter of a part of the published model that truesize does not build or count
+    /// (Gemma 3's vision tower beside its text model): listed apart, neither a parameter of this
+    /// config nor unexpected. Default: none.
+    fn outside_model(&self, _name: &str) -> bool {
+        false
+    }
     /// The component a tensor name suggests, from this family's naming convention alone. Used
     /// only where no config says which tensors exist (`inspect FILE` without a config).
     fn guess_component(&self, name: &str) -> Option<Component>;
@@ -270,7 +284,15 @@ pub trait Family: Sync {
 }
 
 /// The registry: every family truesize knows. A new family is one line here.
-pub static FAMILIES: &[&dyn Family] = &[&gpt2::Gpt2, &llama::Llama];
+pub static FAMILIES: &[&dyn Family] = &[
+    &gpt2::Gpt2,
+    &llama::Llama,
+    &qwen3::Qwen3,
+    &qwen3_moe::Qwen3Moe,
+    &gemma2::Gemma2,
+    &gemma3::Gemma3,
+    &phi3::Phi3,
+];
 
 /// The family registered for an HF `model_type`.
 pub fn by_model_type(model_type: &str) -> Option<&'static dyn Family> {

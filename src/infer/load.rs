@@ -10,7 +10,7 @@ use super::model::{
     Attention, Embedding, InferModel, Layer, Linear, Matrix, Mlp, Norm, Qkv, RopeSpec, SwiGlu,
 };
 use crate::checkpoint::gguf::{GgufFile, RawTensor};
-use crate::config::{Arch, ModelConfig};
+use crate::config::{Arch, ModelConfig, RopeScaling};
 use crate::error::{Error, Result};
 use crate::estimate::serve::formats::{self, GgmlType};
 use crate::estimate::serve::weights::{self, WeightsEstimate};
@@ -504,7 +504,8 @@ pub fn inv_freq(cfg: &ModelConfig, factors: Option<&[f32]>) -> Vec<f32> {
     if let Some(f) = factors {
         return base.iter().zip(f).map(|(b, f)| b / f).collect();
     }
-    let Some(s) = cfg.rope_scaling else {
+    // Other scalings are refused before a run (`super::unsupported`).
+    let Some(RopeScaling::Llama3(s)) = cfg.rope_scaling else {
         return base;
     };
     let old_ctx = s.original_max_position_embeddings as f64;

@@ -85,7 +85,7 @@ impl Extrapolation {
 /// `cfg` with `n_layer` layers and nothing else changed.
 pub fn with_depth(cfg: &ModelConfig, n_layer: usize) -> Result<ModelConfig> {
     let mut c = cfg.clone();
-    c.n_layer = n_layer;
+    c.set_depth(n_layer);
     c.name = format!(
         "{} ({n_layer} layer{})",
         cfg.name,

@@ -378,7 +378,11 @@ pub fn from_checkpoint(
             ),
         ));
     }
-    let unexpected = names.difference(&problems.used).cloned().collect();
+    let unexpected = names
+        .difference(&problems.used)
+        .filter(|stored| !fam.outside_model(&fam.canonical_name(stored)))
+        .cloned()
+        .collect();
     Ok(Loaded {
         varmap,
         model,

@@ -33,7 +33,7 @@ pub(crate) const INIT_ONE: Init = Init::Const(1.0);
 #[derive(Debug, Clone)]
 pub enum Model {
     Gpt2(gpt2::Gpt2),
-    Llama(llama::Llama),
+    Llama(Box<llama::Llama>),
 }
 
 impl Model {
@@ -42,7 +42,7 @@ impl Model {
     pub fn load(vb: VarBuilder, cfg: &ModelConfig) -> Result<Model> {
         Ok(match cfg.arch {
             Arch::Gpt2 => Model::Gpt2(gpt2::Gpt2::load(vb, cfg)?),
-            Arch::Llama => Model::Llama(llama::Llama::load(vb, cfg)?),
+            Arch::Llama => Model::Llama(Box::new(llama::Llama::load(vb, cfg)?)),
         })
     }
 
@@ -115,8 +115,28 @@ impl Linear {
 
 /// Additive causal mask `[T, T]`: 0 on and below the diagonal, -inf above it.
 pub(crate) fn causal_mask(t: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+    window_mask(t, None, dtype, device)
+}
+
+/// Additive mask `[T, T]`: query i sees key j iff j ≤ i and, with a window w, j > i − w
+/// (transformers' sliding-window mask); -inf elsewhere.
+pub(crate) fn window_mask(
+    t: usize,
+    window: Option<usize>,
+    dtype: DType,
+    device: &Device,
+) -> Result<Tensor> {
     let mask: Vec<f32> = (0..t)
-        .flat_map(|i| (0..t).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+        .flat_map(|i| {
+            (0..t).map(move |j| {
+                let too_old = window.is_some_and(|w| j + w <= i);
+                if j > i || too_old {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+        })
         .collect();
     Tensor::from_vec(mask, (t, t), device)?.to_dtype(dtype)
 }
@@ -125,9 +145,25 @@ pub(crate) fn causal_mask(t: usize, dtype: DType, device: &Device) -> Result<Ten
 /// q, k, v: `[B, H, T, hd]`; mask: `[T, T]`. Returns `[B, H, T, hd]`.
 pub(crate) fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Tensor> {
     let head_dim = q.dim(D::Minus1)?;
-    let scale = 1.0 / (head_dim as f64).sqrt();
+    attention_scaled(q, k, v, mask, 1.0 / (head_dim as f64).sqrt(), None)
+}
+
+/// Attention with an explicit score scale and optional soft-cap c·tanh(s / c) applied to the
+/// scaled scores before the mask (Gemma 2's order).
+pub(crate) fn attention_scaled(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Tensor,
+    scale: f64,
+    softcap: Option<f64>,
+) -> Result<Tensor> {
     // [B, H, T, hd] @ [B, H, hd, T] -> [B, H, T, T]
     let att = (q.matmul(&k.t()?.contiguous()?)? * scale)?;
+    let att = match softcap {
+        Some(c) => ((att / c)?.tanh()? * c)?,
+        None => att,
+    };
     let att = att.broadcast_add(mask)?;
     // The composite softmax: softmax_last_dim has no backward.
     let att = candle_nn::ops::softmax(&att, D::Minus1)?;

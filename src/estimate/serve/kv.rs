@@ -119,7 +119,7 @@ mod tests {
     #[test]
     fn sliding_window_caps_the_cache() {
         let mut cfg = presets::load("mistral-7b").unwrap();
-        cfg.sliding_window = Some(4096);
+        cfg.set_all_attention(crate::config::Attention::Sliding { window: 4096 });
         // 32 layers · 2 · 8 · 128 · 2 B = 128 KiB per token, capped at 4096 tokens
         assert_eq!(exact_bytes(&cfg, 1, 32768, 2), 4096 * 131_072);
         assert_eq!(exact_bytes(&cfg, 1, 100, 2), 100 * 131_072);

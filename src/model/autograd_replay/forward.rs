@@ -1,5 +1,8 @@
 //! The forward of the genuine networks (`crate::model`), op for op, on shape-level tensors:
-//! GPT-2 and the Llama skeleton, the next-token loss.
+//! GPT-2 and the Llama skeleton with every switch of its families (q/k norms, (1 + w) and
+//! sandwich norms, GeGLU, √d scale, soft-caps, windows, RoPE per layer type, fused storage,
+//! partial rotary, expert width and sparse layers), the next-token loss. A padding id in the
+//! batch (the embedding's masked gradient) is data-dependent and not replayed.
 
 use super::tensor::{contiguous_stride, ctx, numel, Block, Dt, Storage, Un, T, TI};
 use crate::config::ModelConfig;
@@ -218,19 +221,56 @@ pub(super) fn gpt2_forward(cfg: &ModelConfig, b: usize, t: usize, ids: &T, w: &W
 /// (weight, bias) of one linear layer.
 pub(super) type Lin = (T, Option<T>);
 
-pub(super) fn swiglu(x: &T, e: &[Lin; 3]) -> T {
-    let g = linear(x, &e[0].0, e[0].1.as_ref()).unary(Un::Silu);
-    let h = g.mul(&linear(x, &e[1].0, e[1].1.as_ref()));
-    linear(&h, &e[2].0, e[2].1.as_ref())
+/// `model::llama::RmsNorm`: Llama's (normalise in f32, cast back, × w) or Gemma's (normalise and
+/// × (1 + w) in f32, then cast back).
+pub(super) fn rms_norm_kind(x: &T, w: &T, one_plus: bool) -> T {
+    if !one_plus {
+        return rms_norm(x, w);
+    }
+    let dt = x.dt();
+    let internal = norm_dt(dt);
+    let x = x.to_dtype(internal);
+    let ms = x.unary(Un::Sqr).mean_keepdim_last();
+    let x = x.bcast(&ms.affine(1.0).unary(Un::Sqrt), 3);
+    let w = w.to_dtype(internal).affine(1.0);
+    x.bcast(&w, 2).to_dtype(dt)
 }
 
+/// `model::llama::GatedMlp`: gate and up (separate, or one fused tensor split by `narrow`),
+/// act(gate) · up, down. `e`: [gate, up, down] or [gate_up, down, down] when `fused`.
+pub(super) fn gated_mlp(x: &T, gate_up: &[Lin], down: &Lin, width: usize, gelu: bool) -> T {
+    let (gate, up) = match gate_up {
+        [fused] => {
+            let gu = linear(x, &fused.0, fused.1.as_ref());
+            let last = gu.rank() - 1;
+            (gu.narrow(last, 0, width), gu.narrow(last, width, width))
+        }
+        [g, u, ..] => (linear(x, &g.0, g.1.as_ref()), linear(x, &u.0, u.1.as_ref())),
+        [] => unreachable!("a gated MLP has gate and up"),
+    };
+    let act = gate.unary(if gelu { Un::Gelu } else { Un::Silu });
+    let h = act.mul(&up);
+    linear(&h, &down.0, down.1.as_ref())
+}
+
+/// `model::llama::Rope::apply`: the first `rotary` channels rotated, the rest passed on.
 pub(super) fn rope_apply(x: &T, cos: &T, sin: &T) -> T {
     let hd = x.dims()[3];
-    let half = hd / 2;
-    let x1 = x.narrow(3, 0, half);
-    let x2 = x.narrow(3, half, half);
+    let rot = cos.dims()[1];
+    let (x_rot, x_pass) = if rot == hd {
+        (x.clone(), None)
+    } else {
+        (x.narrow(3, 0, rot), Some(x.narrow(3, rot, hd - rot)))
+    };
+    let half = rot / 2;
+    let x1 = x_rot.narrow(3, 0, half);
+    let x2 = x_rot.narrow(3, half, half);
     let rotated = T::cat(&[&x2.unary(Un::Neg), &x1], 3);
-    x.bcast(cos, 2).add(&rotated.bcast(sin, 2))
+    let y = x_rot.bcast(cos, 2).add(&rotated.bcast(sin, 2));
+    match x_pass {
+        None => y,
+        Some(p) => T::cat(&[&y, &p], 3),
+    }
 }
 
 pub(super) fn repeat_kv(x: T, rep: usize) -> T {
@@ -244,7 +284,14 @@ pub(super) fn repeat_kv(x: T, rep: usize) -> T {
         .reshape(&[b, kv * rep, t, hd])
 }
 
-pub(super) fn moe(x: &T, router: &T, experts: &[[Lin; 3]], top_k: usize) -> T {
+/// One expert's tensors: gate and up (or fused gate_up), down.
+pub(super) struct ExpertW {
+    gate_up: Vec<Lin>,
+    down: Lin,
+}
+
+pub(super) fn moe(x: &T, router: &T, experts: &[ExpertW], cfg: &ModelConfig, gelu: bool) -> T {
+    let top_k = cfg.n_experts_per_tok;
     let d3 = x.dims().to_vec();
     let (b, t, d) = (d3[0], d3[1], d3[2]);
     let n_exp = experts.len();
@@ -256,7 +303,12 @@ pub(super) fn moe(x: &T, router: &T, experts: &[[Lin; 3]], top_k: usize) -> T {
     let _host = c.mem.alloc((n * n_exp * 4 + n * 24) as u64);
     let mask = T::zeros(&[n, n_exp], Dt::F32);
     let kept = probs.mul(&mask);
-    let weights = kept.bcast(&kept.sum_keepdim(&[1]), 3).to_dtype(x.dt());
+    let weights = if cfg.moe_renormalize {
+        kept.bcast(&kept.sum_keepdim(&[1]), 3)
+    } else {
+        kept
+    }
+    .to_dtype(x.dt());
     let mut out = x.zeros_like();
     // Routing is data-dependent; with random weights the router is near-uniform, so each
     // expert gets N·k/E tokens (the total, which is what memory follows, is exact).
@@ -274,27 +326,62 @@ pub(super) fn moe(x: &T, router: &T, experts: &[[Lin; 3]], top_k: usize) -> T {
             .contiguous()
             .index_select(&idx, 0)
             .unsqueeze(1);
-        let ye = swiglu(&xe, expert).bcast(&we, 2);
+        let ye = gated_mlp(
+            &xe,
+            &expert.gate_up,
+            &expert.down,
+            cfg.moe_intermediate_size,
+            gelu,
+        )
+        .bcast(&we, 2);
         out = out.index_add(&idx, &ye, 0);
     }
     drop(_host);
     out.reshape(&[b, t, d])
 }
 
+/// c·tanh(x / c).
+fn softcap(x: &T, c: f64) -> T {
+    x.affine(1.0 / c).unary(Un::Tanh).affine(c)
+}
+
 pub(super) fn llama_forward(cfg: &ModelConfig, b: usize, t: usize, ids: &T, w: &Weights) -> T {
+    use crate::config::{
+        Attention, EmbeddingScale, ExpertNames, MlpKind, NormKind, NormPlacement, Storage,
+    };
     let d = cfg.n_embd;
     let (h, kvh, hd) = (cfg.n_head, cfg.n_kv_head, cfg.head_dim);
+    let one_plus = cfg.norm == NormKind::RmsOnePlus;
+    let gelu = cfg.mlp == MlpKind::GeGlu;
     let embed = w.get("model.embed_tokens.weight");
     let dt = embed.dt();
     tag("embeddings");
+    // A padding row in the batch adds a where_cond over [B·T, d] (data-dependent, not replayed).
     let mut x = embed
         .index_select(&ids.flatten_all(), 0)
         .reshape(&[b, t, d]);
+    if cfg.embedding_scale == EmbeddingScale::SqrtHidden {
+        x = x.bcast(&host_f32(&[], dt), 2);
+    }
     tag("attention projections");
-    let cos = host_f32(&[t, hd], dt);
-    let sin = host_f32(&[t, hd], dt);
-    let mask = host_f32(&[t, t], dt);
-    for l in 0..cfg.n_layer {
+    let rot = cfg.rotary_dim;
+    let cos = host_f32(&[t, rot], dt);
+    let sin = host_f32(&[t, rot], dt);
+    let kinds: Vec<Attention> = (0..cfg.n_layer).map(|i| cfg.attention(i)).collect();
+    let any_local = kinds.iter().any(|a| matches!(a, Attention::Sliding { .. }));
+    // The network builds local tables only when they differ from the global ones.
+    let local_differs = cfg.rope_per_layer_type
+        && (cfg.rope_local_theta != cfg.rope_theta || cfg.rope_scaling.is_some());
+    let local =
+        (any_local && local_differs).then(|| (host_f32(&[t, rot], dt), host_f32(&[t, rot], dt)));
+    let mut masks: Vec<(Attention, T)> = Vec::new();
+    for &k in &kinds {
+        if !masks.iter().any(|(m, _)| *m == k) {
+            masks.push((k, host_f32(&[t, t], dt)));
+        }
+    }
+    let scale = 1.0 / cfg.attn_scalar.sqrt();
+    for (l, kind) in kinds.iter().enumerate() {
         let p = |n: &str| format!("model.layers.{l}.{n}");
         let lin = |n: &str| -> Lin {
             (
@@ -302,64 +389,154 @@ pub(super) fn llama_forward(cfg: &ModelConfig, b: usize, t: usize, ids: &T, w: &
                 w.opt(&p(&format!("{n}.bias"))),
             )
         };
-        tag("norms");
-        let y = rms_norm(&x, &w.get(&p("input_layernorm.weight")));
-        tag("attention projections");
-        let heads = |proj: &Lin, n: usize| {
-            linear(&y, &proj.0, proj.1.as_ref())
-                .reshape(&[b, t, n, hd])
-                .transpose(1, 2)
-                .contiguous()
+        let norm = |x: &T, n: &str| rms_norm_kind(x, &w.get(&p(&format!("{n}.weight"))), one_plus);
+        let (cos, sin) = match (kind, &local) {
+            (Attention::Sliding { .. }, Some((c, s))) => (c, s),
+            _ => (&cos, &sin),
         };
-        let q = rope_apply(&heads(&lin("self_attn.q_proj"), h), &cos, &sin);
-        let k = rope_apply(&heads(&lin("self_attn.k_proj"), kvh), &cos, &sin);
-        let v = heads(&lin("self_attn.v_proj"), kvh);
+        let mask = masks
+            .iter()
+            .find(|(m, _)| m == kind)
+            .map(|(_, t)| t)
+            .unwrap_or_else(|| unreachable!("a mask per attention kind was built above"));
+        tag("norms");
+        let y = norm(&x, "input_layernorm");
+        tag("attention projections");
+        let (q, k, v) = match cfg.qkv_storage {
+            Storage::Separate => (
+                linear(
+                    &y,
+                    &lin("self_attn.q_proj").0,
+                    lin("self_attn.q_proj").1.as_ref(),
+                ),
+                linear(
+                    &y,
+                    &lin("self_attn.k_proj").0,
+                    lin("self_attn.k_proj").1.as_ref(),
+                ),
+                linear(
+                    &y,
+                    &lin("self_attn.v_proj").0,
+                    lin("self_attn.v_proj").1.as_ref(),
+                ),
+            ),
+            Storage::Fused => {
+                let f = lin("self_attn.qkv_proj");
+                let qkv = linear(&y, &f.0, f.1.as_ref());
+                let (qd, kvd) = (h * hd, kvh * hd);
+                (
+                    qkv.narrow(2, 0, qd),
+                    qkv.narrow(2, qd, kvd),
+                    qkv.narrow(2, qd + kvd, kvd),
+                )
+            }
+        };
+        let heads = |y: T, n: usize, nm: Option<&str>| {
+            let y = y.reshape(&[b, t, n, hd]);
+            let y = match nm {
+                Some(nm) => norm(&y, nm),
+                None => y,
+            };
+            y.transpose(1, 2).contiguous()
+        };
+        let (qn, kn) = if cfg.qk_norm {
+            (Some("self_attn.q_norm"), Some("self_attn.k_norm"))
+        } else {
+            (None, None)
+        };
+        let q = rope_apply(&heads(q, h, qn), cos, sin);
+        let k = rope_apply(&heads(k, kvh, kn), cos, sin);
+        let v = heads(v, kvh, None);
         let rep = h / kvh.max(1);
         let k = repeat_kv(k, rep);
         let v = repeat_kv(v, rep);
-        let a = attention(&q, &k, &v, &mask);
+        tag("attention scores/softmax");
+        let att = q.matmul(&k.t().contiguous()).affine(scale);
+        let att = match cfg.attn_softcap {
+            Some(c) => softcap(&att, c),
+            None => att,
+        };
+        let a = softmax_last(&att.bcast(mask, 0)).matmul(&v);
         tag("attention projections");
         let a = a.transpose(1, 2).reshape(&[b, t, h * hd]);
         let o = lin("self_attn.o_proj");
         let a = linear(&a, &o.0, o.1.as_ref());
+        let sandwich = cfg.norm_placement == NormPlacement::Sandwich;
         tag("residual stream");
-        x = x.add(&a);
+        x = if sandwich {
+            tag("norms");
+            let a = norm(&a, "post_attention_layernorm");
+            tag("residual stream");
+            x.add(&a)
+        } else {
+            x.add(&a)
+        };
         tag("norms");
-        let y = rms_norm(&x, &w.get(&p("post_attention_layernorm.weight")));
+        let y = norm(
+            &x,
+            if sandwich {
+                "pre_feedforward_layernorm"
+            } else {
+                "post_attention_layernorm"
+            },
+        );
         tag("mlp");
-        let y = if cfg.is_moe() {
-            let experts: Vec<[Lin; 3]> = (0..cfg.n_experts)
+        let gate_up = |prefix: &str, names: [&str; 2]| -> Vec<Lin> {
+            match cfg.gate_up_storage {
+                Storage::Fused => vec![lin(&format!("{prefix}.gate_up_proj"))],
+                Storage::Separate => names
+                    .iter()
+                    .map(|n| lin(&format!("{prefix}.{n}")))
+                    .collect(),
+            }
+        };
+        let y = if cfg.layer_is_moe(l) {
+            let (block, names) = match cfg.expert_names {
+                ExpertNames::Mixtral => ("block_sparse_moe", ["w1", "w3", "w2"]),
+                ExpertNames::Qwen => ("mlp", ["gate_proj", "up_proj", "down_proj"]),
+            };
+            let experts: Vec<ExpertW> = (0..cfg.n_experts)
                 .map(|e| {
-                    let x = format!("block_sparse_moe.experts.{e}");
-                    [
-                        lin(&format!("{x}.w1")),
-                        lin(&format!("{x}.w3")),
-                        lin(&format!("{x}.w2")),
-                    ]
+                    let x = format!("{block}.experts.{e}");
+                    ExpertW {
+                        gate_up: gate_up(&x, [names[0], names[1]]),
+                        down: lin(&format!("{x}.{}", names[2])),
+                    }
                 })
                 .collect();
-            let router = w.get(&p("block_sparse_moe.gate.weight"));
-            moe(&y, &router, &experts, cfg.n_experts_per_tok)
+            let router = w.get(&p(&format!("{block}.gate.weight")));
+            moe(&y, &router, &experts, cfg, gelu)
         } else {
-            swiglu(
+            gated_mlp(
                 &y,
-                &[
-                    lin("mlp.gate_proj"),
-                    lin("mlp.up_proj"),
-                    lin("mlp.down_proj"),
-                ],
+                &gate_up("mlp", ["gate_proj", "up_proj"]),
+                &lin("mlp.down_proj"),
+                cfg.intermediate_size,
+                gelu,
             )
         };
-        tag("residual stream");
-        x = x.add(&y);
+        x = if sandwich {
+            tag("norms");
+            let y = norm(&y, "post_feedforward_layernorm");
+            tag("residual stream");
+            x.add(&y)
+        } else {
+            tag("residual stream");
+            x.add(&y)
+        };
     }
     tag("norms");
-    let x = rms_norm(&x, &w.get("model.norm.weight"));
+    let x = rms_norm_kind(&x, &w.get("model.norm.weight"), one_plus);
     tag("logits");
     let head = w.opt("lm_head.weight").unwrap_or(embed);
-    x.reshape(&[b * t, d])
+    let logits = x
+        .reshape(&[b * t, d])
         .matmul(&head.t())
-        .reshape(&[b, t, cfg.vocab_size])
+        .reshape(&[b, t, cfg.vocab_size]);
+    match cfg.final_softcap {
+        Some(c) => softcap(&logits, c),
+        None => logits,
+    }
 }
 
 /// `model::next_token_loss` + candle-nn `cross_entropy` (log_softmax, then nll via gather).
