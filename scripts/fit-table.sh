@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's fit table: for a few 7–8B models, each weight format and context, the memory one
+# The README's fit table: for a few 7–9B models, each weight format and context, the memory one
 # sequence needs (weights + f16 KV cache + the activations of a 512-token prefill chunk with
 # fused attention + 1 GiB assumed runtime overhead) and the largest batch that fits in 24, 48 and 80 GiB. All from
 # `truesize infer --shapes-only` (nothing is loaded); configs are the models' HF config.json
@@ -36,13 +36,16 @@ cat >"$TMP/mistral-7b-v0.1.json" <<'JSON'
  "vocab_size": 32000}
 JSON
 
+# Qwen/Qwen3-8B and google/gemma-2-9b (sliding window on alternate layers), as committed
+cp tests/data/configs/qwen3-8b.json tests/data/configs/gemma-2-9b.json "$TMP/"
+
 CONTEXTS=${CONTEXTS:-"4096 32768 131072"}
 FORMATS=${FORMATS:-"bf16 q8_0 q4_k_m"}
 BUDGETS=${BUDGETS:-"24GiB 48GiB 80GiB"}
 
 echo "| model | weights | context | weights (GB) | KV cache, 1 seq (GiB) | need, 1 seq (GiB) | $(for b in $BUDGETS; do printf 'max batch in %s | ' "$b"; done)"
 echo "|---|---|---:|---:|---:|---:|$(for b in $BUDGETS; do printf -- '---:|'; done)"
-for m in llama-3.1-8b qwen2.5-7b mistral-7b-v0.1; do
+for m in llama-3.1-8b qwen2.5-7b mistral-7b-v0.1 qwen3-8b gemma-2-9b; do
   for f in $FORMATS; do
     for t in $CONTEXTS; do
       row="| $m | $f | $t |"

@@ -413,3 +413,48 @@ fn hostile_gguf_headers_are_clear_errors() {
         }
     }
 }
+
+/// The serving estimate of every newer family in llama.cpp's layout: each HF tensor has its
+/// GGUF name (Qwen3's q/k norms, Gemma's four norms, Phi-3's fused projections, Qwen3-MoE's
+/// stacked experts), the file holds the tensors llama.cpp's converter writes (counted by hand
+/// from its tensor map: per layer, then embeddings, final norm and an untied head), and the
+/// elements are the model's exact parameter count (HF transformers' figure).
+#[test]
+fn serving_estimate_names_every_family_tensor() {
+    let cases = [
+        // 36 layers × (attn_norm, q, k, v, o, q_norm, k_norm, ffn_norm, gate, up, down) + 3
+        ("qwen3-8b.json", 36 * 11 + 3, 8_190_735_360u64),
+        // 48 × (attn_norm, q, k, v, o, q_norm, k_norm, ffn_norm, router, 3 stacked experts) + 3
+        ("qwen3-30b-a3b.json", 48 * 12 + 3, 30_532_122_624),
+        // 42 × (attn_norm, q, k, v, o, post_attention_norm, ffn_norm, gate, up, down,
+        // post_ffw_norm) + 2 (tied)
+        ("gemma-2-9b.json", 42 * 11 + 2, 9_241_705_984),
+        // 32 × (attn_norm, attn_qkv, attn_output, ffn_norm, ffn_up (gate | up), ffn_down) + 3
+        ("phi-3-mini-4k.json", 32 * 6 + 3, 3_821_079_552),
+    ];
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/configs");
+    for (file, tensors, params) in cases {
+        let cfg = dir.join(file);
+        let (code, j, err) = run(&[
+            "--config",
+            cfg.to_str().unwrap(),
+            "--shapes-only",
+            "--weights",
+            "q4_k_m",
+            "--prompt",
+            "512",
+            "--generate",
+            "16",
+        ]);
+        assert_eq!(code, 0, "{file}: {err}");
+        let w = &j["weights"];
+        let counted: u64 = w["by_type"]
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|t| t["tensors"].as_u64().unwrap())
+            .sum();
+        assert_eq!(counted, tensors, "{file}: {w}");
+        assert_eq!(w["numel"].as_u64(), Some(params), "{file}");
+    }
+}

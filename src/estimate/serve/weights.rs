@@ -25,7 +25,7 @@
 //! framework or an HF checkpoint in that dtype does.
 
 use super::formats::{self, Ftype, GgmlType, WeightFormat};
-use crate::config::{Arch, ModelConfig};
+use crate::config::{Arch, ModelConfig, NormPlacement};
 use crate::dtype::TrainDtype;
 use crate::error::{Error, Result};
 use serde::Serialize;
@@ -96,7 +96,7 @@ impl WeightsEstimate {
 pub fn gguf_name(cfg: &ModelConfig, hf: &str) -> Option<GgufName> {
     match cfg.arch {
         Arch::Gpt2 => gpt2_name(hf),
-        Arch::Llama => llama_name(hf),
+        Arch::Llama => llama_name(hf, cfg.norm_placement == NormPlacement::Sandwich),
     }
 }
 
@@ -132,7 +132,12 @@ fn in_layer(layer: usize, name: &str) -> Option<GgufName> {
     })
 }
 
-fn llama_name(hf: &str) -> Option<GgufName> {
+/// llama.cpp's names for the Llama skeleton and its switches (convert_hf_to_gguf's tensor map):
+/// Qwen3's q/k norms, Gemma's four norms (`post_attention_layernorm` is then the attention's
+/// post-norm, and the MLP's pre-norm takes `ffn_norm`), Phi-3's fused `qkv_proj` and
+/// `gate_up_proj` (kept fused, as `attn_qkv` and a double-height `ffn_up`), and both expert
+/// naming schemes stacked per layer.
+fn llama_name(hf: &str, sandwich: bool) -> Option<GgufName> {
     match hf {
         "model.embed_tokens.weight" => return plain("token_embd.weight"),
         "model.norm.weight" => return plain("output_norm.weight"),
@@ -140,12 +145,15 @@ fn llama_name(hf: &str) -> Option<GgufName> {
         _ => {}
     }
     let (i, rest) = split_layer(hf, "model.layers.")?;
-    if let Some(e_rest) = rest.strip_prefix("block_sparse_moe.experts.") {
+    let experts = rest
+        .strip_prefix("block_sparse_moe.experts.")
+        .or_else(|| rest.strip_prefix("mlp.experts."));
+    if let Some(e_rest) = experts {
         let (e, w) = e_rest.split_once('.')?;
         let stacked = match w {
-            "w1.weight" => "ffn_gate_exps.weight",
-            "w3.weight" => "ffn_up_exps.weight",
-            "w2.weight" => "ffn_down_exps.weight",
+            "w1.weight" | "gate_proj.weight" => "ffn_gate_exps.weight",
+            "w3.weight" | "up_proj.weight" => "ffn_up_exps.weight",
+            "w2.weight" | "down_proj.weight" => "ffn_down_exps.weight",
             _ => return None,
         };
         return Some(GgufName {
@@ -157,15 +165,21 @@ fn llama_name(hf: &str) -> Option<GgufName> {
     let (module, kind) = rest.rsplit_once('.')?;
     let g = match module {
         "input_layernorm" => "attn_norm",
+        "post_attention_layernorm" if sandwich => "post_attention_norm",
         "post_attention_layernorm" => "ffn_norm",
+        "pre_feedforward_layernorm" => "ffn_norm",
+        "post_feedforward_layernorm" => "post_ffw_norm",
         "self_attn.q_proj" => "attn_q",
         "self_attn.k_proj" => "attn_k",
         "self_attn.v_proj" => "attn_v",
+        "self_attn.qkv_proj" => "attn_qkv",
+        "self_attn.q_norm" => "attn_q_norm",
+        "self_attn.k_norm" => "attn_k_norm",
         "self_attn.o_proj" => "attn_output",
         "mlp.gate_proj" => "ffn_gate",
-        "mlp.up_proj" => "ffn_up",
+        "mlp.up_proj" | "mlp.gate_up_proj" => "ffn_up",
         "mlp.down_proj" => "ffn_down",
-        "block_sparse_moe.gate" => "ffn_gate_inp",
+        "block_sparse_moe.gate" | "mlp.gate" => "ffn_gate_inp",
         _ => return None,
     };
     in_layer(i, &format!("{g}.{kind}"))
