@@ -89,6 +89,8 @@ pub struct EstimateArgs {
     pub model: Option<std::path::PathBuf>,
     #[command(flatten)]
     pub step: StepArgs,
+    #[command(flatten)]
+    pub engine: EngineArgs,
     #[arg(long, value_enum, default_value_t = Format::Table)]
     pub format: Format,
 }
@@ -145,6 +147,8 @@ pub struct VerifyArgs {
     /// After backward, take one real optimizer step and measure its peak (moments included).
     #[arg(long, value_enum, value_name = "OPT", conflicts_with = "shapes_only")]
     pub optimizer: Option<Optimizer>,
+    #[command(flatten)]
+    pub engine: EngineArgs,
     /// Print every table (default: one screen with what decides the verdict; JSON always has
     /// everything).
     #[arg(long)]
@@ -156,8 +160,55 @@ pub struct VerifyArgs {
 /// Optimizers `verify --optimizer` can step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Optimizer {
-    /// candle-nn AdamW (moments in the parameter dtype).
+    /// AdamW: two moments per parameter (in the master weights' dtype).
     Adamw,
+    /// Plain SGD without momentum: no state.
+    Sgd,
+}
+
+/// Which training step runs (and is predicted).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Engine {
+    /// Explicit forward and backward keeping what PyTorch's autograd keeps (the default).
+    Lean,
+    /// candle's own autograd over the differentiable network (what a candle user's loop holds).
+    Autograd,
+}
+
+/// Activation checkpointing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CheckpointArg {
+    /// Keep every block's saved tensors.
+    None,
+    /// Keep each block's input; recompute the block during backward (HF gradient checkpointing).
+    Blocks,
+}
+
+/// Attention's memory behaviour.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AttentionArg {
+    /// Flash-style (PyTorch SDPA on CPU): q, k, v, output and a per-row log-sum-exp kept.
+    Flash,
+    /// Eager (HF "eager"): the T×T probabilities kept for backward.
+    Eager,
+}
+
+/// The training step's knobs, shared by estimate, verify and sweep.
+#[derive(Debug, Args, Clone, Default)]
+pub struct EngineArgs {
+    /// lean (default: keeps what PyTorch keeps) or autograd (candle's own backward).
+    #[arg(long, value_enum)]
+    pub engine: Option<Engine>,
+    /// Activation checkpointing: none (default) or blocks (lean engine).
+    #[arg(long, value_enum)]
+    pub checkpoint: Option<CheckpointArg>,
+    /// flash (default) or eager attention (lean engine).
+    #[arg(long, value_enum)]
+    pub attention: Option<AttentionArg>,
+    /// Mixed precision as PyTorch AMP does it: f32 master weights, gradients and optimizer
+    /// states; matmuls and activations in --dtype (bf16 or f16). Lean engine.
+    #[arg(long)]
+    pub amp: bool,
 }
 
 #[derive(Debug, Args)]
@@ -183,6 +234,8 @@ pub struct SweepArgs {
     #[arg(long, value_name = "BYTES")]
     pub max_memory: Option<u64>,
     /// Format of the summary printed on stdout.
+    #[command(flatten)]
+    pub engine: EngineArgs,
     #[arg(long, value_enum, default_value_t = Format::Table)]
     pub format: Format,
 }

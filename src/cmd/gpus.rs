@@ -1,7 +1,7 @@
 //! `truesize gpus`: which GPUs the training state fits on, and days to train D tokens on N of
 //! them at an assumed MFU (no tensors).
 
-use super::common::{base_report, load_config, positive, resolve_step, MAX_BUDGET};
+use super::common::{base_report, load_config, positive, resolve_engine, resolve_step, MAX_BUDGET};
 use crate::cli::GpusArgs;
 use crate::config::{ModelConfig, Step};
 use crate::dtype::TrainDtype;
@@ -79,7 +79,9 @@ pub fn run(a: GpusArgs) -> Result<u8> {
         mfu: (mfu, mfu_source),
         format,
     } = Plan::from_args(a)?;
-    let report = base_report("gpus", &cfg, step)?;
+    let (engine, engine_note) = resolve_engine(&cfg, step, &Default::default(), None)?;
+    let mut report = base_report("gpus", &cfg, step, &engine)?;
+    report.notes.extend(engine_note);
     let flops = report
         .flops
         .as_ref()

@@ -1,7 +1,7 @@
 //! `truesize sweep`: one measured training step per (batch, seq) over one model, beside our
 //! prediction and the rules of thumb; writes sweep.csv, sweep.json and sweep.svg.
 
-use super::common::load_config;
+use super::common::{load_config, resolve_engine, Engine};
 use crate::cli::SweepArgs;
 use crate::config::{self, ModelConfig, Step};
 use crate::dtype::TrainDtype;
@@ -9,7 +9,6 @@ use crate::error::{Error, Result, EXIT_OK};
 use crate::estimate::{params, rules};
 use crate::measure::extrapolate::{probe_for, random_tokens};
 use crate::measure::{run, sysmem};
-use crate::model::autograd_replay as activations;
 use crate::model::build;
 use crate::report::sweep::{SweepPoint, SweepReport};
 use crate::report::{csv, svg};
@@ -54,6 +53,9 @@ pub struct Plan {
     pub out: PathBuf,
     pub seed: u64,
     pub max_memory: Option<u64>,
+    pub engine: Engine,
+    /// Why the lean engine was not used, when it was not.
+    pub engine_note: Option<String>,
     pub format: Format,
 }
 
@@ -61,8 +63,17 @@ impl Plan {
     pub fn from_args(a: SweepArgs) -> Result<Plan> {
         let cfg = load_config(&a.config)?;
         let (batches, seqs, dtype) = resolve(&a, &cfg)?;
+        // The engine is chosen for the first point's step; its switches do not depend on the size.
+        let first = Step {
+            batch: batches.first().copied().unwrap_or(1),
+            seq: seqs.first().copied().unwrap_or(MIN_SEQ),
+            dtype,
+        };
+        let (engine, engine_note) = resolve_engine(&cfg, first, &a.engine, None)?;
         prepare_out_dir(&a.out)?;
         Ok(Plan {
+            engine,
+            engine_note,
             cfg,
             batches,
             seqs,
@@ -132,6 +143,8 @@ pub fn run(a: SweepArgs) -> Result<u8> {
         out,
         seed,
         max_memory,
+        engine,
+        engine_note,
         format,
     } = Plan::from_args(a)?;
     let p = params::estimate(&cfg)?;
@@ -140,11 +153,11 @@ pub fn run(a: SweepArgs) -> Result<u8> {
         .flat_map(|&batch| seqs.iter().map(move |&seq| Step { batch, seq, dtype }))
         .collect();
 
-    // The replay's prediction, once per point; the preflight refuses on the largest before
+    // The engine's prediction, once per point; the preflight refuses on the largest before
     // allocating anything.
     let predicted: Vec<u64> = grid
         .iter()
-        .map(|&s| activations::predicted_peak(&cfg, p.total, s))
+        .map(|&s| engine.predict(&cfg, p.total, s).peak_bytes)
         .collect();
     let worst = predicted.iter().copied().max().unwrap_or(0);
     if let Some(limit) = max_memory.or_else(sysmem::available_bytes) {
@@ -163,7 +176,17 @@ pub fn run(a: SweepArgs) -> Result<u8> {
     probe.reset_peak()?;
     let baseline = probe.current()?;
     // The model is built once; each point runs one step on it.
-    let (varmap, model) = build::random(&cfg, dtype.candle(), &device, seed)?;
+    let (varmap, model) = build::random(
+        &cfg,
+        engine.weights_dtype(Step {
+            batch: 1,
+            seq: MIN_SEQ,
+            dtype,
+        }),
+        &device,
+        seed,
+    )?;
+    let built = engine.prepare(&cfg, varmap, model)?;
     let after_build = probe.current()?;
 
     let bar = ProgressBar::new(grid.len() as u64);
@@ -176,15 +199,7 @@ pub fn run(a: SweepArgs) -> Result<u8> {
     for (step, &predicted) in grid.iter().zip(&predicted) {
         bar.set_message(format!("batch {} × seq {}", step.batch, step.seq));
         let ids = random_tokens(cfg.vocab_size, step.batch, step.seq, seed, &device)?;
-        let r = run::train_step(
-            &model,
-            &varmap,
-            &ids,
-            probe.as_ref(),
-            baseline,
-            after_build,
-            1,
-        )?;
+        let r = engine.run_step(&built, &ids, probe.as_ref(), baseline, after_build, 1, None)?;
         let measured = r.memory.peak_bytes;
         let mut rs = rules::predict(&cfg, p.total, *step, false, predicted);
         rules::score(&mut rs, measured);
@@ -214,11 +229,14 @@ pub fn run(a: SweepArgs) -> Result<u8> {
         batches,
         seqs,
         points,
-        notes: vec![
+        notes: std::iter::once(format!(
             "peaks are bytes above the pre-build baseline, read by the counting allocator; the \
-             model is built once and each point runs one forward + backward (no optimizer)"
-                .into(),
-        ],
+             model is built once and each point runs one forward + backward (no optimizer) with \
+             the {} engine",
+            engine.label()
+        ))
+        .chain(engine_note)
+        .collect(),
     };
     write_outputs(&out, &report)?;
     emit(format, &report, View::Full)?;

@@ -1,6 +1,6 @@
 //! `truesize verify`: estimate, build the genuine model, measure it, compare.
 
-use super::common::{base_report, load_config, resolve_step, verdict};
+use super::common::{base_report, load_config, resolve_engine, resolve_step, verdict, Engine};
 use crate::check::{all_pass, Check};
 use crate::checkpoint::write::{self, TensorMeta};
 use crate::checkpoint::{self, Checkpoint};
@@ -15,9 +15,8 @@ use crate::measure::probe::MemoryProbe;
 use crate::measure::reference::Reference;
 use crate::measure::run::{self, OptimizerStep};
 use crate::measure::{alloc, quantize, sysmem};
-use crate::model::autograd_replay::{self as activations, ActivationModel};
 use crate::model::build::{self, VARMAP_BYTES_PER_TENSOR};
-use crate::report::{emit, Format, MemoryReport, Report, Timing, View};
+use crate::report::{emit, Format, MemoryReport, Report, StepModel, Timing, View};
 use crate::units::Bytes;
 use candle_core::Device;
 use std::collections::HashMap;
@@ -29,6 +28,9 @@ pub const DEFAULT_TOLERANCE: f64 = 0.01;
 /// Predicted vs measured peak memory: the replay is exact to ~0.5% on the grid in
 /// tests/peak_prediction.rs; 5% leaves room for data-dependent MoE routing and gemm's threading.
 const PEAK_TOLERANCE: f64 = 0.05;
+/// The lean step's closed form against its measured peak: the step allocates what the form
+/// writes down, so what is left is bookkeeping and the runtime's first-step buffers.
+const LEAN_PEAK_TOLERANCE: f64 = 0.02;
 /// At initialisation every token is about equally likely: the loss is within this of ln(vocab)
 /// (shown, never gating).
 const LOSS_AT_INIT_TOLERANCE: f64 = 0.05;
@@ -82,6 +84,10 @@ pub struct Plan {
     pub artifacts: bool,
     pub extrapolate: bool,
     pub optimizer: Option<OptimizerStep>,
+    /// The step that runs: lean (default) or candle's autograd.
+    pub engine: Engine,
+    /// Why the lean engine was not used, when it was not.
+    pub engine_note: Option<String>,
     /// Every table, not only the headline.
     pub full: bool,
     pub format: Format,
@@ -209,7 +215,14 @@ impl Plan {
             }
             None => None,
         };
+        let lean_optimizer = a.optimizer.map(|o| match o {
+            Optimizer::Adamw => crate::train::Optimizer::AdamW,
+            Optimizer::Sgd => crate::train::Optimizer::Sgd,
+        });
+        let (engine, engine_note) = resolve_engine(&cfg, step, &a.engine, lean_optimizer)?;
         Ok(Plan {
+            engine,
+            engine_note,
             cfg,
             model,
             reference,
@@ -223,9 +236,11 @@ impl Plan {
             peak,
             artifacts: !a.no_artifacts,
             extrapolate: a.extrapolate,
-            optimizer: a.optimizer.map(|o| match o {
-                Optimizer::Adamw => OptimizerStep::AdamW,
-            }),
+            // The autograd engine steps candle-nn's AdamW; the lean engine its own optimizers.
+            optimizer: a
+                .optimizer
+                .filter(|o| *o == Optimizer::Adamw)
+                .map(|_| OptimizerStep::AdamW),
             full: a.full,
             format: a.format,
         })
@@ -272,7 +287,8 @@ fn check_reference(r: &Reference, cfg: &ModelConfig, step: &mut Step) -> Result<
 pub fn run(a: VerifyArgs) -> Result<u8> {
     let plan = Plan::from_args(a)?;
     let (cfg, step) = (&plan.cfg, plan.step);
-    let mut report = base_report("verify", cfg, step)?;
+    let mut report = base_report("verify", cfg, step, &plan.engine)?;
+    report.notes.extend(plan.engine_note.clone());
     report.run.device = Some(plan.device.label());
     report.run.tolerance = Some(plan.tolerance);
     report.run.repeat = Some(plan.repeat);
@@ -291,11 +307,11 @@ pub fn run(a: VerifyArgs) -> Result<u8> {
     );
     let shapes_s = t_shapes.elapsed().as_secs_f64();
 
-    let act = report
-        .activation
+    let sm = report
+        .step_model
         .clone()
-        .unwrap_or_else(|| activations::model(cfg, report.params.total, step));
-    let predicted_peak = act.peak_bytes;
+        .unwrap_or_else(|| plan.engine.predict(cfg, report.params.total, step));
+    let predicted_peak = sm.peak_bytes;
     let weights_need = shape_census.bytes;
     // Open the device before deciding anything: an absent device is an input error (exit 2).
     let device = if plan.shapes_only {
@@ -362,7 +378,7 @@ pub fn run(a: VerifyArgs) -> Result<u8> {
     }
 
     if let (Some(device), None) = (&device, &refused) {
-        measure_real(&plan, device, &act, &components, &mut report, &mut checks)?;
+        measure_real(&plan, device, &sm, &components, &mut report, &mut checks)?;
     } else {
         report.census = Some(shape_census);
     }
@@ -394,7 +410,7 @@ fn rules_and_extrapolation(
     use crate::estimate::rules;
     let measured = report.memory.as_ref().map(|m| m.phases.peak_bytes);
     // The measured step runs no optimizer, so the rules get no AdamW states added.
-    let predicted_peak = report.activation.as_ref().map_or(0, |a| a.peak_bytes);
+    let predicted_peak = report.step_model.as_ref().map_or(0, |a| a.peak_bytes);
     let mut rs = rules::predict(cfg, report.params.total, step, false, predicted_peak);
     if let Some(m) = measured {
         rules::score(&mut rs, m);
@@ -422,6 +438,7 @@ fn rules_and_extrapolation(
             runtime,
             predicted_peak,
             &budget,
+            &plan.engine,
         ) {
             Ok(e) => e,
             Err(Error::Refused(why)) => {
@@ -454,7 +471,7 @@ fn rules_and_extrapolation(
                     m as f64,
                     PEAK_TOLERANCE,
                 )
-                .with_note("replay at full depth + its measured error at 1 and 2 layers"),
+                .with_note("the prediction at full depth + its measured error at 1 and 2 layers"),
             );
         }
         report.extrapolation = Some(e);
@@ -529,14 +546,15 @@ fn census_checks(report: &Report, c: &Census, tolerance: f64, cfg: &ModelConfig)
 fn measure_real(
     plan: &Plan,
     device: &Device,
-    act: &ActivationModel,
+    sm: &StepModel,
     components: &HashMap<String, Component>,
     report: &mut Report,
     checks: &mut Vec<Check>,
 ) -> Result<()> {
     let (cfg, step, tolerance) = (&plan.cfg, plan.step, plan.tolerance);
-    let predicted_peak = act.peak_bytes;
+    let predicted_peak = sm.peak_bytes;
     let reference = plan.reference.as_ref();
+    let weights_dtype = plan.engine.weights_dtype(step);
     let probe: Box<dyn MemoryProbe> = run::probe_for(device)?;
     let input_ids = match reference {
         Some(r) => r.input_ids.to_device(device)?,
@@ -554,7 +572,7 @@ fn measure_real(
     let (varmap, model, source) = match &plan.model {
         Some(m) => {
             let dir = &m.dir;
-            let loaded = build::from_checkpoint(cfg, dir, step.dtype.candle(), device)?;
+            let loaded = build::from_checkpoint(cfg, dir, weights_dtype, device)?;
             if !loaded.unexpected.is_empty() {
                 report.notes.push(format!(
                     "checkpoint tensors that are not parameters (ignored): {}",
@@ -564,7 +582,7 @@ fn measure_real(
             (loaded.varmap, loaded.model, dir.display().to_string())
         }
         None => {
-            let (vm, m) = build::random(cfg, step.dtype.candle(), device, plan.seed)?;
+            let (vm, m) = build::random(cfg, weights_dtype, device, plan.seed)?;
             (
                 vm,
                 m,
@@ -576,11 +594,12 @@ fn measure_real(
             )
         }
     };
+    let built = plan.engine.prepare(cfg, varmap, model)?;
     let build_s = t0.elapsed().as_secs_f64();
     let after_build = probe.current()?;
     report.run.weights = Some(source);
 
-    let real = census::of_varmap(&varmap, components);
+    let real = census::of_varmap(&built.varmap, components);
     // The real census replaces the shape-only checks made before building. Nothing else is
     // added to `checks` before the step: its allocations would count in the step's bytes.
     checks.clear();
@@ -602,9 +621,8 @@ fn measure_real(
         )),
     );
 
-    let r = run::train_step_with(
-        &model,
-        &varmap,
+    let r = plan.engine.run_step(
+        &built,
         &input_ids,
         probe.as_ref(),
         baseline,
@@ -634,53 +652,70 @@ fn measure_real(
         )
         .with_note("bytes freed when the gradients are dropped"),
     );
-    // The activation model replays candle's CPU allocations (estimate::activations): it gates
-    // on CPU; on a GPU the pool's high-water mark follows other rules (no bf16 widening, no
-    // gemm slabs), so there it is shown only.
+    // Both predictions describe candle's CPU backend: they gate on CPU; on a GPU the pool's
+    // high-water mark follows other rules (no bf16 widening, no gemm slabs), so there they are
+    // shown only.
     let on_cpu = matches!(device, Device::Cpu);
     // gemm's pool threads beyond the first allocate their L2 slab only if they win a race
-    // for a task: the model states that ± and the tolerance widens by it (tiny models only).
-    let race = |measured: u64| act.gemm_slab_uncertainty_bytes as f64 / measured.max(1) as f64;
+    // for a task: the replay states that ± and the tolerance widens by it (tiny models only).
+    let slab_race = report
+        .activation
+        .as_ref()
+        .map_or(0, |a| a.gemm_slab_uncertainty_bytes);
+    let race = |measured: u64| slab_race as f64 / measured.max(1) as f64;
+    let (tolerance_base, how) = match plan.engine {
+        Engine::Lean(_) => (
+            LEAN_PEAK_TOLERANCE,
+            "closed form: weights + the saved set + the backward's transients".to_string(),
+        ),
+        Engine::Autograd => (
+            PEAK_TOLERANCE,
+            format!(
+                "per-op replay of candle's allocations; ±{} gemm-slab race",
+                Bytes(slab_race)
+            ),
+        ),
+    };
     let peak_check = Check::rel(
         "peak memory: predicted vs measured",
         predicted_peak as f64,
         r.memory.peak_bytes as f64,
-        PEAK_TOLERANCE + race(r.memory.peak_bytes),
+        tolerance_base + race(r.memory.peak_bytes),
     );
-    let pad_in_batch = match cfg.pad_token_id.and_then(|p| u32::try_from(p).ok()) {
-        Some(pad) => input_ids
-            .flatten_all()?
-            .to_dtype(candle_core::DType::U32)?
-            .to_vec1::<u32>()?
-            .contains(&pad),
-        None => false,
-    };
+    let pad_in_batch = plan.engine == Engine::Autograd
+        && match cfg.pad_token_id.and_then(|p| u32::try_from(p).ok()) {
+            Some(pad) => input_ids
+                .flatten_all()?
+                .to_dtype(candle_core::DType::U32)?
+                .to_vec1::<u32>()?
+                .contains(&pad),
+            None => false,
+        };
     checks.push(if on_cpu && !pad_in_batch {
-        peak_check.with_note(format!(
-            "per-op replay of candle's allocations; ±{} gemm-slab race",
-            Bytes(act.gemm_slab_uncertainty_bytes)
-        ))
+        peak_check.with_note(how)
     } else if on_cpu {
         peak_check.informational(
             "the batch holds the padding id: the embedding's masked gradient (a where_cond over \
              [tokens, d]) is data-dependent and not replayed",
         )
     } else {
-        peak_check.informational("the per-op model describes candle's CPU backend")
+        peak_check.informational("the prediction describes candle's CPU backend")
     });
-    if let Some(measured) = r.memory.optimizer_peak_bytes {
+    if let (Some(measured), Some(predicted)) =
+        (r.memory.optimizer_peak_bytes, sm.optimizer_peak_bytes)
+    {
         let c = Check::rel(
-            "optimizer peak (AdamW): predicted vs measured",
-            act.adamw_peak_bytes as f64,
+            "optimizer peak: predicted vs measured",
+            predicted as f64,
             measured as f64,
-            PEAK_TOLERANCE + race(measured),
+            tolerance_base + race(measured),
         );
         checks.push(if on_cpu && !pad_in_batch {
-            c.with_note("weights + gradients + 2 moments + the update's temporaries")
+            c.with_note("weights + gradients + optimizer states + the update's temporaries")
         } else if on_cpu {
             c.informational("the batch holds the padding id (not replayed)")
         } else {
-            c.informational("the per-op model describes candle's CPU backend")
+            c.informational("the prediction describes candle's CPU backend")
         });
     }
     if reference.is_none() {
@@ -729,7 +764,7 @@ fn measure_real(
         ));
     }
     if plan.artifacts {
-        measure_artifacts(cfg, step, &varmap, real.numel, report, checks)?;
+        measure_artifacts(cfg, step, &built.varmap, real.numel, report, checks)?;
     }
     report.census = Some(real);
     Ok(())

@@ -16,6 +16,7 @@
 //! model's own run when it ran first (verify), else from the warm-up step.
 
 use super::budget::Budget;
+use super::probe::MemoryProbe;
 use super::run::{self, PhaseBytes};
 use crate::config::ModelConfig;
 use crate::config::Step;
@@ -95,10 +96,54 @@ pub fn with_depth(cfg: &ModelConfig, n_layer: usize) -> Result<ModelConfig> {
     Ok(c)
 }
 
+/// A training step that can be predicted and measured on a random model: the extrapolation
+/// and the sweep run whichever engine the command chose through this.
+pub trait StepRunner {
+    /// The predicted peak of one step of `cfg`: what the preflight admits and what the
+    /// model-guided extrapolation starts from.
+    fn predicted_peak(&self, cfg: &ModelConfig, step: Step) -> Result<u64>;
+    /// Build a randomly initialised `cfg` and measure one step on `ids` under `probe`; bytes
+    /// relative to the baseline read here before building.
+    fn measure(
+        &self,
+        cfg: &ModelConfig,
+        step: Step,
+        seed: u64,
+        ids: &Tensor,
+        probe: &dyn MemoryProbe,
+    ) -> Result<PhaseBytes>;
+}
+
+/// candle's own autograd over the differentiable network, predicted by the per-op replay.
+pub struct Autograd;
+
+impl StepRunner for Autograd {
+    fn predicted_peak(&self, cfg: &ModelConfig, step: Step) -> Result<u64> {
+        predicted_peak_bytes(cfg, step)
+    }
+
+    fn measure(
+        &self,
+        cfg: &ModelConfig,
+        step: Step,
+        seed: u64,
+        ids: &Tensor,
+        probe: &dyn MemoryProbe,
+    ) -> Result<PhaseBytes> {
+        probe.reset_peak()?;
+        let baseline = probe.current()?;
+        let (varmap, model) = build::random(cfg, step.dtype.candle(), ids.device(), seed)?;
+        let after_build = probe.current()?;
+        let r = run::train_step(&model, &varmap, ids, probe, baseline, after_build, 1)?;
+        Ok(r.memory)
+    }
+}
+
 /// Measure the 1- and 2-layer versions of `cfg` (warm) and extrapolate to its full depth.
 /// `runtime_bytes`: the first step's residue when the caller measured it (the full model ran
-/// first in this process); `None` takes it from a warm-up step here. `replayed_peak`: the
-/// autograd replay's peak for `cfg` at full depth, which the caller computed once.
+/// first in this process); `None` takes it from a warm-up step here. `predicted_peak`: the
+/// runner's prediction for `cfg` at full depth, which the caller computed once.
+#[allow(clippy::too_many_arguments)]
 pub fn extrapolate(
     cfg: &ModelConfig,
     step: Step,
@@ -107,18 +152,19 @@ pub fn extrapolate(
     runtime_bytes: Option<u64>,
     replayed_peak: u64,
     budget: &Budget,
+    runner: &dyn StepRunner,
 ) -> Result<Extrapolation> {
     let [l1, l2] = SHALLOW_LAYERS;
     let shallow = with_depth(cfg, l1)?;
     let deep = with_depth(cfg, l2)?;
     // The deeper run is the larger: admitting it first refuses before anything is allocated.
     let what = |c: &ModelConfig| format!("the {}-layer run of --extrapolate", c.n_layer);
-    budget.admit(predicted_peak_bytes(&deep, step)?, &what(&deep))?;
-    let warm_up = measure_random(&shallow, step, seed, device, budget)?;
+    budget.admit(runner.predicted_peak(&deep, step)?, &what(&deep))?;
+    let warm_up = measure_random(&shallow, step, seed, device, budget, runner)?;
     let runtime = runtime_bytes.unwrap_or_else(|| runtime_residue(&warm_up));
-    let p1 = measure_random(&shallow, step, seed, device, budget)?.peak_bytes;
-    let p2 = measure_random(&deep, step, seed, device, budget)?.peak_bytes;
-    let replay = |c: &ModelConfig| predicted_peak_bytes(c, step).map(i128::from);
+    let p1 = measure_random(&shallow, step, seed, device, budget, runner)?.peak_bytes;
+    let p2 = measure_random(&deep, step, seed, device, budget, runner)?.peak_bytes;
+    let replay = |c: &ModelConfig| runner.predicted_peak(c, step).map(i128::from);
     let (r1, r2, rl) = (replay(&shallow)?, replay(&deep)?, replayed_peak as i128);
     // The replay's error at depth 1 and 2, extended affinely to the full depth.
     let (e1, e2) = (p1 as i128 - r1, p2 as i128 - r2);
@@ -187,27 +233,15 @@ pub fn measure_random(
     seed: u64,
     device: &Device,
     budget: &Budget,
+    runner: &dyn StepRunner,
 ) -> Result<PhaseBytes> {
     budget.admit(
-        predicted_peak_bytes(cfg, step)?,
+        runner.predicted_peak(cfg, step)?,
         &format!("a training step of {}", cfg.name),
     )?;
     let probe = probe_for(device)?;
     let ids = random_tokens(cfg.vocab_size, step.batch, step.seq, seed, device)?;
-    probe.reset_peak()?;
-    let baseline = probe.current()?;
-    let (varmap, model) = build::random(cfg, step.dtype.candle(), device, seed)?;
-    let after_build = probe.current()?;
-    let r = run::train_step(
-        &model,
-        &varmap,
-        &ids,
-        probe.as_ref(),
-        baseline,
-        after_build,
-        1,
-    )?;
-    Ok(r.memory)
+    runner.measure(cfg, step, seed, &ids, probe.as_ref())
 }
 
 /// Uniform random token ids `[batch, seq]` (u32), reproducible from `seed`. The values do not

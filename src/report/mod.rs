@@ -23,7 +23,7 @@ pub mod sweep;
 pub mod table;
 
 pub use render::{Document, Exporter, Render, View};
-pub use sizing::{MemoryReport, Report, RunInfo, Timing};
+pub use sizing::{MemoryReport, Report, RunInfo, StepModel, Timing};
 
 use crate::error::{Error, Result};
 use render::Viewed;

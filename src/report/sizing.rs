@@ -58,6 +58,28 @@ pub struct Report {
     /// `memory.predicted_peak_bytes` and the first rule of thumb).
     #[serde(skip)]
     pub activation: Option<ActivationModel>,
+    /// The predicted step of the engine that runs (`run.engine`).
+    pub step_model: Option<StepModel>,
+}
+
+/// A training step's prediction, whichever engine computes it.
+#[derive(Debug, Clone, Serialize)]
+pub struct StepModel {
+    /// "lean" (the closed form of what the step saves) or "autograd" (the per-op replay).
+    pub engine: &'static str,
+    /// Highest point of forward + loss + backward above the pre-build baseline, weights included.
+    pub peak_bytes: u64,
+    /// Highest point of the optimizer update, when the step takes one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub optimizer_peak_bytes: Option<u64>,
+    pub weights_bytes: u64,
+    pub gradients_bytes: u64,
+    /// What the forward keeps for backward (lean engine).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub saved_bytes: Option<u64>,
+    /// The closed form term by term (lean engine).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub terms: Vec<(String, u64)>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -65,6 +87,18 @@ pub struct RunInfo {
     pub batch: usize,
     pub seq: usize,
     pub dtype: crate::dtype::TrainDtype,
+    /// The training step: "lean" or "autograd".
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub engine: Option<&'static str>,
+    /// Activation checkpointing (lean engine): "none" or "blocks".
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<crate::train::Checkpoint>,
+    /// Attention (lean engine): "flash" or "eager".
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attention: Option<crate::train::Attention>,
+    /// Mixed precision's compute dtype (AMP), when used.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub amp: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub device: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -86,7 +86,7 @@ pub fn peak_headline(r: &Report) -> Section {
     let bytes = |b: u64| Bytes(b).to_string();
     let mut rows = Vec::new();
     let mut notes = Vec::new();
-    let predicted = r.activation.as_ref();
+    let predicted = r.step_model.as_ref();
     match (&r.memory, predicted) {
         (Some(m), _) => {
             let ph = &m.phases;
@@ -99,14 +99,23 @@ pub fn peak_headline(r: &Report) -> Section {
                     ph.peak_bytes as f64,
                 )),
             ]);
-            if let (Some(measured), Some(p)) = (ph.optimizer_peak_bytes, predicted) {
+            if let (Some(measured), Some(p)) = (
+                ph.optimizer_peak_bytes,
+                predicted.and_then(|p| p.optimizer_peak_bytes),
+            ) {
                 rows.push(vec![
-                    s("peak with the AdamW update"),
-                    bytes(p.adamw_peak_bytes),
+                    s("peak with the optimizer update"),
+                    bytes(p),
                     bytes(measured),
-                    percent(rel_error(p.adamw_peak_bytes as f64, measured as f64)),
+                    percent(rel_error(p as f64, measured as f64)),
                 ]);
             }
+            rows.push(vec![
+                s("  of which above the weights"),
+                s(""),
+                bytes(m.peak_above_weights_bytes),
+                s(""),
+            ]);
             notes.push(format!(
                 "measured by the {}, above the pre-build baseline",
                 m.source
@@ -119,6 +128,23 @@ pub fn peak_headline(r: &Report) -> Section {
             s(""),
         ]),
         (None, None) => {}
+    }
+    if let Some(p) = predicted {
+        notes.push(match p.engine {
+            "lean" => format!(
+                "engine: lean (keeps what PyTorch's autograd keeps{}{}); predicted by its closed form",
+                r.run
+                    .checkpoint
+                    .filter(|c| *c == crate::train::Checkpoint::Blocks)
+                    .map_or("", |_| ", checkpointing each block"),
+                r.run
+                    .attention
+                    .filter(|a| *a == crate::train::Attention::Eager)
+                    .map_or("", |_| ", eager attention")
+            ),
+            _ => "engine: candle's autograd (keeps its whole graph); predicted by the per-op replay"
+                .to_string(),
+        });
     }
     Section {
         title: "Peak memory: predicted vs measured".into(),
@@ -225,4 +251,33 @@ pub fn extrapolation_section(e: &Extrapolation) -> Section {
         .flatten()
         .collect(),
     }
+}
+
+/// The lean step's closed form, term by term: what one step holds at its peak.
+pub fn step_model_section(r: &Report) -> Option<Section> {
+    let m = r.step_model.as_ref()?;
+    if m.terms.is_empty() {
+        return None;
+    }
+    let mut rows: Vec<Vec<String>> = m
+        .terms
+        .iter()
+        .map(|(name, b)| row_bytes(name, *b))
+        .collect();
+    if let Some(saved) = m.saved_bytes {
+        rows.push(row_bytes(
+            "saved for backward (all blocks, head, loss)",
+            saved,
+        ));
+    }
+    rows.push(row_bytes("predicted peak", m.peak_bytes));
+    Some(Section {
+        title: format!(
+            "The step's memory, closed form (batch {} × seq {})",
+            r.run.batch, r.run.seq
+        ),
+        header: vec![s("term"), s("bytes"), s("binary")],
+        rows,
+        notes: vec![],
+    })
 }

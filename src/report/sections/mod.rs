@@ -54,6 +54,7 @@ pub fn report(r: &Report, view: View) -> Vec<Section> {
     out.push(memory::training(r));
     out.extend(census::census(r));
     out.extend(memory::measured(r));
+    out.extend(memory::step_model_section(r));
     out.extend(memory::rules_section(&r.rules));
     if let Some(e) = &r.extrapolation {
         out.push(memory::extrapolation_section(e));
