@@ -17,4 +17,5 @@ pub mod infer;
 pub mod measure;
 pub mod model;
 pub mod report;
+pub mod train;
 pub mod units;
