@@ -37,15 +37,15 @@
 
 mod gpt2;
 mod inplace;
+pub mod kernels;
 mod layers;
 mod llama;
 pub mod memory;
-mod ops;
 pub mod optim;
 pub mod run;
 mod step;
 
-use ops as k;
+use kernels as k;
 
 use crate::config::{Arch, EmbeddingScale, ModelConfig, NormPlacement, Storage};
 use candle_core::{Result, Tensor};
