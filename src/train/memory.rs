@@ -68,12 +68,68 @@ impl Ledger {
     fn scratch(&mut self, bytes: u64) {
         self.peak = self.peak.max(self.cur + bytes as i128);
     }
+    /// A matmul `[m, k] @ [k, n]` of e-byte elements: gemm's packed panels, then the output.
+    /// `lhs_t` / `rhs_t`: the operand is a transposed view of a contiguous tensor.
+    fn mm(&mut self, m: u64, n: u64, k: u64, lhs_t: bool, rhs_t: bool, e: u64) {
+        self.scratch(gemm_scratch(m, n, k, lhs_t, rhs_t, e));
+        self.alloc(m * n * e);
+    }
     /// Peak above the starting level, and the net change.
     fn result(&self, start: u64) -> (u64, i128) {
         (
             (self.peak - start as i128).max(0) as u64,
             self.cur - start as i128,
         )
+    }
+}
+
+/// gemm-f32's FMA microkernel (gemm-f32 0.19 `microkernel::fma`, the kernel candle's gemm
+/// runs on x86-64 without the `x86-v4` feature): 8 lanes, MR = 2 vectors, NR = 6 columns.
+const GEMM_LANES: u64 = 8;
+const GEMM_MR: u64 = 2 * GEMM_LANES;
+const GEMM_NR: u64 = 6;
+/// gemm-common 0.19 `DEFAULT_RHS_PACKING_THRESHOLD` (gemm.rs:115, x86).
+const GEMM_RHS_PACKING_THRESHOLD: u64 = 128;
+
+/// Bytes one gemm call allocates for its packed panels (gemm-common 0.19
+/// `gemm_basic_generic`, gemm.rs:350-440): the rhs panel kc × nc when the rhs is strided (or
+/// very tall), and the whole lhs prepacked when it is short or strided. The crate `gemm`
+/// transposes a row-major product first (gemm.rs:179): gemm-common sees m' = n, n' = m, its lhs
+/// is our rhs and its rhs our lhs. kc and nc come from gemm-common's own `kernel_params`.
+fn gemm_scratch(m: u64, n: u64, k: u64, lhs_t: bool, rhs_t: bool, e: u64) -> u64 {
+    let (mp, np) = (n, m);
+    // gemm-common's rhs row stride is our lhs's column stride (1 unless transposed); its lhs row
+    // stride is our rhs's column stride.
+    let (rhs_rs_one, lhs_rs_one) = (!lhs_t, !rhs_t);
+    if k <= 2 || mp <= 1 || np <= 1 {
+        return 0; // gevv / gemv
+    }
+    let (kc, mc, nc) = if mp <= 64 && np <= 64 {
+        let kc = k.min(512);
+        let l2 = gemm_common::cache::CACHE_INFO[1].cache_bytes as u64;
+        (kc, (l2 / e / kc) / GEMM_MR * GEMM_MR, np.next_multiple_of(GEMM_NR))
+    } else {
+        let p = gemm_common::cache::kernel_params(
+            mp as usize,
+            np as usize,
+            k as usize,
+            GEMM_MR as usize,
+            GEMM_NR as usize,
+            e as usize,
+        );
+        let nc = if p.nc > 0 { p.nc as u64 } else { np.next_multiple_of(GEMM_NR) };
+        (p.kc as u64, p.mc as u64, nc)
+    };
+    let pack_rhs = (!rhs_rs_one && mp > 2 * GEMM_MR)
+        || (rhs_rs_one && mp > GEMM_RHS_PACKING_THRESHOLD * GEMM_MR);
+    let prepack_lhs = mp <= 2 * mc && (!mp.is_multiple_of(GEMM_LANES) || !lhs_rs_one);
+    let rhs = if pack_rhs { kc * GEMM_NR * (nc / GEMM_NR) } else { 0 };
+    let lhs = if prepack_lhs { kc * GEMM_MR * mp.div_ceil(GEMM_MR) } else { 0 };
+    if rhs + lhs == 0 {
+        0
+    } else {
+        // dyn-stack aligns each part to a cache line
+        (rhs + lhs) * e + 2 * 64
     }
 }
 
@@ -211,6 +267,7 @@ fn block_saved_tensors(cfg: &ModelConfig) -> u64 {
 /// One block's forward from the moment its input exists: (peak above start, net change).
 fn block_forward(cfg: &ModelConfig, x: &Dims, opts: &LeanOptions) -> (u64, i128) {
     let mut l = Ledger::at(0);
+    let (n, d, e) = (x.n, x.d, x.e);
     let attn_out = |l: &mut Ledger| match opts.attention {
         Attention::Flash => {
             l.alloc(x.q()); // o
@@ -224,43 +281,46 @@ fn block_forward(cfg: &ModelConfig, x: &Dims, opts: &LeanOptions) -> (u64, i128)
     };
     match cfg.arch {
         Arch::Gpt2 => {
+            // Conv1D weights [in, out]: x @ W, no transpose
             l.alloc(x.nd()); // ln_1 output
-            l.alloc(x.n * STAT);
-            l.alloc(x.n * STAT);
-            l.alloc(3 * x.nd()); // qkv
+            l.alloc(n * STAT);
+            l.alloc(n * STAT);
+            l.mm(n, 3 * d, d, false, false, e); // qkv
             for _ in 0..3 {
                 l.alloc(x.nd()); // q, k, v copied out of qkv
             }
             l.free(3 * x.nd());
             attn_out(&mut l);
-            l.alloc(x.nd()); // c_proj output
+            l.mm(n, d, d, false, false, e); // c_proj output
             l.alloc(x.nd()); // x1
             l.free(x.nd());
             l.alloc(x.nd()); // ln_2
-            l.alloc(x.n * STAT);
-            l.alloc(x.n * STAT);
-            l.alloc(x.nff()); // c_fc output (GELU input)
+            l.alloc(n * STAT);
+            l.alloc(n * STAT);
+            l.mm(n, x.ff, d, false, false, e); // c_fc output (GELU input)
             l.alloc(x.nff()); // GELU output
-            l.alloc(x.nd()); // c_proj output
+            l.mm(n, d, x.ff, false, false, e); // c_proj output
             l.alloc(x.nd()); // y
             l.free(x.nd());
         }
         Arch::Llama => {
+            // nn.Linear weights [out, in]: x @ Wᵀ
+            let (qd, kvd) = (x.h * x.hd, x.hkv * x.hd);
             l.alloc(x.nd()); // input_layernorm output
-            l.alloc(x.n * STAT);
-            l.alloc(x.q()); // q before RoPE
+            l.alloc(n * STAT);
+            l.mm(n, qd, d, false, true, e); // q before RoPE
             l.alloc(x.q()); // q after
             l.free(x.q());
-            l.alloc(x.kv());
+            l.mm(n, kvd, d, false, true, e);
             l.alloc(x.kv());
             l.free(x.kv());
-            l.alloc(x.kv()); // v
+            l.mm(n, kvd, d, false, true, e); // v
             attn_out(&mut l);
-            l.alloc(x.nd()); // o_proj output
+            l.mm(n, d, qd, false, true, e); // o_proj output
             l.alloc(x.nd()); // x1
             l.free(x.nd());
             l.alloc(x.nd()); // post_attention_layernorm output
-            l.alloc(x.n * STAT);
+            l.alloc(n * STAT);
             ffn_forward(cfg, x, &mut l);
             l.alloc(x.nd()); // y
             l.free(x.nd());
@@ -271,31 +331,33 @@ fn block_forward(cfg: &ModelConfig, x: &Dims, opts: &LeanOptions) -> (u64, i128)
 
 /// The feed-forward's forward, ending with its output `[N, d]` allocated.
 fn ffn_forward(cfg: &ModelConfig, x: &Dims, l: &mut Ledger) {
+    let (n, d, e) = (x.n, x.d, x.e);
     if !cfg.is_moe() {
-        l.alloc(x.nff()); // gate
-        l.alloc(x.nff()); // up
+        l.mm(n, x.ff, d, false, true, e); // gate
+        l.mm(n, x.ff, d, false, true, e); // up
         l.alloc(x.nff()); // gated product
-        l.alloc(x.nd()); // down output
+        l.mm(n, d, x.ff, false, true, e); // down output
         return;
     }
     let (k, e_count) = (cfg.n_experts_per_tok as u64, cfg.n_experts as u64);
     let ffm = cfg.moe_intermediate_size as u64;
     // The experts' rows are data-dependent; each expert sees N·k/E tokens on average.
-    let ne = (x.n * k).div_ceil(e_count);
-    l.alloc(x.n * e_count * x.e); // router logits
-    l.alloc(x.n * e_count * STAT); // probabilities
-    l.free(x.n * e_count * x.e);
-    l.scratch(x.n * e_count * STAT); // host copy
-    l.alloc(x.n * (24 + 8 * k)); // choices
+    let ne = (n * k).div_ceil(e_count);
+    l.mm(n, e_count, d, false, true, e); // router logits
+    l.alloc(n * e_count * STAT); // probabilities
+    l.free(n * e_count * e);
+    l.scratch(n * e_count * STAT); // host copy
+    l.alloc(n * (24 + 8 * k)); // choices
     l.alloc(x.nd()); // output accumulator
     for _ in 0..e_count {
-        l.alloc(ne * 4 + ne * x.e); // ids, weights
-        l.alloc(ne * x.d * x.e); // gathered rows
-        l.alloc(2 * ne * ffm * x.e);
-        l.alloc(ne * ffm * x.e);
-        l.alloc(ne * x.d * x.e); // expert output
-        l.free(ne * x.d * x.e); // gathered rows
-        l.scratch(ne * x.d * x.e); // weighted output
+        l.alloc(ne * 4 + ne * e); // ids, weights
+        l.alloc(ne * d * e); // gathered rows
+        l.mm(ne, ffm, d, false, true, e);
+        l.mm(ne, ffm, d, false, true, e);
+        l.alloc(ne * ffm * e);
+        l.mm(ne, d, ffm, false, true, e); // expert output
+        l.free(ne * d * e); // gathered rows
+        l.scratch(ne * d * e); // weighted output
     }
 }
 
@@ -303,8 +365,12 @@ fn ffn_forward(cfg: &ModelConfig, x: &Dims, l: &mut Ledger) {
 /// net change: gradients allocated minus saved tensors freed).
 fn block_backward(cfg: &ModelConfig, x: &Dims, opts: &LeanOptions) -> (u64, i128) {
     let mut l = Ledger::at(0);
-    let (d, e) = (x.d, x.e);
-    let bias = |on: bool, n: u64| if on { n * e } else { 0 };
+    let (n, d, e) = (x.n, x.d, x.e);
+    let bias = |l: &mut Ledger, on: bool, width: u64| {
+        if on {
+            l.alloc(width * e);
+        }
+    };
     let attn_bwd = |l: &mut Ledger, dq: u64, dkv: u64| {
         l.alloc(dq);
         l.alloc(dkv);
@@ -315,54 +381,53 @@ fn block_backward(cfg: &ModelConfig, x: &Dims, opts: &LeanOptions) -> (u64, i128
     };
     match cfg.arch {
         Arch::Gpt2 => {
+            // Conv1D [in, out]: dW = xᵀ @ dy, dx = dy @ Wᵀ
             let b = cfg.bias;
-            // MLP c_proj: dW [ff, d], db, dg [N, ff]
-            l.alloc(x.ff * d * e);
-            l.alloc(bias(b, d));
-            l.alloc(x.nff());
+            let ff = x.ff;
+            l.mm(ff, d, n, true, false, e); // MLP c_proj dW
+            bias(&mut l, b, d);
+            l.mm(n, ff, d, false, true, e); // dg
             l.free(x.nff()); // g
             l.alloc(x.nff()); // dh
             l.free(x.nff()); // dg
             l.free(x.nff()); // h
-                             // c_fc: dW [d, ff], db, dln2
-            l.alloc(d * x.ff * e);
-            l.alloc(bias(b, x.ff));
-            l.alloc(x.nd());
+            l.mm(d, ff, n, true, false, e); // c_fc dW
+            bias(&mut l, b, ff);
+            l.mm(n, d, ff, false, true, e); // dln2
             l.free(x.nff()); // dh
             l.free(x.nd()); // ln2
             l.alloc(x.nd()); // ln_2 dx
             l.alloc(d * e);
-            l.alloc(bias(b, d));
+            bias(&mut l, b, d);
             l.free(x.nd()); // dln2
             l.free(x.nd()); // x1
-            l.free(2 * x.n * STAT);
+            l.free(2 * n * STAT);
             l.free(x.nd()); // dx added into dy
-                            // attention c_proj: dW [d, d], db, d_o
-            l.alloc(d * d * e);
-            l.alloc(bias(b, d));
-            l.alloc(x.nd());
+            l.mm(d, d, n, true, false, e); // attention c_proj dW
+            bias(&mut l, b, d);
+            l.mm(n, d, d, false, true, e); // d_o
             attn_bwd(&mut l, x.nd(), x.nd());
             l.free(x.nd()); // d_o
             l.free(4 * x.nd()); // q, k, v, o
             free_attn(&mut l, x, opts);
             l.alloc(3 * x.nd()); // dqkv
             l.free(3 * x.nd()); // dq, dk, dv
-            l.alloc(d * 3 * d * e);
-            l.alloc(bias(b, 3 * d));
-            l.alloc(x.nd()); // dln1
+            l.mm(d, 3 * d, n, true, false, e); // c_attn dW
+            bias(&mut l, b, 3 * d);
+            l.mm(n, d, 3 * d, false, true, e); // dln1
             l.free(3 * x.nd()); // dqkv
             l.free(x.nd()); // ln1
             l.alloc(x.nd()); // ln_1 dx
             l.alloc(d * e);
-            l.alloc(bias(b, d));
+            bias(&mut l, b, d);
             l.free(x.nd()); // dln1
             l.free(x.nd()); // x
-            l.free(2 * x.n * STAT);
+            l.free(2 * n * STAT);
             l.free(x.nd()); // dx added into dx1
         }
         Arch::Llama => {
-            let qd = cfg.q_dim() as u64;
-            let kvd = cfg.kv_dim() as u64;
+            // nn.Linear [out, in]: dW = dyᵀ @ x, dx = dy @ W
+            let (qd, kvd) = (cfg.q_dim() as u64, cfg.kv_dim() as u64);
             let qkv_b = cfg.has_qkv_bias();
             ffn_backward(cfg, x, &mut l);
             l.free(x.nd()); // h2
@@ -370,12 +435,11 @@ fn block_backward(cfg: &ModelConfig, x: &Dims, opts: &LeanOptions) -> (u64, i128
             l.alloc(d * e);
             l.free(x.nd()); // dh2
             l.free(x.nd()); // x1
-            l.free(x.n * STAT);
+            l.free(n * STAT);
             l.free(x.nd()); // added into dy
-                            // o_proj: dW [d, q_dim], db, d_o
-            l.alloc(d * qd * e);
-            l.alloc(bias(cfg.bias, d));
-            l.alloc(x.q());
+            l.mm(d, qd, n, true, false, e); // o_proj dW
+            bias(&mut l, cfg.bias, d);
+            l.mm(n, qd, d, false, false, e); // d_o
             attn_bwd(&mut l, x.q(), x.kv());
             l.free(x.q()); // d_o
             l.free(2 * x.q() + 2 * x.kv()); // q, k, v, o
@@ -383,22 +447,22 @@ fn block_backward(cfg: &ModelConfig, x: &Dims, opts: &LeanOptions) -> (u64, i128
             // dq through RoPE, then q_proj (its dx starts dh1)
             l.alloc(x.q());
             l.free(x.q());
-            l.alloc(qd * d * e);
-            l.alloc(bias(qkv_b, qd));
-            l.alloc(x.nd());
+            l.mm(qd, d, n, true, false, e);
+            bias(&mut l, qkv_b, qd);
+            l.mm(n, d, qd, false, false, e);
             l.free(x.q());
             // dk through RoPE, then k_proj (dx added into dh1)
             l.alloc(x.kv());
             l.free(x.kv());
-            l.alloc(kvd * d * e);
-            l.alloc(bias(qkv_b, kvd));
-            l.alloc(x.nd());
+            l.mm(kvd, d, n, true, false, e);
+            bias(&mut l, qkv_b, kvd);
+            l.mm(n, d, kvd, false, false, e);
             l.free(x.nd());
             l.free(x.kv());
             // v_proj
-            l.alloc(kvd * d * e);
-            l.alloc(bias(qkv_b, kvd));
-            l.alloc(x.nd());
+            l.mm(kvd, d, n, true, false, e);
+            bias(&mut l, qkv_b, kvd);
+            l.mm(n, d, kvd, false, false, e);
             l.free(x.nd());
             l.free(x.kv()); // dv
             l.free(x.nd()); // h1
@@ -406,7 +470,7 @@ fn block_backward(cfg: &ModelConfig, x: &Dims, opts: &LeanOptions) -> (u64, i128
             l.alloc(d * e);
             l.free(x.nd()); // dh1
             l.free(x.nd()); // x
-            l.free(x.n * STAT);
+            l.free(n * STAT);
             l.free(x.nd()); // added into dx1
         }
     }
@@ -422,64 +486,70 @@ fn free_attn(l: &mut Ledger, x: &Dims, opts: &LeanOptions) {
 
 /// The feed-forward's backward from dy to dh2 (its input's gradient) allocated.
 fn ffn_backward(cfg: &ModelConfig, x: &Dims, l: &mut Ledger) {
-    let (d, e) = (x.d, x.e);
+    let (n, d, e) = (x.n, x.d, x.e);
     if !cfg.is_moe() {
         let ff = x.ff;
-        let b = |n: u64| if cfg.mlp_bias { n * e } else { 0 };
-        l.alloc(d * ff * e); // down dW
-        l.alloc(b(d));
-        l.alloc(x.nff()); // dh
+        let b = |l: &mut Ledger, w: u64| {
+            if cfg.mlp_bias {
+                l.alloc(w * e);
+            }
+        };
+        l.mm(d, ff, n, true, false, e); // down dW
+        b(l, d);
+        l.mm(n, ff, d, false, false, e); // dh
         l.free(x.nff()); // h
         l.alloc(x.nff()); // dgate
         l.alloc(x.nff()); // dup
         l.free(x.nff()); // dh
         l.free(2 * x.nff()); // gate, up
-        l.alloc(ff * d * e); // gate dW
-        l.alloc(b(ff));
-        l.alloc(x.nd()); // dx
+        l.mm(ff, d, n, true, false, e); // gate dW
+        b(l, ff);
+        l.mm(n, d, ff, false, false, e); // dx
         l.free(x.nff()); // dgate
-        l.alloc(ff * d * e); // up dW
-        l.alloc(b(ff));
-        l.alloc(x.nd());
+        l.mm(ff, d, n, true, false, e); // up dW
+        b(l, ff);
+        l.mm(n, d, ff, false, false, e);
         l.free(x.nd()); // added
         l.free(x.nff()); // dup
         return;
     }
     let (k, ec) = (cfg.n_experts_per_tok as u64, cfg.n_experts as u64);
     let ffm = cfg.moe_intermediate_size as u64;
-    let ne = (x.n * k).div_ceil(ec);
+    let ne = (n * k).div_ceil(ec);
     l.alloc(x.nd()); // dx accumulator
     for _ in 0..ec {
         l.alloc(ne * d * e); // dy rows
-        l.scratch(ne * d * e + ne * e);
+        l.scratch(ne * d * e + ne * e); // ⟨dy, y⟩ per row
         l.free(ne * d * e); // expert output
         l.alloc(ne * d * e); // weighted dy
         l.free(ne * d * e); // dy rows
         l.alloc(ne * d * e); // gathered input
-        l.alloc(3 * ffm * d * e); // expert weights' gradients (below, net)
-        l.alloc(ne * ffm * e); // dh
+        l.mm(d, ffm, ne, true, false, e); // down dW
+        l.mm(ne, ffm, d, false, false, e); // dh
         l.free(ne * ffm * e); // h
-        l.alloc(2 * ne * ffm * e);
-        l.free(ne * ffm * e);
-        l.free(2 * ne * ffm * e);
-        l.alloc(ne * d * e);
-        l.free(ne * ffm * e);
-        l.alloc(ne * d * e);
-        l.free(ne * d * e);
-        l.free(ne * ffm * e);
+        l.alloc(2 * ne * ffm * e); // dgate, dup
+        l.free(ne * ffm * e); // dh
+        l.free(2 * ne * ffm * e); // gate, up
+        l.mm(ffm, d, ne, true, false, e); // gate dW
+        l.mm(ne, d, ffm, false, false, e); // dx
+        l.free(ne * ffm * e); // dgate
+        l.mm(ffm, d, ne, true, false, e); // up dW
+        l.mm(ne, d, ffm, false, false, e);
+        l.free(ne * d * e); // added
+        l.free(ne * ffm * e); // dup
         l.free(ne * d * e); // gathered input
         l.free(ne * d * e); // weighted dy
         l.free(ne * d * e); // dxe added
         l.free(ne * 4 + ne * e); // ids, weights
     }
-    l.free(x.n * (24 + 8 * k)); // choices
-    l.scratch(x.n * ec * STAT * 2);
-    l.alloc(x.n * ec * e); // router logits' gradient
-    l.alloc(ec * d * e); // router dW
-    l.alloc(x.nd());
+    l.free(n * (24 + 8 * k)); // choices
+    l.scratch(n * ec * STAT * 2);
+    l.alloc(n * ec * e); // router logits' gradient
+    l.mm(ec, d, n, true, false, e); // router dW
+    l.mm(n, d, ec, false, false, e);
     l.free(x.nd());
-    l.free(x.n * ec * e);
-    l.free(x.n * ec * STAT); // probabilities
+    l.free(n * ec * e);
+    l.free(n * ec * STAT); // probabilities
 }
 
 /// Parameters and parameter tensors of the model.
@@ -571,7 +641,10 @@ pub fn predict(cfg: &ModelConfig, step: Step, opts: &LeanOptions) -> LeanPredict
     let before_last =
         weights + rope + x.nd() + TENSOR_OVERHEAD_BYTES + layers.saturating_sub(1) * kept_block;
     let in_last_block = before_last + blk_fwd_peak;
-    let at_loss = weights + saved + (b * t * 4 + b * 24); // host copy of the ids
+    // The logits' matmul (xf @ Wᵀ) packs its panels while the rest of the saved set exists.
+    let logits_mm = weights + saved - (x.n * x.v * e + TENSOR_OVERHEAD_BYTES) - (x.n * STAT)
+        + gemm_scratch(x.n, x.v, x.d, false, true, e);
+    let at_loss = (weights + saved + (b * t * 4 + b * 24)).max(logits_mm); // host copy of the ids
     let forward_peak = in_last_block.max(at_loss);
     terms.push(("forward peak: in the last block".into(), in_last_block));
     terms.push(("forward peak: at the loss".into(), at_loss));
@@ -579,9 +652,9 @@ pub fn predict(cfg: &ModelConfig, step: Step, opts: &LeanOptions) -> LeanPredict
     // --- backward: the head, then each block, then the embedding
     let mut l = Ledger::at(weights + saved);
     l.free(x.n * STAT); // loss lse (logits become their gradient in place)
-    l.alloc(x.v * x.d * e); // head dW
+    l.mm(x.v, x.d, x.n, true, false, e); // head dW = dlogitsᵀ @ xf
     l.free(x.nd()); // head input
-    l.alloc(x.nd()); // dxf
+    l.mm(x.n, x.d, x.v, false, false, e); // dxf = dlogits @ W
     l.free(x.n * x.v * e); // dlogits
     l.alloc(x.nd()); // final norm dx
     l.alloc(x.d * e);

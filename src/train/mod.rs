@@ -122,9 +122,6 @@ pub fn supported(cfg: &ModelConfig, opts: &LeanOptions) -> std::result::Result<(
     if opts.amp.is_some() {
         return Err("mixed precision (amp) is not implemented by the lean step yet".into());
     }
-    if opts.optimizer.is_some() {
-        return Err("the optimizer step is not implemented by the lean step yet".into());
-    }
     if cfg.arch == Arch::Gpt2 {
         return Ok(());
     }
