@@ -178,6 +178,38 @@ fn inv_freq(p: &RopeParams, t: usize) -> (Vec<f32>, f32) {
     }
 }
 
+/// RoPE of layer `layer` for positions `0..t` as the forward computes it, before the
+/// rotate-half repeat: (cos, sin), each `[t, rotary_dim / 2]` row-major in f32 (the attention
+/// factor applied). For engines that apply RoPE with their own kernel (the lean step).
+pub fn rope_half_tables(cfg: &ModelConfig, layer: usize, t: usize) -> (Vec<f32>, Vec<f32>) {
+    let local =
+        cfg.rope_per_layer_type && matches!(cfg.attention(layer), AttentionKind::Sliding { .. });
+    let p = RopeParams {
+        rotary_dim: cfg.rotary_dim,
+        theta: if local {
+            cfg.rope_local_theta
+        } else {
+            cfg.rope_theta
+        },
+        scaling: if local {
+            None
+        } else {
+            cfg.rope_scaling.clone()
+        },
+    };
+    let (inv_freq, attention_factor) = inv_freq(&p, t);
+    let mut cos = Vec::with_capacity(t * inv_freq.len());
+    let mut sin = Vec::with_capacity(t * inv_freq.len());
+    for pos in 0..t {
+        for &f in &inv_freq {
+            let angle = pos as f32 * f;
+            cos.push(angle.cos() * attention_factor);
+            sin.push(angle.sin() * attention_factor);
+        }
+    }
+    (cos, sin)
+}
+
 /// Per-forward tables shared by the layers: RoPE for global and local layers, one mask per
 /// distinct window.
 struct Context {

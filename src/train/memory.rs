@@ -1,28 +1,737 @@
-use super::LeanOptions;
-use crate::config::{ModelConfig, Step};
+//! The lean step's memory in closed form: what each block keeps (one named term per saved
+//! tensor), what the head and the loss keep, and the transient buffers of the backward, walked
+//! in the order the step allocates and frees them (`gpt2.rs`, `llama.rs`, `step.rs`).
+//!
+//! All bytes are above the pre-build baseline, as the measurement reports them. N = batch·seq
+//! rows, e = the dtype's element size; statistics (mean, rstd, log-sum-exp) are f32.
+//!
+//! The forward and backward of a block are the same for every block, so the walk is done for
+//! one block and repeated: the step's peak is either in the first backward block (most saved
+//! tensors still alive) or the last one (most gradients already allocated), or at the head.
+
+use super::{Attention, Checkpoint, LeanOptions, Optimizer};
+use crate::config::{Arch, ModelConfig, Step};
+use crate::model::build::VARMAP_BYTES_PER_TENSOR;
 use serde::Serialize;
-#[derive(Debug, Clone, Serialize)]
+
+/// Bytes of one freshly allocated candle tensor beyond its data: the `Arc<Tensor_>` (160 B with
+/// a rank-2 shape and stride, 2·16 B) and the `Arc<RwLock<Storage>>` (72 B), as measured for
+/// the autograd replay (`model::autograd_replay::tensor`).
+pub const TENSOR_OVERHEAD_BYTES: u64 = 160 + 2 * 16 + 72;
+/// Bytes the lean model holds per parameter tensor beside the VarMap: a detached tensor header
+/// sharing the storage, its name in the parameter map and in the layer that uses it.
+pub const LEAN_BYTES_PER_TENSOR: u64 = 192 + 2 * 48 + 64;
+/// f32 statistics.
+const STAT: u64 = 4;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct LeanPrediction {
+    /// As the step holds them (the VarMap and the lean model's views of it).
     pub weights_bytes: u64,
+    /// What the forward keeps for backward, all blocks + head/loss.
     pub saved_bytes: u64,
+    /// Above baseline (weights included), like `PhaseBytes`.
     pub forward_peak_bytes: u64,
     pub backward_peak_bytes: u64,
     pub gradients_bytes: u64,
+    /// max(forward, backward) above baseline, weights included.
     pub peak_bytes: u64,
     pub optimizer_state_bytes: Option<u64>,
     pub optimizer_peak_bytes: Option<u64>,
+    /// Readable breakdown: per-block saved tensors by name, head, loss, transients.
     pub terms: Vec<(String, u64)>,
 }
-pub fn predict(_cfg: &ModelConfig, _step: Step, _opts: &LeanOptions) -> LeanPrediction {
+
+/// A running count of allocated bytes and its high-water mark.
+#[derive(Debug, Clone, Copy, Default)]
+struct Ledger {
+    cur: i128,
+    peak: i128,
+}
+
+impl Ledger {
+    fn at(cur: u64) -> Ledger {
+        Ledger {
+            cur: cur as i128,
+            peak: cur as i128,
+        }
+    }
+    /// A tensor of `bytes` data.
+    fn alloc(&mut self, bytes: u64) {
+        self.cur += (bytes + TENSOR_OVERHEAD_BYTES) as i128;
+        self.peak = self.peak.max(self.cur);
+    }
+    fn free(&mut self, bytes: u64) {
+        self.cur -= (bytes + TENSOR_OVERHEAD_BYTES) as i128;
+    }
+    /// A buffer allocated and freed inside one call (no tensor header).
+    fn scratch(&mut self, bytes: u64) {
+        self.peak = self.peak.max(self.cur + bytes as i128);
+    }
+    /// A matmul `[m, k] @ [k, n]` of e-byte elements: gemm's packed panels, then the output.
+    /// `lhs_t` / `rhs_t`: the operand is a transposed view of a contiguous tensor.
+    fn mm(&mut self, m: u64, n: u64, k: u64, lhs_t: bool, rhs_t: bool, e: u64) {
+        self.scratch(gemm_scratch(m, n, k, lhs_t, rhs_t, e));
+        self.alloc(m * n * e);
+    }
+    /// Peak above the starting level, and the net change.
+    fn result(&self, start: u64) -> (u64, i128) {
+        (
+            (self.peak - start as i128).max(0) as u64,
+            self.cur - start as i128,
+        )
+    }
+}
+
+/// gemm-f32's FMA microkernel (gemm-f32 0.19 `microkernel::fma`, the kernel candle's gemm
+/// runs on x86-64 without the `x86-v4` feature): 8 lanes, MR = 2 vectors, NR = 6 columns.
+const GEMM_LANES: u64 = 8;
+const GEMM_MR: u64 = 2 * GEMM_LANES;
+const GEMM_NR: u64 = 6;
+/// gemm-common 0.19 `DEFAULT_RHS_PACKING_THRESHOLD` (gemm.rs:115, x86).
+const GEMM_RHS_PACKING_THRESHOLD: u64 = 128;
+
+/// Bytes one gemm call allocates for its packed panels (gemm-common 0.19
+/// `gemm_basic_generic`, gemm.rs:350-440): the rhs panel kc × nc when the rhs is strided (or
+/// very tall), and the whole lhs prepacked when it is short or strided. The crate `gemm`
+/// transposes a row-major product first (gemm.rs:179): gemm-common sees m' = n, n' = m, its lhs
+/// is our rhs and its rhs our lhs. kc and nc come from gemm-common's own `kernel_params`.
+fn gemm_scratch(m: u64, n: u64, k: u64, lhs_t: bool, rhs_t: bool, e: u64) -> u64 {
+    let (mp, np) = (n, m);
+    // gemm-common's rhs row stride is our lhs's column stride (1 unless transposed); its lhs row
+    // stride is our rhs's column stride.
+    let (rhs_rs_one, lhs_rs_one) = (!lhs_t, !rhs_t);
+    if k <= 2 || mp <= 1 || np <= 1 {
+        return 0; // gevv / gemv
+    }
+    let (kc, mc, nc) = if mp <= 64 && np <= 64 {
+        let kc = k.min(512);
+        let l2 = gemm_common::cache::CACHE_INFO[1].cache_bytes as u64;
+        (kc, (l2 / e / kc) / GEMM_MR * GEMM_MR, np.next_multiple_of(GEMM_NR))
+    } else {
+        let p = gemm_common::cache::kernel_params(
+            mp as usize,
+            np as usize,
+            k as usize,
+            GEMM_MR as usize,
+            GEMM_NR as usize,
+            e as usize,
+        );
+        let nc = if p.nc > 0 { p.nc as u64 } else { np.next_multiple_of(GEMM_NR) };
+        (p.kc as u64, p.mc as u64, nc)
+    };
+    let pack_rhs = (!rhs_rs_one && mp > 2 * GEMM_MR)
+        || (rhs_rs_one && mp > GEMM_RHS_PACKING_THRESHOLD * GEMM_MR);
+    let prepack_lhs = mp <= 2 * mc && (!mp.is_multiple_of(GEMM_LANES) || !lhs_rs_one);
+    let rhs = if pack_rhs { kc * GEMM_NR * (nc / GEMM_NR) } else { 0 };
+    let lhs = if prepack_lhs { kc * GEMM_MR * mp.div_ceil(GEMM_MR) } else { 0 };
+    if rhs + lhs == 0 {
+        0
+    } else {
+        // dyn-stack aligns each part to a cache line
+        (rhs + lhs) * e + 2 * 64
+    }
+}
+
+/// Sizes of one step.
+struct Dims {
+    n: u64,
+    b: u64,
+    t: u64,
+    d: u64,
+    h: u64,
+    hkv: u64,
+    hd: u64,
+    ff: u64,
+    v: u64,
+    e: u64,
+    threads: u64,
+}
+
+impl Dims {
+    fn q(&self) -> u64 {
+        self.n * self.h * self.hd * self.e
+    }
+    fn kv(&self) -> u64 {
+        self.n * self.hkv * self.hd * self.e
+    }
+    fn nd(&self) -> u64 {
+        self.n * self.d * self.e
+    }
+    fn nff(&self) -> u64 {
+        self.n * self.ff * self.e
+    }
+    fn lse(&self) -> u64 {
+        self.b * self.h * self.t * STAT
+    }
+    fn probs(&self) -> u64 {
+        self.b * self.h * self.t * self.t * self.e
+    }
+    /// Flash attention forward's own buffers: the lse in (b, t, h) order before its transpose,
+    /// and one row of scores per thread.
+    fn attn_fwd_scratch(&self) -> u64 {
+        self.lse() + self.threads * self.t * STAT
+    }
+    /// Flash attention backward's per-task buffers (one task per batch row and kv head, one task
+    /// per thread at a time): the group's dq, the head's dk, dv, gathered k, v, and two score rows.
+    fn attn_bwd_scratch(&self) -> u64 {
+        let g = self.h / self.hkv;
+        let tasks = self.threads.min(self.b * self.hkv);
+        tasks * ((g + 4) * self.t * self.hd + 2 * self.t) * STAT
+    }
+}
+
+/// One block's saved tensors (name, bytes) for the step's options.
+fn block_saved(cfg: &ModelConfig, x: &Dims, opts: &LeanOptions) -> Vec<(&'static str, u64)> {
+    let attn = match opts.attention {
+        Attention::Flash => ("attention lse [B, H, T] f32", x.lse()),
+        Attention::Eager => ("attention probabilities [B, H, T, T]", x.probs()),
+    };
+    match cfg.arch {
+        Arch::Gpt2 => vec![
+            ("block input x (ln_1's input) [N, d]", x.nd()),
+            ("ln_1 mean, rstd [N] f32", 2 * x.n * STAT),
+            ("ln_1 output (c_attn's input) [N, d]", x.nd()),
+            ("q, k, v [B, T, H, hd]", 3 * x.nd()),
+            ("attention output (c_proj's input) [N, d]", x.nd()),
+            attn,
+            ("x + attention (ln_2's input) [N, d]", x.nd()),
+            ("ln_2 mean, rstd [N] f32", 2 * x.n * STAT),
+            ("ln_2 output (c_fc's input) [N, d]", x.nd()),
+            ("GELU input [N, ff]", x.nff()),
+            ("GELU output (c_proj's input) [N, ff]", x.nff()),
+        ],
+        Arch::Llama => {
+            let mut v = vec![
+                ("block input x (input_layernorm's input) [N, d]", x.nd()),
+                ("input_layernorm rstd [N] f32", x.n * STAT),
+                ("input_layernorm output (q/k/v input) [N, d]", x.nd()),
+                ("q after RoPE [B, T, H, hd]", x.q()),
+                ("k after RoPE, v [B, T, Hkv, hd]", 2 * x.kv()),
+                ("attention output (o_proj's input) [N, H·hd]", x.q()),
+                attn,
+                (
+                    "x + attention (post_attention_layernorm's input) [N, d]",
+                    x.nd(),
+                ),
+                ("post_attention_layernorm rstd [N] f32", x.n * STAT),
+                ("post_attention_layernorm output (MLP input) [N, d]", x.nd()),
+            ];
+            v.extend(ffn_saved(cfg, x));
+            v
+        }
+    }
+}
+
+/// The feed-forward's saved tensors beyond its input. MoE: every token goes to k experts, so the
+/// experts' saved rows add up to N·k whatever the routing.
+fn ffn_saved(cfg: &ModelConfig, x: &Dims) -> Vec<(&'static str, u64)> {
+    if cfg.is_moe() {
+        let routed = x.n * cfg.n_experts_per_tok as u64;
+        let ffm = cfg.moe_intermediate_size as u64;
+        vec![
+            (
+                "router probabilities [N, E] f32",
+                x.n * cfg.n_experts as u64 * STAT,
+            ),
+            (
+                "top-k choice per token (host)",
+                x.n * (24 + 8 * cfg.n_experts_per_tok as u64),
+            ),
+            ("routed token ids [N·k] u32", routed * 4),
+            ("routing weights [N·k]", routed * x.e),
+            ("experts' gate and up [N·k, ff_e]", 2 * routed * ffm * x.e),
+            (
+                "experts' gated product (down's input) [N·k, ff_e]",
+                routed * ffm * x.e,
+            ),
+            ("experts' outputs [N·k, d]", routed * x.d * x.e),
+        ]
+    } else {
+        vec![
+            ("gate and up (activation inputs) [N, ff]", 2 * x.nff()),
+            ("gated product (down_proj's input) [N, ff]", x.nff()),
+        ]
+    }
+}
+
+/// Tensors per block in `block_saved` (each with a header).
+fn block_saved_tensors(cfg: &ModelConfig) -> u64 {
+    match cfg.arch {
+        Arch::Gpt2 => 14,
+        Arch::Llama if cfg.is_moe() => 11 + 1 + 4 * cfg.n_experts as u64,
+        Arch::Llama => 13,
+    }
+}
+
+/// One block's forward from the moment its input exists: (peak above start, net change).
+fn block_forward(cfg: &ModelConfig, x: &Dims, opts: &LeanOptions) -> (u64, i128) {
+    let mut l = Ledger::at(0);
+    let (n, d, e) = (x.n, x.d, x.e);
+    let attn_out = |l: &mut Ledger| match opts.attention {
+        Attention::Flash => {
+            l.alloc(x.q()); // o
+            l.scratch(x.attn_fwd_scratch());
+            l.alloc(x.lse());
+        }
+        Attention::Eager => {
+            l.alloc(x.probs());
+            l.alloc(x.q());
+        }
+    };
+    match cfg.arch {
+        Arch::Gpt2 => {
+            // Conv1D weights [in, out]: x @ W, no transpose
+            l.alloc(x.nd()); // ln_1 output
+            l.alloc(n * STAT);
+            l.alloc(n * STAT);
+            l.mm(n, 3 * d, d, false, false, e); // qkv
+            for _ in 0..3 {
+                l.alloc(x.nd()); // q, k, v copied out of qkv
+            }
+            l.free(3 * x.nd());
+            attn_out(&mut l);
+            l.mm(n, d, d, false, false, e); // c_proj output
+            l.alloc(x.nd()); // x1
+            l.free(x.nd());
+            l.alloc(x.nd()); // ln_2
+            l.alloc(n * STAT);
+            l.alloc(n * STAT);
+            l.mm(n, x.ff, d, false, false, e); // c_fc output (GELU input)
+            l.alloc(x.nff()); // GELU output
+            l.mm(n, d, x.ff, false, false, e); // c_proj output
+            l.alloc(x.nd()); // y
+            l.free(x.nd());
+        }
+        Arch::Llama => {
+            // nn.Linear weights [out, in]: x @ Wᵀ
+            let (qd, kvd) = (x.h * x.hd, x.hkv * x.hd);
+            l.alloc(x.nd()); // input_layernorm output
+            l.alloc(n * STAT);
+            l.mm(n, qd, d, false, true, e); // q before RoPE
+            l.alloc(x.q()); // q after
+            l.free(x.q());
+            l.mm(n, kvd, d, false, true, e);
+            l.alloc(x.kv());
+            l.free(x.kv());
+            l.mm(n, kvd, d, false, true, e); // v
+            attn_out(&mut l);
+            l.mm(n, d, qd, false, true, e); // o_proj output
+            l.alloc(x.nd()); // x1
+            l.free(x.nd());
+            l.alloc(x.nd()); // post_attention_layernorm output
+            l.alloc(n * STAT);
+            ffn_forward(cfg, x, &mut l);
+            l.alloc(x.nd()); // y
+            l.free(x.nd());
+        }
+    }
+    l.result(0)
+}
+
+/// The feed-forward's forward, ending with its output `[N, d]` allocated.
+fn ffn_forward(cfg: &ModelConfig, x: &Dims, l: &mut Ledger) {
+    let (n, d, e) = (x.n, x.d, x.e);
+    if !cfg.is_moe() {
+        l.mm(n, x.ff, d, false, true, e); // gate
+        l.mm(n, x.ff, d, false, true, e); // up
+        l.alloc(x.nff()); // gated product
+        l.mm(n, d, x.ff, false, true, e); // down output
+        return;
+    }
+    let (k, e_count) = (cfg.n_experts_per_tok as u64, cfg.n_experts as u64);
+    let ffm = cfg.moe_intermediate_size as u64;
+    // The experts' rows are data-dependent; each expert sees N·k/E tokens on average.
+    let ne = (n * k).div_ceil(e_count);
+    l.mm(n, e_count, d, false, true, e); // router logits
+    l.alloc(n * e_count * STAT); // probabilities
+    l.free(n * e_count * e);
+    l.scratch(n * e_count * STAT); // host copy
+    l.alloc(n * (24 + 8 * k)); // choices
+    l.alloc(x.nd()); // output accumulator
+    for _ in 0..e_count {
+        l.alloc(ne * 4 + ne * e); // ids, weights
+        l.alloc(ne * d * e); // gathered rows
+        l.mm(ne, ffm, d, false, true, e);
+        l.mm(ne, ffm, d, false, true, e);
+        l.alloc(ne * ffm * e);
+        l.mm(ne, d, ffm, false, true, e); // expert output
+        l.free(ne * d * e); // gathered rows
+        l.scratch(ne * d * e); // weighted output
+    }
+}
+
+/// One block's backward from the moment dy exists until dx replaces it: (peak above start,
+/// net change: gradients allocated minus saved tensors freed).
+fn block_backward(cfg: &ModelConfig, x: &Dims, opts: &LeanOptions) -> (u64, i128) {
+    let mut l = Ledger::at(0);
+    let (n, d, e) = (x.n, x.d, x.e);
+    let bias = |l: &mut Ledger, on: bool, width: u64| {
+        if on {
+            l.alloc(width * e);
+        }
+    };
+    let attn_bwd = |l: &mut Ledger, dq: u64, dkv: u64| {
+        l.alloc(dq);
+        l.alloc(dkv);
+        l.alloc(dkv);
+        if opts.attention == Attention::Flash {
+            l.scratch(x.attn_bwd_scratch());
+        }
+    };
+    match cfg.arch {
+        Arch::Gpt2 => {
+            // Conv1D [in, out]: dW = xᵀ @ dy, dx = dy @ Wᵀ
+            let b = cfg.bias;
+            let ff = x.ff;
+            l.mm(ff, d, n, true, false, e); // MLP c_proj dW
+            bias(&mut l, b, d);
+            l.mm(n, ff, d, false, true, e); // dg
+            l.free(x.nff()); // g
+            l.alloc(x.nff()); // dh
+            l.free(x.nff()); // dg
+            l.free(x.nff()); // h
+            l.mm(d, ff, n, true, false, e); // c_fc dW
+            bias(&mut l, b, ff);
+            l.mm(n, d, ff, false, true, e); // dln2
+            l.free(x.nff()); // dh
+            l.free(x.nd()); // ln2
+            l.alloc(x.nd()); // ln_2 dx
+            l.alloc(d * e);
+            bias(&mut l, b, d);
+            l.free(x.nd()); // dln2
+            l.free(x.nd()); // x1
+            l.free(2 * n * STAT);
+            l.free(x.nd()); // dx added into dy
+            l.mm(d, d, n, true, false, e); // attention c_proj dW
+            bias(&mut l, b, d);
+            l.mm(n, d, d, false, true, e); // d_o
+            attn_bwd(&mut l, x.nd(), x.nd());
+            l.free(x.nd()); // d_o
+            l.free(4 * x.nd()); // q, k, v, o
+            free_attn(&mut l, x, opts);
+            l.alloc(3 * x.nd()); // dqkv
+            l.free(3 * x.nd()); // dq, dk, dv
+            l.mm(d, 3 * d, n, true, false, e); // c_attn dW
+            bias(&mut l, b, 3 * d);
+            l.mm(n, d, 3 * d, false, true, e); // dln1
+            l.free(3 * x.nd()); // dqkv
+            l.free(x.nd()); // ln1
+            l.alloc(x.nd()); // ln_1 dx
+            l.alloc(d * e);
+            bias(&mut l, b, d);
+            l.free(x.nd()); // dln1
+            l.free(x.nd()); // x
+            l.free(2 * n * STAT);
+            l.free(x.nd()); // dx added into dx1
+        }
+        Arch::Llama => {
+            // nn.Linear [out, in]: dW = dyᵀ @ x, dx = dy @ W
+            let (qd, kvd) = (cfg.q_dim() as u64, cfg.kv_dim() as u64);
+            let qkv_b = cfg.has_qkv_bias();
+            ffn_backward(cfg, x, &mut l);
+            l.free(x.nd()); // h2
+            l.alloc(x.nd()); // post norm dx
+            l.alloc(d * e);
+            l.free(x.nd()); // dh2
+            l.free(x.nd()); // x1
+            l.free(n * STAT);
+            l.free(x.nd()); // added into dy
+            l.mm(d, qd, n, true, false, e); // o_proj dW
+            bias(&mut l, cfg.bias, d);
+            l.mm(n, qd, d, false, false, e); // d_o
+            attn_bwd(&mut l, x.q(), x.kv());
+            l.free(x.q()); // d_o
+            l.free(2 * x.q() + 2 * x.kv()); // q, k, v, o
+            free_attn(&mut l, x, opts);
+            // dq through RoPE, then q_proj (its dx starts dh1)
+            l.alloc(x.q());
+            l.free(x.q());
+            l.mm(qd, d, n, true, false, e);
+            bias(&mut l, qkv_b, qd);
+            l.mm(n, d, qd, false, false, e);
+            l.free(x.q());
+            // dk through RoPE, then k_proj (dx added into dh1)
+            l.alloc(x.kv());
+            l.free(x.kv());
+            l.mm(kvd, d, n, true, false, e);
+            bias(&mut l, qkv_b, kvd);
+            l.mm(n, d, kvd, false, false, e);
+            l.free(x.nd());
+            l.free(x.kv());
+            // v_proj
+            l.mm(kvd, d, n, true, false, e);
+            bias(&mut l, qkv_b, kvd);
+            l.mm(n, d, kvd, false, false, e);
+            l.free(x.nd());
+            l.free(x.kv()); // dv
+            l.free(x.nd()); // h1
+            l.alloc(x.nd()); // input norm dx
+            l.alloc(d * e);
+            l.free(x.nd()); // dh1
+            l.free(x.nd()); // x
+            l.free(n * STAT);
+            l.free(x.nd()); // added into dx1
+        }
+    }
+    l.result(0)
+}
+
+fn free_attn(l: &mut Ledger, x: &Dims, opts: &LeanOptions) {
+    match opts.attention {
+        Attention::Flash => l.free(x.lse()),
+        Attention::Eager => l.free(x.probs()),
+    }
+}
+
+/// The feed-forward's backward from dy to dh2 (its input's gradient) allocated.
+fn ffn_backward(cfg: &ModelConfig, x: &Dims, l: &mut Ledger) {
+    let (n, d, e) = (x.n, x.d, x.e);
+    if !cfg.is_moe() {
+        let ff = x.ff;
+        let b = |l: &mut Ledger, w: u64| {
+            if cfg.mlp_bias {
+                l.alloc(w * e);
+            }
+        };
+        l.mm(d, ff, n, true, false, e); // down dW
+        b(l, d);
+        l.mm(n, ff, d, false, false, e); // dh
+        l.free(x.nff()); // h
+        l.alloc(x.nff()); // dgate
+        l.alloc(x.nff()); // dup
+        l.free(x.nff()); // dh
+        l.free(2 * x.nff()); // gate, up
+        l.mm(ff, d, n, true, false, e); // gate dW
+        b(l, ff);
+        l.mm(n, d, ff, false, false, e); // dx
+        l.free(x.nff()); // dgate
+        l.mm(ff, d, n, true, false, e); // up dW
+        b(l, ff);
+        l.mm(n, d, ff, false, false, e);
+        l.free(x.nd()); // added
+        l.free(x.nff()); // dup
+        return;
+    }
+    let (k, ec) = (cfg.n_experts_per_tok as u64, cfg.n_experts as u64);
+    let ffm = cfg.moe_intermediate_size as u64;
+    let ne = (n * k).div_ceil(ec);
+    l.alloc(x.nd()); // dx accumulator
+    for _ in 0..ec {
+        l.alloc(ne * d * e); // dy rows
+        l.scratch(ne * d * e + ne * e); // ⟨dy, y⟩ per row
+        l.free(ne * d * e); // expert output
+        l.alloc(ne * d * e); // weighted dy
+        l.free(ne * d * e); // dy rows
+        l.alloc(ne * d * e); // gathered input
+        l.mm(d, ffm, ne, true, false, e); // down dW
+        l.mm(ne, ffm, d, false, false, e); // dh
+        l.free(ne * ffm * e); // h
+        l.alloc(2 * ne * ffm * e); // dgate, dup
+        l.free(ne * ffm * e); // dh
+        l.free(2 * ne * ffm * e); // gate, up
+        l.mm(ffm, d, ne, true, false, e); // gate dW
+        l.mm(ne, d, ffm, false, false, e); // dx
+        l.free(ne * ffm * e); // dgate
+        l.mm(ffm, d, ne, true, false, e); // up dW
+        l.mm(ne, d, ffm, false, false, e);
+        l.free(ne * d * e); // added
+        l.free(ne * ffm * e); // dup
+        l.free(ne * d * e); // gathered input
+        l.free(ne * d * e); // weighted dy
+        l.free(ne * d * e); // dxe added
+        l.free(ne * 4 + ne * e); // ids, weights
+    }
+    l.free(n * (24 + 8 * k)); // choices
+    l.scratch(n * ec * STAT * 2);
+    l.alloc(n * ec * e); // router logits' gradient
+    l.mm(ec, d, n, true, false, e); // router dW
+    l.mm(n, d, ec, false, false, e);
+    l.free(x.nd());
+    l.free(n * ec * e);
+    l.free(n * ec * STAT); // probabilities
+}
+
+/// Parameters and parameter tensors of the model.
+fn param_counts(cfg: &ModelConfig) -> (u64, u64) {
+    match crate::model::build::shapes_only(cfg, candle_core::DType::F32) {
+        Ok(specs) => (specs.iter().map(|s| s.numel()).sum(), specs.len() as u64),
+        Err(_) => (0, 0),
+    }
+}
+
+/// The closed form of one lean step (forward, loss, backward, optional optimizer step).
+pub fn predict(cfg: &ModelConfig, step: Step, opts: &LeanOptions) -> LeanPrediction {
+    let (params, n_tensors) = param_counts(cfg);
+    let e = step.dtype.bytes();
+    let (b, t) = (step.batch as u64, step.seq as u64);
+    let x = Dims {
+        n: b * t,
+        b,
+        t,
+        d: cfg.n_embd as u64,
+        h: cfg.n_head as u64,
+        hkv: cfg.n_kv_head as u64,
+        hd: cfg.head_dim as u64,
+        ff: cfg.intermediate_size as u64,
+        v: cfg.vocab_size as u64,
+        e,
+        threads: rayon::current_num_threads() as u64,
+    };
+    let layers = cfg.n_layer as u64;
+    let mut terms: Vec<(String, u64)> = Vec::new();
+    let weights = params * e + n_tensors * (VARMAP_BYTES_PER_TENSOR + LEAN_BYTES_PER_TENSOR);
+    terms.push(("weights".into(), weights));
+
+    // --- what the forward keeps
+    let per_block: Vec<(&str, u64)> = block_saved(cfg, &x, opts);
+    let block_bytes: u64 = per_block.iter().map(|(_, v)| v).sum::<u64>()
+        + block_saved_tensors(cfg) * TENSOR_OVERHEAD_BYTES;
+    let kept_block = match opts.checkpoint {
+        Checkpoint::None => block_bytes,
+        Checkpoint::Blocks => x.nd() + TENSOR_OVERHEAD_BYTES,
+    };
+    for (name, v) in &per_block {
+        terms.push((format!("per block: {name}"), *v));
+    }
+    let stats_f = match cfg.arch {
+        Arch::Gpt2 => 2 * x.n * STAT,
+        Arch::Llama => x.n * STAT,
+    };
+    let rope = match cfg.arch {
+        Arch::Gpt2 => 0,
+        Arch::Llama => {
+            let one = 2 * (t * (cfg.rotary_dim as u64 / 2) * STAT + TENSOR_OVERHEAD_BYTES);
+            let local = cfg.rope_per_layer_type
+                && (0..cfg.n_layer).any(|i| cfg.attention_window(i).is_some());
+            if local {
+                2 * one
+            } else {
+                one
+            }
+        }
+    };
+    let head_saved = [
+        ("final norm input [N, d]", x.nd() + TENSOR_OVERHEAD_BYTES),
+        (
+            "final norm statistics [N] f32",
+            stats_f + TENSOR_OVERHEAD_BYTES,
+        ),
+        (
+            "final norm output (head input) [N, d]",
+            x.nd() + TENSOR_OVERHEAD_BYTES,
+        ),
+        ("logits [N, V]", x.n * x.v * e + TENSOR_OVERHEAD_BYTES),
+        ("loss lse [N] f32", x.n * STAT + TENSOR_OVERHEAD_BYTES),
+        ("targets [N] u32", x.n * 4 + TENSOR_OVERHEAD_BYTES),
+        ("RoPE cos/sin tables", rope),
+    ];
+    for (name, v) in head_saved {
+        terms.push((name.to_string(), v));
+    }
+    let head_bytes: u64 = head_saved.iter().map(|(_, v)| v).sum();
+    let saved = layers * kept_block + head_bytes;
+    terms.push((
+        format!("saved: {layers} blocks × {kept_block} + head/loss"),
+        saved,
+    ));
+
+    // --- forward peak: inside the last block, or at the loss
+    let (blk_fwd_peak, _) = block_forward(cfg, &x, opts);
+    let before_last =
+        weights + rope + x.nd() + TENSOR_OVERHEAD_BYTES + layers.saturating_sub(1) * kept_block;
+    let in_last_block = before_last + blk_fwd_peak;
+    // The logits' matmul (xf @ Wᵀ) packs its panels while the rest of the saved set exists.
+    let logits_mm = weights + saved - (x.n * x.v * e + TENSOR_OVERHEAD_BYTES) - (x.n * STAT)
+        + gemm_scratch(x.n, x.v, x.d, false, true, e);
+    let at_loss = (weights + saved + (b * t * 4 + b * 24)).max(logits_mm); // host copy of the ids
+    let forward_peak = in_last_block.max(at_loss);
+    terms.push(("forward peak: in the last block".into(), in_last_block));
+    terms.push(("forward peak: at the loss".into(), at_loss));
+
+    // --- backward: the head, then each block, then the embedding
+    let mut l = Ledger::at(weights + saved);
+    l.free(x.n * STAT); // loss lse (logits become their gradient in place)
+    l.mm(x.v, x.d, x.n, true, false, e); // head dW = dlogitsᵀ @ xf
+    l.free(x.nd()); // head input
+    l.mm(x.n, x.d, x.v, false, false, e); // dxf = dlogits @ W
+    l.free(x.n * x.v * e); // dlogits
+    l.alloc(x.nd()); // final norm dx
+    l.alloc(x.d * e);
+    if cfg.arch == Arch::Gpt2 && cfg.bias {
+        l.alloc(x.d * e);
+    }
+    l.free(x.nd()); // dxf
+    l.free(x.nd()); // final norm input
+    l.free(stats_f);
+    let head_peak = l.peak as u64;
+    let at_first_block = l.cur.max(0) as u64;
+    let (blk_bwd_peak, blk_bwd_net) = block_backward(cfg, &x, opts);
+    // With checkpointing the block's forward runs again first (its saved set reappears).
+    let (recompute_peak, recompute_net) = match opts.checkpoint {
+        Checkpoint::None => (0, 0i128),
+        Checkpoint::Blocks => {
+            let (p, _) = block_forward(cfg, &x, opts);
+            // the recomputed output is dropped at once; the saved set stays
+            (
+                p,
+                (block_bytes as i128) - (x.nd() + TENSOR_OVERHEAD_BYTES) as i128,
+            )
+        }
+    };
+    let block_peak = |level: u64| -> u64 {
+        let after_recompute = (level as i128 + recompute_net).max(0) as u64;
+        (level + recompute_peak).max(after_recompute + blk_bwd_peak)
+    };
+    let first = block_peak(at_first_block);
+    let net = recompute_net + blk_bwd_net;
+    let last_level = (at_first_block as i128 + net * (layers as i128 - 1)).max(0) as u64;
+    let last = block_peak(last_level);
+    let after_blocks = (at_first_block as i128 + net * layers as i128).max(0) as u64;
+    // The embedding's gradient: GPT-2's positions (padded to block_size) and tokens.
+    let mut l = Ledger::at(after_blocks);
+    if cfg.arch == Arch::Gpt2 {
+        let bs = cfg.block_size as u64;
+        l.alloc(t * x.d * e);
+        if t < bs {
+            l.alloc((bs - t) * x.d * e);
+            l.alloc(bs * x.d * e);
+            l.free(t * x.d * e);
+            l.free((bs - t) * x.d * e);
+        }
+    }
+    l.scratch(x.n * 4);
+    if !cfg.tie_embeddings {
+        l.alloc(x.v * x.d * e);
+    }
+    let embed_peak = l.peak as u64;
+    let backward_peak = head_peak.max(first).max(last).max(embed_peak);
+    terms.push(("backward peak: at the head".into(), head_peak));
+    terms.push(("backward peak: in the first block".into(), first));
+    terms.push(("backward peak: in the last block".into(), last));
+    terms.push(("backward peak: at the embedding".into(), embed_peak));
+
+    let gradients = params * e + n_tensors * TENSOR_OVERHEAD_BYTES;
+    terms.push(("gradients".into(), gradients));
+    let (optimizer_state_bytes, optimizer_peak_bytes) = match opts.optimizer {
+        None => (None, None),
+        Some(Optimizer::Sgd) => (Some(0), Some(weights + gradients)),
+        Some(Optimizer::AdamW) => {
+            let state = 2 * (params * e + n_tensors * TENSOR_OVERHEAD_BYTES);
+            // _foreach_sqrt: one buffer per parameter, all at once.
+            let sqrt = params * e + n_tensors * TENSOR_OVERHEAD_BYTES;
+            (Some(state), Some(weights + gradients + state + sqrt))
+        }
+    };
     LeanPrediction {
-        weights_bytes: 0,
-        saved_bytes: 0,
-        forward_peak_bytes: 0,
-        backward_peak_bytes: 0,
-        gradients_bytes: 0,
-        peak_bytes: 0,
-        optimizer_state_bytes: None,
-        optimizer_peak_bytes: None,
-        terms: vec![],
+        weights_bytes: weights,
+        saved_bytes: saved,
+        forward_peak_bytes: forward_peak,
+        backward_peak_bytes: backward_peak,
+        gradients_bytes: gradients,
+        peak_bytes: forward_peak.max(backward_peak),
+        optimizer_state_bytes,
+        optimizer_peak_bytes,
+        terms,
     }
 }

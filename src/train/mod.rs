@@ -1,39 +1,111 @@
-//! STUB for integration only; replaced by the lean branch's module on merge.
-pub mod memory;
-pub mod run;
+//! The lean training step: a forward that keeps, per block, what PyTorch's autograd keeps for
+//! the same ops, and an explicit backward that walks the blocks in reverse.
+//!
+//! # Design
+//!
+//! candle's `backward()` keeps the whole forward graph alive until it returns and saves every
+//! intermediate of the composed ops (norms, GELU, softmax, cross-entropy), and its attention
+//! keeps several T×T tensors: 2.6–3.2× PyTorch's peak on the same step. This module does not
+//! use candle's autograd at all. The weights are plain tensors sharing storage with the VarMap
+//! (no `Var`, so candle records no graph), and each block has a forward that returns exactly the
+//! tensors its backward reads (a `Saved` struct per family) and a hand-written backward, as llm.c's
+//! `train_gpt2.c` does:
+//!
+//! - saved per block: each linear map's input, each norm's input and per-row mean / rstd (f32),
+//!   the activation's inputs (GELU input; SiLU/GELU gate and up), attention's q, k, v, output
+//!   and per-row log-sum-exp (flash style: the probabilities are recomputed in backward, no T×T
+//!   is kept; `Attention::Eager` keeps them, as HF's eager attention), MoE routing probabilities,
+//!   choices, weights and expert outputs; the loss keeps the logits and their per-row lse.
+//! - backward: blocks in reverse, each block's saved struct consumed (freed) by its backward;
+//!   every parameter's gradient accumulates in place into one buffer (a tied embedding once: the
+//!   head's gradient buffer receives the embedding rows), as do the residual stream's and a
+//!   shared input's gradients (`inplace`).
+//! - `Checkpoint::Blocks` keeps each block's input only and runs its forward again just before
+//!   its backward.
+//!
+//! Why not segment-wise autograd (each block's input a detached `Var`, the upstream gradient
+//! injected as `(y · g).sum().backward()`): it would still run candle's composed ops, which save
+//! every intermediate (a LayerNorm keeps five [N, C] tensors, softmax attention several T×T) and
+//! allocate a zeros tensor plus an add per gradient contribution, so the block's transient peak
+//! stays far above PyTorch's and is hard to write down; and it cannot use fused kernels, which
+//! have no candle backward. An explicit backward allocates deliberately, so its memory is a
+//! closed form (`memory`), and it runs the fused CPU kernels (`kernels`) where the time goes;
+//! matrix products stay candle's `matmul` (gemm).
+//!
+//! The maths mirrors `model::gpt2` and `model::llama` (HF's to 1e-7); `tests/lean_step.rs`
+//! checks every parameter's gradient against candle autograd on those networks.
 
-use crate::config::ModelConfig;
-use crate::error::{Error, Result};
-use candle_core::Tensor;
+mod gpt2;
+mod inplace;
+pub mod kernels;
+mod layers;
+mod llama;
+pub mod memory;
+pub mod optim;
+pub mod run;
+mod step;
+
+use kernels as k;
+
+use crate::config::{Arch, EmbeddingScale, ModelConfig, NormPlacement, Storage};
+use candle_core::{Result, Tensor};
+use candle_nn::VarMap;
+use layers::Params;
 use serde::Serialize;
 use std::collections::BTreeMap;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+/// What the forward keeps of each block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Checkpoint {
+    /// Everything the block's backward reads.
     None,
+    /// The block's input only; its forward runs again during backward.
     Blocks,
 }
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+
+/// How attention keeps what its backward needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Attention {
+    /// q, k, v, output and per-row log-sum-exp; probabilities recomputed (PyTorch sdpa).
     Flash,
+    /// The T×T probabilities too (HF eager attention).
     Eager,
 }
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+
+/// The optimizer step after backward, holding memory as PyTorch's foreach implementations do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Optimizer {
+    #[serde(rename = "adamw")]
+    #[value(name = "adamw")]
     AdamW,
     Sgd,
 }
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct LeanOptions {
     pub checkpoint: Checkpoint,
     pub attention: Attention,
-    #[serde(skip)]
+    /// Some(BF16|F16): PyTorch-AMP-style mixed precision (f32 master weights, f32 grads and
+    /// optimizer states, matmuls and activations in this dtype). None: everything in the
+    /// weights' dtype.
+    #[serde(serialize_with = "dtype_name")]
     pub amp: Option<candle_core::DType>,
     pub optimizer: Option<Optimizer>,
 }
+
+fn dtype_name<S: serde::Serializer>(
+    d: &Option<candle_core::DType>,
+    s: S,
+) -> std::result::Result<S::Ok, S::Error> {
+    match d {
+        Some(d) => s.serialize_some(d.as_str()),
+        None => s.serialize_none(),
+    }
+}
+
 impl Default for LeanOptions {
     fn default() -> Self {
         LeanOptions {
@@ -44,22 +116,110 @@ impl Default for LeanOptions {
         }
     }
 }
-pub fn supported(_cfg: &ModelConfig, _opts: &LeanOptions) -> std::result::Result<(), String> {
-    Err("stub".into())
+
+/// Why the lean step cannot run this config (a switch it does not implement), or Ok.
+pub fn supported(cfg: &ModelConfig, opts: &LeanOptions) -> std::result::Result<(), String> {
+    if opts.amp.is_some() {
+        return Err("mixed precision (amp) is not implemented by the lean step yet".into());
+    }
+    if cfg.arch == Arch::Gpt2 {
+        return Ok(());
+    }
+    let unsupported = [
+        (cfg.qk_norm, "q/k norms (qk_norm)"),
+        (
+            cfg.norm_placement == NormPlacement::Sandwich,
+            "sandwich norms (norm_placement = sandwich)",
+        ),
+        (
+            cfg.embedding_scale != EmbeddingScale::None,
+            "an embedding scale (embedding_scale)",
+        ),
+        (
+            cfg.final_softcap.is_some(),
+            "a final logit soft-cap (final_softcap)",
+        ),
+        (
+            cfg.qkv_storage == Storage::Fused,
+            "fused qkv storage (qkv_storage = fused)",
+        ),
+        (
+            cfg.gate_up_storage == Storage::Fused,
+            "fused gate/up storage (gate_up_storage = fused)",
+        ),
+    ];
+    match unsupported.iter().find(|(on, _)| *on) {
+        Some((_, what)) => Err(format!(
+            "{}: {what} is not implemented by the lean step yet",
+            cfg.name
+        )),
+        None => Ok(()),
+    }
 }
-pub struct LeanModel;
+
+enum Net {
+    Gpt2(gpt2::Gpt2),
+    Llama(Box<llama::Llama>),
+}
+
+/// The parameters by HF name, sharing storage with the VarMap (no copy).
+pub struct LeanModel {
+    net: Net,
+    params: Params,
+}
+
 impl LeanModel {
-    pub fn from_varmap(_cfg: &ModelConfig, _varmap: &candle_nn::VarMap) -> Result<LeanModel> {
-        Err(Error::Internal(anyhow::anyhow!("stub")))
+    pub fn from_varmap(cfg: &ModelConfig, varmap: &VarMap) -> Result<LeanModel> {
+        if let Err(why) = supported(cfg, &LeanOptions::default()) {
+            candle_core::bail!("{why}");
+        }
+        let params = Params::from_varmap(varmap);
+        let net = match cfg.arch {
+            Arch::Gpt2 => Net::Gpt2(gpt2::Gpt2::load(cfg, &params)?),
+            Arch::Llama => Net::Llama(Box::new(llama::Llama::load(cfg, &params)?)),
+        };
+        Ok(LeanModel { net, params })
     }
-    pub fn logits(&self, _input_ids: &Tensor) -> Result<Tensor> {
-        Err(Error::Internal(anyhow::anyhow!("stub")))
+
+    /// Logits `[B, T, V]` from a forward that saves nothing (reference checks, outside
+    /// measurement).
+    pub fn logits(&self, input_ids: &Tensor) -> Result<Tensor> {
+        match &self.net {
+            Net::Gpt2(n) => step::logits(n, input_ids),
+            Net::Llama(n) => step::logits(n.as_ref(), input_ids),
+        }
     }
+
+    /// One step without measurement: mean next-token loss and every parameter's gradient by
+    /// name.
     pub fn loss_and_grads(
         &self,
-        _input_ids: &Tensor,
-        _opts: &LeanOptions,
+        input_ids: &Tensor,
+        opts: &LeanOptions,
     ) -> Result<(f64, BTreeMap<String, Tensor>)> {
-        Err(Error::Internal(anyhow::anyhow!("stub")))
+        let (loss, grads) = match &self.net {
+            Net::Gpt2(n) => step::loss_and_grads(n, input_ids, opts, &mut || Ok(()))?,
+            Net::Llama(n) => step::loss_and_grads(n.as_ref(), input_ids, opts, &mut || Ok(()))?,
+        };
+        Ok((loss, grads.0))
+    }
+
+    /// `loss_and_grads` with `forward_done` run between the loss and the backward.
+    pub(crate) fn step_with(
+        &self,
+        input_ids: &Tensor,
+        opts: &LeanOptions,
+        forward_done: &mut dyn FnMut() -> Result<()>,
+    ) -> Result<(f64, BTreeMap<String, Tensor>)> {
+        let (loss, grads) = match &self.net {
+            Net::Gpt2(n) => step::loss_and_grads(n, input_ids, opts, forward_done)?,
+            Net::Llama(n) => step::loss_and_grads(n.as_ref(), input_ids, opts, forward_done)?,
+        };
+        Ok((loss, grads.0))
+    }
+
+    /// Every parameter by name (shared storage).
+    pub fn params(&self) -> impl Iterator<Item = (&String, &Tensor)> {
+        self.params.iter()
     }
 }

@@ -1,0 +1,764 @@
+//! Causal self-attention, forward and backward: flash-style (keeps the per-row log-sum-exp,
+//! recomputes the probabilities in backward) and eager (keeps the probabilities).
+//!
+//! Shapes: q [B,T,H,hd], k and v [B,T,Hkv,hd] with H a multiple of Hkv (grouped-query
+//! attention: query head h reads kv head h / (H/Hkv), as HF's `repeat_kv` lays them out).
+//! Scores s = scale · q·k, then softcap (c · tanh(s / c)) when set, then the causal mask and the
+//! sliding window (query i sees key j iff j ≤ i and j > i − w), then softmax over j.
+//!
+//! The fused flash forward keeps one row of scores per thread (T floats) instead of an online
+//! softmax over key blocks: the row fits in L1/L2 for any T a CPU trains at, and two passes over
+//! it are cheaper than rescaling the output at every block. Its backward runs one task per
+//! (batch, kv head): the task owns its kv head's dk/dv rows, loops over the query heads that
+//! share them, and so accumulates without races; the task's rows go to the outputs under a lock
+//! at the end (the outputs are [B,T,·,hd], so one head's rows are strided).
+
+use std::sync::Mutex;
+
+use candle_core::{DType, Device, IndexOp, Result, Tensor, D};
+use rayon::prelude::*;
+
+use super::simd::{self, multiversion};
+use super::with_cpu_f32;
+
+/// How scores are formed and masked.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AttnSpec {
+    /// Multiplies q·k (usually 1/√hd).
+    pub scale: f64,
+    /// Sliding window: query i sees key j iff j ≤ i and j > i − w. None: all j ≤ i.
+    pub window: Option<usize>,
+    /// Soft-capping (Gemma 2): c · tanh(s / c) on the scaled scores, before the mask.
+    pub softcap: Option<f64>,
+}
+
+/// Flash-style forward: o [B,T,H,hd] (contiguous, so it reshapes to [B,T,H·hd] for free) and
+/// the log-sum-exp of each query row's scores, lse [B,H,T] f32.
+pub fn attention_fwd(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    spec: &AttnSpec,
+) -> Result<(Tensor, Tensor)> {
+    let d = Dims::of(q, k, v, spec)?;
+    let fused = with_cpu_f32(&[q, k, v], |s| flash_fwd_cpu(s[0], s[1], s[2], &d, spec));
+    if let Some((o, lse)) = fused {
+        return Ok((
+            Tensor::from_vec(o, (d.b, d.t, d.h, d.hd), &Device::Cpu)?,
+            Tensor::from_vec(lse, (d.b, d.h, d.t), &Device::Cpu)?,
+        ));
+    }
+    flash_fwd_composed(q, k, v, &d, spec)
+}
+
+/// Flash-style backward from the forward's inputs, output and lse: (dq, dk, dv) in the shapes
+/// of q, k, v. The probabilities are recomputed per (batch, kv head) (composed: a [H/Hkv,T,T]
+/// transient; fused: one row per thread).
+pub fn attention_bwd(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    o: &Tensor,
+    lse: &Tensor,
+    d_o: &Tensor,
+    spec: &AttnSpec,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let d = Dims::of(q, k, v, spec)?;
+    expect_dims("o", o, &[d.b, d.t, d.h, d.hd])?;
+    expect_dims("d_o", d_o, &[d.b, d.t, d.h, d.hd])?;
+    expect_dims("lse", lse, &[d.b, d.h, d.t])?;
+    if lse.dtype() != DType::F32 {
+        candle_core::bail!("attention: lse must be f32, got {:?}", lse.dtype())
+    }
+    let fused = with_cpu_f32(&[q, k, v, o, lse, d_o], |s| {
+        flash_bwd_cpu(s[0], s[1], s[2], s[3], s[4], s[5], &d, spec)
+    });
+    if let Some((dq, dk, dv)) = fused {
+        return Ok((
+            Tensor::from_vec(dq, q.shape(), &Device::Cpu)?,
+            Tensor::from_vec(dk, k.shape(), &Device::Cpu)?,
+            Tensor::from_vec(dv, v.shape(), &Device::Cpu)?,
+        ));
+    }
+    flash_bwd_composed(q, k, v, o, lse, d_o, &d, spec)
+}
+
+/// Eager forward (HF "eager"): o [B,T,H,hd] and the probabilities [B,H,T,T] in q's dtype,
+/// which the backward reads instead of recomputing them.
+pub fn attention_eager_fwd(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    spec: &AttnSpec,
+) -> Result<(Tensor, Tensor)> {
+    let d = Dims::of(q, k, v, spec)?;
+    let dt = q.dtype();
+    let (qh, kh, vh) = heads_f32(q, k, v, &d)?;
+    let (s, _) = scores(&qh, &kh, &mask(d.t, spec.window, q.device())?, spec)?;
+    let p = s.broadcast_sub(&logsumexp(&s)?)?.exp()?;
+    let o = p.matmul(&vh)?.transpose(1, 2)?.contiguous()?.to_dtype(dt)?;
+    Ok((o, p.to_dtype(dt)?))
+}
+
+/// Eager backward from the kept probabilities: (dq, dk, dv). With a softcap, tanh's derivative
+/// needs the raw scores, recomputed from q and k.
+pub fn attention_eager_bwd(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    probs: &Tensor,
+    d_o: &Tensor,
+    spec: &AttnSpec,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let d = Dims::of(q, k, v, spec)?;
+    expect_dims("probs", probs, &[d.b, d.h, d.t, d.t])?;
+    expect_dims("d_o", d_o, &[d.b, d.t, d.h, d.hd])?;
+    let (qh, kh, vh) = heads_f32(q, k, v, &d)?;
+    let p = probs.to_dtype(DType::F32)?;
+    let doh = d_o.to_dtype(DType::F32)?.transpose(1, 2)?.contiguous()?;
+    let dp = doh.matmul(&vh.t()?)?;
+    let dd = (&p * &dp)?.sum_keepdim(D::Minus1)?;
+    let mut ds = (&p * dp.broadcast_sub(&dd)?)?;
+    if spec.softcap.is_some() {
+        let (_, tt) = scores(&qh, &kh, &mask(d.t, spec.window, q.device())?, spec)?;
+        if let Some(tt) = tt {
+            ds = (ds * tt.sqr()?.affine(-1.0, 1.0)?)?;
+        }
+    }
+    let dq = (ds.matmul(&kh)? * spec.scale)?;
+    let dk = (ds.t()?.matmul(&qh)? * spec.scale)?;
+    let dv = p.t()?.matmul(&doh)?;
+    let back = |x: Tensor, heads: usize, like: &Tensor| -> Result<Tensor> {
+        // [B,H,T,hd] -> (sum over the query heads of a group) -> [B,T,heads,hd]
+        let x = if heads == d.h {
+            x
+        } else {
+            x.reshape((d.b, heads, d.g, d.t, d.hd))?.sum(2)?
+        };
+        x.transpose(1, 2)?.contiguous()?.to_dtype(like.dtype())
+    };
+    Ok((back(dq, d.h, q)?, back(dk, d.hkv, k)?, back(dv, d.hkv, v)?))
+}
+
+/// Shapes of one call, checked.
+struct Dims {
+    b: usize,
+    t: usize,
+    h: usize,
+    hkv: usize,
+    /// Query heads per kv head.
+    g: usize,
+    hd: usize,
+}
+
+impl Dims {
+    fn of(q: &Tensor, k: &Tensor, v: &Tensor, spec: &AttnSpec) -> Result<Dims> {
+        let (b, t, h, hd) = q.dims4()?;
+        let hkv = k.dim(2)?;
+        if hkv == 0 || h % hkv != 0 {
+            candle_core::bail!("attention: {h} query heads are not a multiple of {hkv} kv heads")
+        }
+        expect_dims("k", k, &[b, t, hkv, hd])?;
+        expect_dims("v", v, &[b, t, hkv, hd])?;
+        if spec.window == Some(0) {
+            candle_core::bail!("attention: window = 0 would hide every key")
+        }
+        if !(spec.scale.is_finite()) || spec.softcap.is_some_and(|c| !(c > 0.0 && c.is_finite())) {
+            candle_core::bail!(
+                "attention: scale = {} / softcap = {:?} must be finite (softcap > 0)",
+                spec.scale,
+                spec.softcap
+            )
+        }
+        Ok(Dims {
+            b,
+            t,
+            h,
+            hkv,
+            g: h / hkv,
+            hd,
+        })
+    }
+
+    /// First key query i sees.
+    fn first_key(i: usize, window: Option<usize>) -> usize {
+        match window {
+            Some(w) => (i + 1).saturating_sub(w),
+            None => 0,
+        }
+    }
+}
+
+fn expect_dims(name: &str, t: &Tensor, dims: &[usize]) -> Result<()> {
+    if t.dims() != dims {
+        candle_core::bail!(
+            "attention: {name} has shape {:?}, expected {dims:?}",
+            t.dims()
+        )
+    }
+    Ok(())
+}
+
+/// [T,T] additive mask: 0 where query i sees key j, −∞ elsewhere.
+fn mask(t: usize, window: Option<usize>, dev: &Device) -> Result<Tensor> {
+    let mut m = vec![f32::NEG_INFINITY; t * t];
+    for (i, row) in m.chunks_exact_mut(t.max(1)).enumerate() {
+        for x in &mut row[Dims::first_key(i, window)..=i] {
+            *x = 0.0;
+        }
+    }
+    Tensor::from_vec(m, (t, t), dev)
+}
+
+/// Masked scores [.., T, T] from q [.., T, hd] and k [.., T, hd] (k broadcast over q's leading
+/// dims when it has fewer), and tanh(s/c) when there is a softcap (for its derivative).
+fn scores(
+    q: &Tensor,
+    k: &Tensor,
+    mask: &Tensor,
+    spec: &AttnSpec,
+) -> Result<(Tensor, Option<Tensor>)> {
+    let mut s = (q.broadcast_matmul(&k.t()?)? * spec.scale)?;
+    let mut tt = None;
+    if let Some(c) = spec.softcap {
+        let t = (s / c)?.tanh()?;
+        s = (&t * c)?;
+        tt = Some(t);
+    }
+    Ok((s.broadcast_add(mask)?, tt))
+}
+
+/// log Σ_j e^{s_j} over the last dim, kept as a size-1 dim.
+fn logsumexp(s: &Tensor) -> Result<Tensor> {
+    let m = s.max_keepdim(D::Minus1)?;
+    m.broadcast_add(&s.broadcast_sub(&m)?.exp()?.sum_keepdim(D::Minus1)?.log()?)
+}
+
+/// q, k, v as f32 [B,H,T,hd], k and v repeated over the query heads of their group.
+fn heads_f32(q: &Tensor, k: &Tensor, v: &Tensor, d: &Dims) -> Result<(Tensor, Tensor, Tensor)> {
+    let qh = q.to_dtype(DType::F32)?.transpose(1, 2)?.contiguous()?;
+    let rep = |x: &Tensor| -> Result<Tensor> {
+        x.to_dtype(DType::F32)?
+            .transpose(1, 2)?
+            .unsqueeze(2)?
+            .broadcast_as((d.b, d.hkv, d.g, d.t, d.hd))?
+            .reshape((d.b, d.h, d.t, d.hd))
+    };
+    Ok((qh, rep(k)?, rep(v)?))
+}
+
+/// The query heads of kv head j in batch b: [g, T, hd] f32.
+fn group(x: &Tensor, b: usize, j: usize, g: usize) -> Result<Tensor> {
+    x.i(b)?.narrow(1, j * g, g)?.transpose(0, 1)?.contiguous()
+}
+
+fn flash_fwd_composed(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    d: &Dims,
+    spec: &AttnSpec,
+) -> Result<(Tensor, Tensor)> {
+    let (q32, k32, v32) = (
+        q.to_dtype(DType::F32)?,
+        k.to_dtype(DType::F32)?,
+        v.to_dtype(DType::F32)?,
+    );
+    let mask = mask(d.t, spec.window, q.device())?;
+    let (mut o_b, mut lse_b) = (Vec::with_capacity(d.b), Vec::with_capacity(d.b));
+    for b in 0..d.b {
+        let (mut o_h, mut lse_h) = (Vec::with_capacity(d.hkv), Vec::with_capacity(d.hkv));
+        for j in 0..d.hkv {
+            let qg = group(&q32, b, j, d.g)?;
+            let kj = k32.i((b, .., j))?.contiguous()?;
+            let vj = v32.i((b, .., j))?.contiguous()?;
+            let (s, _) = scores(&qg, &kj, &mask, spec)?;
+            let lse = logsumexp(&s)?;
+            let p = s.broadcast_sub(&lse)?.exp()?;
+            o_h.push(p.broadcast_matmul(&vj)?);
+            lse_h.push(lse.squeeze(2)?);
+        }
+        o_b.push(Tensor::cat(&o_h, 0)?.transpose(0, 1)?);
+        lse_b.push(Tensor::cat(&lse_h, 0)?);
+    }
+    let o = Tensor::stack(&o_b, 0)?.contiguous()?.to_dtype(q.dtype())?;
+    Ok((o, Tensor::stack(&lse_b, 0)?.contiguous()?))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn flash_bwd_composed(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    o: &Tensor,
+    lse: &Tensor,
+    d_o: &Tensor,
+    d: &Dims,
+    spec: &AttnSpec,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let f = |x: &Tensor| x.to_dtype(DType::F32);
+    let (q32, k32, v32, o32, do32) = (f(q)?, f(k)?, f(v)?, f(o)?, f(d_o)?);
+    let mask = mask(d.t, spec.window, q.device())?;
+    let (mut dq_b, mut dk_b, mut dv_b) = (Vec::new(), Vec::new(), Vec::new());
+    for b in 0..d.b {
+        let (mut dq_h, mut dk_h, mut dv_h) = (Vec::new(), Vec::new(), Vec::new());
+        for j in 0..d.hkv {
+            let qg = group(&q32, b, j, d.g)?;
+            let og = group(&o32, b, j, d.g)?;
+            let dog = group(&do32, b, j, d.g)?;
+            let kj = k32.i((b, .., j))?.contiguous()?;
+            let vj = v32.i((b, .., j))?.contiguous()?;
+            let lse_g = lse.i(b)?.narrow(0, j * d.g, d.g)?.unsqueeze(2)?;
+            let (s, tt) = scores(&qg, &kj, &mask, spec)?;
+            let p = s.broadcast_sub(&lse_g)?.exp()?;
+            let dd = (&dog * &og)?.sum_keepdim(2)?;
+            let dp = dog.broadcast_matmul(&vj.t()?)?;
+            let mut ds = (&p * dp.broadcast_sub(&dd)?)?;
+            if let Some(tt) = tt {
+                ds = (ds * tt.sqr()?.affine(-1.0, 1.0)?)?;
+            }
+            dq_h.push((ds.broadcast_matmul(&kj)? * spec.scale)?);
+            dk_h.push((ds.transpose(1, 2)?.matmul(&qg)?.sum(0)? * spec.scale)?);
+            dv_h.push(p.transpose(1, 2)?.matmul(&dog)?.sum(0)?);
+        }
+        dq_b.push(Tensor::cat(&dq_h, 0)?.transpose(0, 1)?);
+        dk_b.push(Tensor::stack(&dk_h, 1)?);
+        dv_b.push(Tensor::stack(&dv_h, 1)?);
+    }
+    let out = |xs: Vec<Tensor>, like: &Tensor| -> Result<Tensor> {
+        Tensor::stack(&xs, 0)?.contiguous()?.to_dtype(like.dtype())
+    };
+    Ok((out(dq_b, q)?, out(dk_b, k)?, out(dv_b, v)?))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fused CPU f32
+
+fn flash_fwd_cpu(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    d: &Dims,
+    spec: &AttnSpec,
+) -> (Vec<f32>, Vec<f32>) {
+    let (t, h, hd) = (d.t, d.h, d.hd);
+    let mut o = vec![0f32; q.len()];
+    // Per (b, t, h) first, in o's order; transposed to [B,H,T] below (B·H·T floats).
+    let mut lse_bth = vec![0f32; d.b * t * h];
+    let kv_len = t * d.hkv * hd;
+    let cap = spec.softcap.map_or(0.0, |c| c as f32);
+    o.par_chunks_mut(h * hd)
+        .zip(lse_bth.par_chunks_mut(h))
+        .zip(q.par_chunks(h * hd))
+        .enumerate()
+        .for_each_init(
+            || vec![0f32; t],
+            |buf, (row, ((o, lse), q))| {
+                let (b, i) = (row / t, row % t);
+                let kb = &k[b * kv_len..(b + 1) * kv_len];
+                let vb = &v[b * kv_len..(b + 1) * kv_len];
+                let lo = Dims::first_key(i, spec.window);
+                fwd_query_row(
+                    o,
+                    lse,
+                    q,
+                    kb,
+                    vb,
+                    buf,
+                    lo,
+                    i + 1,
+                    d.hkv,
+                    d.g,
+                    hd,
+                    spec.scale as f32,
+                    cap,
+                );
+            },
+        );
+    let mut lse = vec![0f32; lse_bth.len()];
+    for (src, dst) in lse_bth.chunks_exact(t * h).zip(lse.chunks_exact_mut(h * t)) {
+        for (i, row) in src.chunks_exact(h).enumerate() {
+            for (hh, &x) in row.iter().enumerate() {
+                dst[hh * t + i] = x;
+            }
+        }
+    }
+    (o, lse)
+}
+
+multiversion! {
+    /// Every head of query position i: scores against keys lo..hi, softmax, o = P·v.
+    #[allow(clippy::too_many_arguments)]
+    fn fwd_query_row(
+        o: &mut [f32],
+        lse: &mut [f32],
+        q: &[f32],
+        kb: &[f32],
+        vb: &[f32],
+        buf: &mut [f32],
+        lo: usize,
+        hi: usize,
+        hkv: usize,
+        g: usize,
+        hd: usize,
+        scale: f32,
+        cap: f32,
+    ) {
+        let n = hi - lo;
+        let buf = &mut buf[..n];
+        for (hh, ((o, lse), q)) in o.chunks_exact_mut(hd).zip(lse.iter_mut()).zip(q.chunks_exact(hd)).enumerate() {
+            let kvh = hh / g;
+            let keys = kb.chunks_exact(hd).skip(kvh).step_by(hkv).skip(lo);
+            for (s, kj) in buf.iter_mut().zip(keys) {
+                *s = simd::dot(q, kj) * scale;
+            }
+            if cap > 0.0 {
+                let inv = 1.0 / cap;
+                for s in buf.iter_mut() {
+                    *s = cap * simd::tanh(*s * inv);
+                }
+            }
+            let m = simd::max(buf);
+            for s in buf.iter_mut() {
+                *s = simd::exp(*s - m);
+            }
+            let z = simd::sum(buf);
+            o.fill(0.0);
+            let vals = vb.chunks_exact(hd).skip(kvh).step_by(hkv).skip(lo);
+            for (&p, vj) in buf.iter().zip(vals) {
+                simd::axpy(o, p, vj);
+            }
+            let inv_z = 1.0 / z;
+            for x in o.iter_mut() {
+                *x *= inv_z;
+            }
+            *lse = m + z.ln();
+        }
+    }
+}
+
+/// One task's share of the backward: kv head `kvh` of batch `b`.
+struct Grads {
+    dq: Vec<f32>,
+    dk: Vec<f32>,
+    dv: Vec<f32>,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn flash_bwd_cpu(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    o: &[f32],
+    lse: &[f32],
+    d_o: &[f32],
+    d: &Dims,
+    spec: &AttnSpec,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let (t, h, hkv, g, hd) = (d.t, d.h, d.hkv, d.g, d.hd);
+    let out = Mutex::new(Grads {
+        dq: vec![0f32; q.len()],
+        dk: vec![0f32; k.len()],
+        dv: vec![0f32; v.len()],
+    });
+    let cap = spec.softcap.map_or(0.0, |c| c as f32);
+    let (q_len, kv_len) = (t * h * hd, t * hkv * hd);
+    (0..d.b * hkv).into_par_iter().for_each(|task| {
+        let (b, kvh) = (task / hkv, task % hkv);
+        let mut loc = Grads {
+            dq: vec![0f32; g * t * hd],
+            dk: vec![0f32; t * hd],
+            dv: vec![0f32; t * hd],
+        };
+        // k, v of this kv head, gathered once into [T, hd] rows (2·T·hd floats).
+        let gather = |x: &[f32]| -> Vec<f32> {
+            x[b * kv_len..(b + 1) * kv_len]
+                .chunks_exact(hd)
+                .skip(kvh)
+                .step_by(hkv)
+                .flatten()
+                .copied()
+                .collect()
+        };
+        let (kh, vh) = (gather(k), gather(v));
+        let mut p = vec![0f32; t];
+        let mut ds = vec![0f32; t];
+        for hh in 0..g {
+            let head = kvh * g + hh;
+            let qb = &q[b * q_len..(b + 1) * q_len];
+            let ob = &o[b * q_len..(b + 1) * q_len];
+            let dob = &d_o[b * q_len..(b + 1) * q_len];
+            let lse_h = &lse[(b * h + head) * t..(b * h + head + 1) * t];
+            let dq_h = &mut loc.dq[hh * t * hd..(hh + 1) * t * hd];
+            for (i, ((((qi, oi), doi), &l), dqi)) in head_rows(qb, hd, head, h)
+                .zip(head_rows(ob, hd, head, h))
+                .zip(head_rows(dob, hd, head, h))
+                .zip(lse_h)
+                .zip(dq_h.chunks_exact_mut(hd))
+                .enumerate()
+            {
+                let lo = Dims::first_key(i, spec.window);
+                bwd_query_row(
+                    dqi,
+                    &mut loc.dk,
+                    &mut loc.dv,
+                    qi,
+                    oi,
+                    doi,
+                    l,
+                    &kh,
+                    &vh,
+                    &mut p,
+                    &mut ds,
+                    lo,
+                    i + 1,
+                    hd,
+                    spec.scale as f32,
+                    cap,
+                );
+            }
+        }
+        // Hand the task's rows to the strided outputs.
+        let mut guard = out.lock().unwrap_or_else(|e| e.into_inner());
+        let out = &mut *guard;
+        for hh in 0..g {
+            let head = kvh * g + hh;
+            let dst = out.dq[b * q_len..(b + 1) * q_len]
+                .chunks_exact_mut(hd)
+                .skip(head)
+                .step_by(h);
+            for (dst, src) in dst.zip(loc.dq[hh * t * hd..(hh + 1) * t * hd].chunks_exact(hd)) {
+                dst.copy_from_slice(src);
+            }
+        }
+        for (dst, src) in [(&mut out.dk, &loc.dk), (&mut out.dv, &loc.dv)] {
+            let dst = dst[b * kv_len..(b + 1) * kv_len]
+                .chunks_exact_mut(hd)
+                .skip(kvh)
+                .step_by(hkv);
+            for (dst, src) in dst.zip(src.chunks_exact(hd)) {
+                dst.copy_from_slice(src);
+            }
+        }
+    });
+    let g = out.into_inner().unwrap_or_else(|e| e.into_inner());
+    (g.dq, g.dk, g.dv)
+}
+
+/// The rows of head `head` in a [T, H, hd] slice.
+fn head_rows(x: &[f32], hd: usize, head: usize, h: usize) -> impl Iterator<Item = &[f32]> {
+    x.chunks_exact(hd).skip(head).step_by(h)
+}
+
+multiversion! {
+    /// Query row i of one head against keys lo..hi: P from the saved lse, dS = P(dP − D),
+    /// then dq_i, and the keys' dk_j, dv_j.
+    #[allow(clippy::too_many_arguments)]
+    fn bwd_query_row(
+        dq: &mut [f32],
+        dk: &mut [f32],
+        dv: &mut [f32],
+        q: &[f32],
+        o: &[f32],
+        d_o: &[f32],
+        lse: f32,
+        kh: &[f32],
+        vh: &[f32],
+        p: &mut [f32],
+        ds: &mut [f32],
+        lo: usize,
+        hi: usize,
+        hd: usize,
+        scale: f32,
+        cap: f32,
+    ) {
+        let n = hi - lo;
+        let (p, ds) = (&mut p[..n], &mut ds[..n]);
+        let keys = &kh[lo * hd..hi * hd];
+        let vals = &vh[lo * hd..hi * hd];
+        let dd = simd::dot(d_o, o);
+        let inv = if cap > 0.0 { 1.0 / cap } else { 0.0 };
+        for (((p, ds), kj), vj) in p.iter_mut().zip(ds.iter_mut()).zip(keys.chunks_exact(hd)).zip(vals.chunks_exact(hd)) {
+            let raw = simd::dot(q, kj) * scale;
+            let (s, dtanh) = if cap > 0.0 {
+                let th = simd::tanh(raw * inv);
+                (cap * th, 1.0 - th * th)
+            } else {
+                (raw, 1.0)
+            };
+            *p = simd::exp(s - lse);
+            let dp = simd::dot(d_o, vj);
+            *ds = *p * (dp - dd) * dtanh * scale;
+        }
+        for (((&p, &ds), kj), (dkj, dvj)) in p
+            .iter()
+            .zip(ds.iter())
+            .zip(keys.chunks_exact(hd))
+            .zip(dk[lo * hd..hi * hd].chunks_exact_mut(hd).zip(dv[lo * hd..hi * hd].chunks_exact_mut(hd)))
+        {
+            simd::axpy(dq, ds, kj);
+            simd::axpy(dkj, ds, q);
+            simd::axpy(dvj, p, d_o);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::{close, rand, strided};
+    use super::*;
+    use candle_core::Var;
+
+    const TOL: f64 = 1e-5;
+
+    /// Attention written as HF's eager path does it, from candle ops that all have a backward
+    /// (candle-nn's composed softmax), independent of this file's code.
+    fn reference(q: &Tensor, k: &Tensor, v: &Tensor, spec: &AttnSpec) -> Tensor {
+        let (b, t, h, hd) = q.dims4().unwrap();
+        let hkv = k.dim(2).unwrap();
+        let rep = |x: &Tensor| {
+            x.transpose(1, 2)
+                .unwrap()
+                .unsqueeze(2)
+                .unwrap()
+                .broadcast_as((b, hkv, h / hkv, t, hd))
+                .unwrap()
+                .reshape((b, h, t, hd))
+                .unwrap()
+        };
+        let qh = q.transpose(1, 2).unwrap().contiguous().unwrap();
+        let mut s = (qh.matmul(&rep(k).t().unwrap()).unwrap() * spec.scale).unwrap();
+        if let Some(c) = spec.softcap {
+            s = ((s / c).unwrap().tanh().unwrap() * c).unwrap();
+        }
+        let mut m = vec![0f32; t * t];
+        for i in 0..t {
+            for j in 0..t {
+                let seen = j <= i && spec.window.is_none_or(|w| j + w > i);
+                m[i * t + j] = if seen { 0.0 } else { f32::NEG_INFINITY };
+            }
+        }
+        let m = Tensor::from_vec(m, (t, t), &Device::Cpu).unwrap();
+        let p = candle_nn::ops::softmax(&s.broadcast_add(&m).unwrap(), D::Minus1).unwrap();
+        p.matmul(&rep(v)).unwrap().transpose(1, 2).unwrap()
+    }
+
+    fn cases() -> Vec<([usize; 5], AttnSpec)> {
+        let spec = |hd: usize, window, softcap| AttnSpec {
+            scale: 1.0 / (hd as f64).sqrt(),
+            window,
+            softcap,
+        };
+        vec![
+            // [B, T, H, Hkv, hd]
+            ([2, 7, 4, 1, 12], spec(12, None, None)),
+            ([1, 7, 4, 4, 12], spec(12, Some(3), None)),
+            ([2, 9, 8, 2, 12], spec(12, None, Some(2.0))),
+            ([1, 13, 4, 1, 20], spec(20, Some(5), Some(1.5))),
+            ([2, 33, 2, 2, 64], spec(64, None, None)),
+            ([1, 40, 6, 3, 17], spec(17, Some(40), Some(3.0))),
+        ]
+    }
+
+    #[test]
+    fn flash_and_eager_fused_composed_and_autograd_agree() {
+        for ([b, t, h, hkv, hd], spec) in cases() {
+            let what = format!("B={b} T={t} H={h} Hkv={hkv} hd={hd} {spec:?}");
+            // q scaled up so that the softcap's tanh is far from linear.
+            let q = rand(&[b, t, h, hd], 3.0, 31).unwrap();
+            let k = rand(&[b, t, hkv, hd], 1.0, 32).unwrap();
+            let v = rand(&[b, t, hkv, hd], 1.0, 33).unwrap();
+            let r = rand(&[b, t, h, hd], 1.0, 34).unwrap();
+            let (qv, kv, vv) = (
+                Var::from_tensor(&q).unwrap(),
+                Var::from_tensor(&k).unwrap(),
+                Var::from_tensor(&v).unwrap(),
+            );
+            let o_ref = reference(qv.as_tensor(), kv.as_tensor(), vv.as_tensor(), &spec);
+            let g = (&o_ref * &r)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let grads = [&qv, &kv, &vv].map(|x| g.get(x.as_tensor()).unwrap().clone());
+
+            let (o, lse) = attention_fwd(&q, &k, &v, &spec).unwrap();
+            let (oc, lsec) = attention_fwd(&strided(&q), &k, &v, &spec).unwrap();
+            close(&format!("o fused {what}"), &o, &o_ref, TOL);
+            close(&format!("o composed {what}"), &oc, &o_ref, TOL);
+            close(&format!("lse {what}"), &lse, &lsec, TOL);
+            assert!(o.is_contiguous() && oc.is_contiguous() && lse.dims() == [b, h, t]);
+
+            for (label, dout) in [("fused", r.clone()), ("composed", strided(&r))] {
+                let (dq, dk, dv) = attention_bwd(&q, &k, &v, &o, &lse, &dout, &spec).unwrap();
+                for (name, x, want) in [
+                    ("dq", &dq, &grads[0]),
+                    ("dk", &dk, &grads[1]),
+                    ("dv", &dv, &grads[2]),
+                ] {
+                    close(&format!("{name} {label} {what}"), x, want, TOL);
+                    assert!(x.is_contiguous());
+                }
+            }
+
+            let (oe, probs) = attention_eager_fwd(&q, &k, &v, &spec).unwrap();
+            close(&format!("o eager {what}"), &oe, &o_ref, TOL);
+            assert_eq!(probs.dims(), [b, h, t, t]);
+            let (dq, dk, dv) = attention_eager_bwd(&q, &k, &v, &probs, &r, &spec).unwrap();
+            for (name, x, want) in [
+                ("dq", &dq, &grads[0]),
+                ("dk", &dk, &grads[1]),
+                ("dv", &dv, &grads[2]),
+            ] {
+                close(&format!("{name} eager {what}"), x, want, TOL);
+            }
+        }
+    }
+
+    #[test]
+    fn lse_is_the_log_normaliser_of_the_visible_scores() {
+        // T = 3, one head, hd = 1: scores are q_i·k_j, written out by hand.
+        let q = Tensor::new(&[1f32, 2.0, -1.0], &Device::Cpu)
+            .unwrap()
+            .reshape((1, 3, 1, 1))
+            .unwrap();
+        let k = Tensor::new(&[0.5f32, -1.0, 3.0], &Device::Cpu)
+            .unwrap()
+            .reshape((1, 3, 1, 1))
+            .unwrap();
+        let v = k.clone();
+        let spec = AttnSpec {
+            scale: 1.0,
+            window: Some(2),
+            softcap: None,
+        };
+        let (_, lse) = attention_fwd(&q, &k, &v, &spec).unwrap();
+        let lse = lse.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let want = [
+            0.5f64,
+            (1f64.exp() + (-2f64).exp()).ln(),
+            (1f64.exp() + (-3f64).exp()).ln(),
+        ];
+        for (a, b) in lse.iter().zip(want) {
+            assert!((*a as f64 - b).abs() < 1e-6, "{lse:?} vs {want:?}");
+        }
+    }
+
+    #[test]
+    fn bad_shapes_are_errors() {
+        let q = rand(&[1, 4, 3, 8], 1.0, 1).unwrap();
+        let k = rand(&[1, 4, 2, 8], 1.0, 2).unwrap();
+        let spec = AttnSpec {
+            scale: 1.0,
+            window: None,
+            softcap: None,
+        };
+        assert!(attention_fwd(&q, &k, &k, &spec).is_err());
+        let spec0 = AttnSpec {
+            window: Some(0),
+            ..spec
+        };
+        assert!(attention_fwd(&q, &q, &q, &spec0).is_err());
+    }
+}

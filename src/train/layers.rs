@@ -1,0 +1,292 @@
+//! The pieces both families are made of, each with its forward (returning what backward needs)
+//! and its backward: linear maps in both weight layouts, LayerNorm / RMSNorm, attention (flash
+//! or eager), and the gradient store that accumulates into one buffer per parameter.
+
+use super::inplace;
+use super::k;
+use crate::train::Attention;
+use candle_core::{Result, Tensor};
+use candle_nn::VarMap;
+use std::collections::BTreeMap;
+
+/// The parameters by HF name, sharing storage with the VarMap (no copy, no `Var`: candle
+/// records no graph for ops on them).
+pub(crate) struct Params(BTreeMap<String, Tensor>);
+
+impl Params {
+    pub(crate) fn from_varmap(varmap: &VarMap) -> Params {
+        let data = varmap.data().lock().unwrap_or_else(|e| e.into_inner());
+        Params(
+            data.iter()
+                .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
+                .collect(),
+        )
+    }
+
+    pub(crate) fn get(&self, name: &str) -> Result<Tensor> {
+        self.0
+            .get(name)
+            .cloned()
+            .ok_or_else(|| candle_core::Error::Msg(format!("no parameter {name} in the model")))
+    }
+
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (&String, &Tensor)> {
+        self.0.iter()
+    }
+}
+
+/// Each parameter's gradient, accumulated in place into the first contribution's buffer.
+#[derive(Default)]
+pub(crate) struct Grads(pub(crate) BTreeMap<String, Tensor>);
+
+impl Grads {
+    pub(crate) fn add(&mut self, name: &str, g: Tensor) -> Result<()> {
+        match self.0.remove(name) {
+            Some(acc) => {
+                let acc = inplace::add(acc, &g)?;
+                self.0.insert(name.to_string(), acc);
+            }
+            None => {
+                self.0.insert(name.to_string(), g);
+            }
+        }
+        Ok(())
+    }
+
+    /// Scatter-add embedding rows into `name`'s gradient (zeros `[V, C]` first if it has none).
+    pub(crate) fn add_rows(
+        &mut self,
+        name: &str,
+        weight: &Tensor,
+        ids: &Tensor,
+        dy: &Tensor,
+        skip: Option<u32>,
+    ) -> Result<()> {
+        let acc = match self.0.remove(name) {
+            Some(acc) => acc,
+            None => weight.zeros_like()?,
+        };
+        let acc = inplace::index_add_rows(acc, ids, dy, skip)?;
+        self.0.insert(name.to_string(), acc);
+        Ok(())
+    }
+}
+
+/// How a weight matrix is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum WeightLayout {
+    /// HF `Conv1D` (GPT-2): `[in, out]`, y = x·W.
+    InOut,
+    /// `torch.nn.Linear`: `[out, in]`, y = x·Wᵀ.
+    OutIn,
+}
+
+pub(crate) struct Lin {
+    w: Tensor,
+    b: Option<Tensor>,
+    w_name: String,
+    b_name: String,
+    layout: WeightLayout,
+}
+
+impl Lin {
+    /// `prefix.weight` and, with `bias`, `prefix.bias`.
+    pub(crate) fn load(p: &Params, prefix: &str, bias: bool, layout: WeightLayout) -> Result<Lin> {
+        let w_name = format!("{prefix}.weight");
+        let b_name = format!("{prefix}.bias");
+        Ok(Lin {
+            w: p.get(&w_name)?,
+            b: if bias { Some(p.get(&b_name)?) } else { None },
+            w_name,
+            b_name,
+            layout,
+        })
+    }
+
+    /// x `[N, in]` -> `[N, out]`; the bias is added in place.
+    pub(crate) fn fwd(&self, x: &Tensor) -> Result<Tensor> {
+        let y = match self.layout {
+            WeightLayout::InOut => x.matmul(&self.w)?,
+            WeightLayout::OutIn => x.matmul(&self.w.t()?)?,
+        };
+        match &self.b {
+            Some(b) => inplace::add_bias(y, b),
+            None => Ok(y),
+        }
+    }
+
+    /// Weight (and bias) gradients from the saved input `x` `[N, in]` and `dy` `[N, out]`; returns
+    /// dx `[N, in]`, accumulated into `acc` when given (inputs shared by several maps).
+    pub(crate) fn bwd(
+        &self,
+        x: &Tensor,
+        dy: &Tensor,
+        grads: &mut Grads,
+        acc: Option<Tensor>,
+    ) -> Result<Tensor> {
+        let dw = match self.layout {
+            WeightLayout::InOut => x.t()?.matmul(dy)?,
+            WeightLayout::OutIn => dy.t()?.matmul(x)?,
+        };
+        grads.add(&self.w_name, dw)?;
+        if self.b.is_some() {
+            grads.add(&self.b_name, dy.sum(0)?)?;
+        }
+        let dx = match self.layout {
+            WeightLayout::InOut => dy.matmul(&self.w.t()?)?,
+            WeightLayout::OutIn => dy.matmul(&self.w)?,
+        };
+        match acc {
+            Some(a) => inplace::add(a, &dx),
+            None => Ok(dx),
+        }
+    }
+
+    /// Zero gradients for a map that saw no input (an expert no token chose).
+    pub(crate) fn zero_grads(&self, grads: &mut Grads) -> Result<()> {
+        grads.add(&self.w_name, self.w.zeros_like()?)?;
+        if let Some(b) = &self.b {
+            grads.add(&self.b_name, b.zeros_like()?)?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum NormKind {
+    Layer,
+    /// y = x · rstd · (offset + w).
+    Rms {
+        offset: f64,
+    },
+}
+
+pub(crate) struct Norm {
+    kind: NormKind,
+    w: Tensor,
+    b: Option<Tensor>,
+    eps: f64,
+    w_name: String,
+    b_name: String,
+}
+
+/// What a norm's backward needs besides its input: per-row statistics (f32).
+pub(crate) struct NormStats {
+    mean: Option<Tensor>,
+    rstd: Tensor,
+}
+
+impl Norm {
+    pub(crate) fn load(
+        p: &Params,
+        prefix: &str,
+        kind: NormKind,
+        bias: bool,
+        eps: f64,
+    ) -> Result<Norm> {
+        let w_name = format!("{prefix}.weight");
+        let b_name = format!("{prefix}.bias");
+        Ok(Norm {
+            kind,
+            w: p.get(&w_name)?,
+            b: if bias { Some(p.get(&b_name)?) } else { None },
+            eps,
+            w_name,
+            b_name,
+        })
+    }
+
+    /// x `[N, C]` -> (y `[N, C]`, statistics).
+    pub(crate) fn fwd(&self, x: &Tensor) -> Result<(Tensor, NormStats)> {
+        match self.kind {
+            NormKind::Layer => {
+                let (y, mean, rstd) =
+                    k::layer_norm_fwd(x, Some(&self.w), self.b.as_ref(), self.eps)?;
+                Ok((
+                    y,
+                    NormStats {
+                        mean: Some(mean),
+                        rstd,
+                    },
+                ))
+            }
+            NormKind::Rms { offset } => {
+                let (y, rstd) = k::rms_norm_fwd(x, Some(&self.w), self.eps, offset)?;
+                Ok((y, NormStats { mean: None, rstd }))
+            }
+        }
+    }
+
+    /// dx from dy and the saved input; the weight (and bias) gradients go to `grads`.
+    pub(crate) fn bwd(
+        &self,
+        dy: &Tensor,
+        x: &Tensor,
+        st: &NormStats,
+        grads: &mut Grads,
+    ) -> Result<Tensor> {
+        match (self.kind, &st.mean) {
+            (NormKind::Layer, Some(mean)) => {
+                let (dx, dw, db) = k::layer_norm_bwd(dy, x, Some(&self.w), mean, &st.rstd)?;
+                if let Some(dw) = dw {
+                    grads.add(&self.w_name, dw)?;
+                }
+                if let (Some(db), Some(_)) = (db, &self.b) {
+                    grads.add(&self.b_name, db)?;
+                }
+                Ok(dx)
+            }
+            (NormKind::Rms { offset }, _) => {
+                let (dx, dw) = k::rms_norm_bwd(dy, x, Some(&self.w), &st.rstd, offset)?;
+                if let Some(dw) = dw {
+                    grads.add(&self.w_name, dw)?;
+                }
+                Ok(dx)
+            }
+            (NormKind::Layer, None) => candle_core::bail!("LayerNorm statistics without a mean"),
+        }
+    }
+}
+
+/// What attention keeps for its backward besides q, k, v and o.
+pub(crate) enum AttnSaved {
+    /// Per-row log-sum-exp `[B, H, T]` (f32): the probabilities are recomputed.
+    Flash(Tensor),
+    /// The probabilities `[B, H, T, T]` (HF eager).
+    Eager(Tensor),
+}
+
+pub(crate) fn attn_fwd(
+    q: &Tensor,
+    k_: &Tensor,
+    v: &Tensor,
+    spec: &k::AttnSpec,
+    how: Attention,
+) -> Result<(Tensor, AttnSaved)> {
+    match how {
+        Attention::Flash => {
+            let (o, lse) = k::attention_fwd(q, k_, v, spec)?;
+            Ok((o, AttnSaved::Flash(lse)))
+        }
+        Attention::Eager => {
+            let (o, p) = k::attention_eager_fwd(q, k_, v, spec)?;
+            Ok((o, AttnSaved::Eager(p)))
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn attn_bwd(
+    q: &Tensor,
+    k_: &Tensor,
+    v: &Tensor,
+    o: &Tensor,
+    saved: &AttnSaved,
+    d_o: &Tensor,
+    spec: &k::AttnSpec,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    match saved {
+        AttnSaved::Flash(lse) => k::attention_bwd(q, k_, v, o, lse, d_o, spec),
+        AttnSaved::Eager(p) => k::attention_eager_bwd(q, k_, v, p, d_o, spec),
+    }
+}

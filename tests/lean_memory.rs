@@ -1,0 +1,161 @@
+//! The lean step's closed-form memory (`train::memory::predict`) against the counting allocator,
+//! over a grid of GPT-2 and Llama-family configs, batches, sequence lengths and options: the
+//! peak within ±2%, and each phase's reading beside its prediction.
+//!
+//! One test function: the allocator's counters are process-wide, so the measurements must not
+//! overlap with another test's allocations.
+
+use candle_core::{DType, Device, Tensor};
+use truesize::config::{Arch, Attention as AttnKind, Dims, ModelConfig, Step};
+use truesize::dtype::TrainDtype;
+use truesize::measure::alloc::CountingAlloc;
+use truesize::measure::probe::MemoryProbe;
+use truesize::measure::run::probe_for;
+use truesize::model::build;
+use truesize::train::{self, memory, Attention, Checkpoint, LeanModel, LeanOptions, Optimizer};
+
+#[global_allocator]
+static ALLOC: CountingAlloc = CountingAlloc;
+
+/// verify's gate for the lean step's predicted vs measured peak.
+const PEAK_TOL: f64 = 0.02;
+
+fn cfg(arch: Arch, v: usize, d: usize, l: usize, h: usize, kv: usize, ff: usize) -> ModelConfig {
+    let mut c = ModelConfig::plain(
+        format!("{arch:?} v{v} d{d} l{l} h{h}/{kv} ff{ff}"),
+        arch,
+        if arch == Arch::Gpt2 { "gpt2" } else { "llama" },
+        Dims {
+            vocab_size: v,
+            block_size: 512,
+            n_embd: d,
+            n_layer: l,
+            n_head: h,
+            n_kv_head: kv,
+            head_dim: d / h,
+            intermediate_size: ff,
+        },
+    );
+    c.validate().unwrap();
+    c
+}
+
+struct Case {
+    cfg: ModelConfig,
+    b: usize,
+    t: usize,
+    opts: LeanOptions,
+}
+
+fn rel(a: u64, b: u64) -> f64 {
+    (a as f64 - b as f64).abs() / b as f64
+}
+
+/// Measure one step and return (measured peak, predicted peak), printing every phase.
+fn measure(c: &Case) -> (u64, u64) {
+    let ids: Vec<u32> = (0..c.b * c.t)
+        .map(|i| ((i * 7919 + 13) % c.cfg.vocab_size) as u32)
+        .collect();
+    let ids = Tensor::from_vec(ids, (c.b, c.t), &Device::Cpu).unwrap();
+    let probe = probe_for(&Device::Cpu).unwrap();
+    let baseline = probe.current().unwrap();
+    let (varmap, model) = build::random(&c.cfg, DType::F32, &Device::Cpu, 5).unwrap();
+    drop(model);
+    let lean = LeanModel::from_varmap(&c.cfg, &varmap).unwrap();
+    let weights = probe.current().unwrap();
+    let r = train::run::run(&lean, &ids, &c.opts, probe.as_ref(), baseline, weights, 1).unwrap();
+    let step = Step {
+        batch: c.b,
+        seq: c.t,
+        dtype: TrainDtype::F32,
+    };
+    let p = memory::predict(&c.cfg, step, &c.opts);
+    let m = r.memory;
+    eprintln!(
+        "{} b{} t{} {:?}: peak {} / {} ({:+.2}%), fwd peak {} / {}, after fwd {} / {}, \
+         bwd peak {} / {}, weights {} / {}, grads {} / {}, opt {:?} / {:?}",
+        c.cfg.name,
+        c.b,
+        c.t,
+        c.opts,
+        m.peak_bytes,
+        p.peak_bytes,
+        100.0 * (p.peak_bytes as f64 - m.peak_bytes as f64) / m.peak_bytes as f64,
+        m.forward_peak_bytes,
+        p.forward_peak_bytes,
+        m.after_forward_bytes,
+        p.weights_bytes + p.saved_bytes,
+        m.backward_peak_bytes,
+        p.backward_peak_bytes,
+        m.weights_bytes,
+        p.weights_bytes,
+        m.gradients_bytes,
+        p.gradients_bytes,
+        m.optimizer_peak_bytes,
+        p.optimizer_peak_bytes,
+    );
+    assert!(r.missing_grads.is_empty(), "{:?}", r.missing_grads);
+    if let (Some(mo), Some(po)) = (m.optimizer_peak_bytes, p.optimizer_peak_bytes) {
+        assert!(rel(po, mo) <= PEAK_TOL, "{}: optimizer peak {po} vs {mo}", c.cfg.name);
+    }
+    (m.peak_bytes, p.peak_bytes)
+}
+
+#[test]
+fn predicted_peak_matches_the_counting_allocator() {
+    let gpt2 = cfg(Arch::Gpt2, 2000, 128, 2, 4, 4, 512);
+    let gpt2_big_vocab = cfg(Arch::Gpt2, 8192, 96, 3, 6, 6, 384);
+    let mut gpt2_untied = cfg(Arch::Gpt2, 1500, 64, 2, 4, 4, 256);
+    gpt2_untied.tie_embeddings = false;
+    gpt2_untied.bias = false;
+    let llama = cfg(Arch::Llama, 3000, 128, 2, 8, 2, 344);
+    let mut qwen = cfg(Arch::Llama, 4000, 96, 2, 6, 2, 256);
+    qwen.qkv_bias = true;
+    qwen.tie_embeddings = true;
+    let mut mistral = cfg(Arch::Llama, 2000, 128, 2, 4, 2, 256);
+    mistral.set_all_attention(AttnKind::Sliding { window: 48 });
+    let mut moe = cfg(Arch::Llama, 1500, 128, 2, 4, 2, 256);
+    moe.n_experts = 4;
+    moe.n_experts_per_tok = 2;
+    let plain = LeanOptions::default();
+    let ckpt = LeanOptions {
+        checkpoint: Checkpoint::Blocks,
+        ..plain
+    };
+    let eager = LeanOptions {
+        attention: Attention::Eager,
+        ..plain
+    };
+    let adamw = LeanOptions {
+        optimizer: Some(Optimizer::AdamW),
+        ..plain
+    };
+    let sgd = LeanOptions {
+        optimizer: Some(Optimizer::Sgd),
+        ..plain
+    };
+    let cases = vec![
+        Case { cfg: gpt2.clone(), b: 1, t: 64, opts: plain },
+        Case { cfg: gpt2.clone(), b: 4, t: 128, opts: plain },
+        Case { cfg: gpt2.clone(), b: 2, t: 256, opts: ckpt },
+        Case { cfg: gpt2.clone(), b: 2, t: 128, opts: eager },
+        Case { cfg: gpt2.clone(), b: 2, t: 64, opts: adamw },
+        Case { cfg: gpt2_big_vocab.clone(), b: 8, t: 64, opts: plain },
+        Case { cfg: gpt2_untied.clone(), b: 3, t: 100, opts: sgd },
+        Case { cfg: llama.clone(), b: 4, t: 128, opts: plain },
+        Case { cfg: llama.clone(), b: 2, t: 256, opts: ckpt },
+        Case { cfg: llama.clone(), b: 2, t: 64, opts: eager },
+        Case { cfg: qwen.clone(), b: 2, t: 200, opts: plain },
+        Case { cfg: mistral.clone(), b: 2, t: 160, opts: plain },
+        Case { cfg: moe.clone(), b: 4, t: 64, opts: plain },
+    ];
+    let mut worst = (0.0f64, String::new());
+    for c in &cases {
+        let (m, p) = measure(c);
+        let e = rel(p, m);
+        if e > worst.0 {
+            worst = (e, format!("{} b{} t{} {:?}", c.cfg.name, c.b, c.t, c.opts));
+        }
+    }
+    assert!(worst.0 <= PEAK_TOL, "worst peak error {:.2}% on {}", 100.0 * worst.0, worst.1);
+}
