@@ -594,6 +594,8 @@ fn measure_real(
             )
         }
     };
+    // The weights alone, before the engine's view of them (names and handles, no tensor data).
+    let after_varmap = probe.current()?;
     let built = plan.engine.prepare(cfg, varmap, model)?;
     let build_s = t0.elapsed().as_secs_f64();
     let after_build = probe.current()?;
@@ -605,7 +607,7 @@ fn measure_real(
     checks.clear();
     checks.extend(census_checks(report, &real, tolerance, cfg));
     let after_census = checks.len();
-    let weights_measured = after_build.saturating_sub(baseline);
+    let weights_measured = after_varmap.saturating_sub(baseline);
     let bookkeeping_tolerance =
         (BOOKKEEPING_BYTES_PER_TENSOR * real.tensors as u64) as f64 / real.bytes.max(1) as f64;
     checks.push(
