@@ -76,6 +76,26 @@ fn deep_configs_neither_overflow_nor_abort() {
     }
 }
 
+/// The deepest config validation allows (65,536 layers) through every subcommand that does not
+/// train it: counted, estimated, fitted and planned from shapes, in seconds (the autograd replay
+/// extends past 192 layers affinely instead of replaying every layer).
+#[test]
+fn deepest_allowed_config_through_every_counting_subcommand() {
+    let toml = "name = \"deepest\"\narch = \"gpt2\"\nvocab_size = 16\nblock_size = 64\nn_embd = 8\nn_layer = 65536\nn_head = 1\n";
+    let (_d, deep) = temp_file("deepest.toml", toml.as_bytes());
+    for args in [
+        vec!["estimate", "--config", s(&deep)],
+        vec!["estimate", "--config", s(&deep), "--engine", "autograd"],
+        vec!["verify", "--config", s(&deep), "--shapes-only"],
+        vec!["scaling", "--config", s(&deep)],
+        vec!["gpus", "--config", s(&deep)],
+        vec!["infer", "--config", s(&deep), "--shapes-only"],
+    ] {
+        let (code, _out, err) = run(&args, &[]);
+        assert!(code == 0 || code == 1, "{args:?}: {code} {err}");
+    }
+}
+
 // ---- 2. memory: every allocating path admits its predicted peak first ---------------------
 
 #[test]
