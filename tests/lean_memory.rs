@@ -9,7 +9,6 @@ use candle_core::{DType, Device, Tensor};
 use truesize::config::{Arch, Attention as AttnKind, Dims, ModelConfig, Step};
 use truesize::dtype::TrainDtype;
 use truesize::measure::alloc::CountingAlloc;
-use truesize::measure::probe::MemoryProbe;
 use truesize::measure::run::probe_for;
 use truesize::model::build;
 use truesize::train::{self, memory, Attention, Checkpoint, LeanModel, LeanOptions, Optimizer};
@@ -21,7 +20,7 @@ static ALLOC: CountingAlloc = CountingAlloc;
 const PEAK_TOL: f64 = 0.02;
 
 fn cfg(arch: Arch, v: usize, d: usize, l: usize, h: usize, kv: usize, ff: usize) -> ModelConfig {
-    let mut c = ModelConfig::plain(
+    let c = ModelConfig::plain(
         format!("{arch:?} v{v} d{d} l{l} h{h}/{kv} ff{ff}"),
         arch,
         if arch == Arch::Gpt2 { "gpt2" } else { "llama" },
@@ -96,7 +95,11 @@ fn measure(c: &Case) -> (u64, u64) {
     );
     assert!(r.missing_grads.is_empty(), "{:?}", r.missing_grads);
     if let (Some(mo), Some(po)) = (m.optimizer_peak_bytes, p.optimizer_peak_bytes) {
-        assert!(rel(po, mo) <= PEAK_TOL, "{}: optimizer peak {po} vs {mo}", c.cfg.name);
+        assert!(
+            rel(po, mo) <= PEAK_TOL,
+            "{}: optimizer peak {po} vs {mo}",
+            c.cfg.name
+        );
     }
     (m.peak_bytes, p.peak_bytes)
 }
@@ -135,19 +138,84 @@ fn predicted_peak_matches_the_counting_allocator() {
         ..plain
     };
     let cases = vec![
-        Case { cfg: gpt2.clone(), b: 1, t: 64, opts: plain },
-        Case { cfg: gpt2.clone(), b: 4, t: 128, opts: plain },
-        Case { cfg: gpt2.clone(), b: 2, t: 256, opts: ckpt },
-        Case { cfg: gpt2.clone(), b: 2, t: 128, opts: eager },
-        Case { cfg: gpt2.clone(), b: 2, t: 64, opts: adamw },
-        Case { cfg: gpt2_big_vocab.clone(), b: 8, t: 64, opts: plain },
-        Case { cfg: gpt2_untied.clone(), b: 3, t: 100, opts: sgd },
-        Case { cfg: llama.clone(), b: 4, t: 128, opts: plain },
-        Case { cfg: llama.clone(), b: 2, t: 256, opts: ckpt },
-        Case { cfg: llama.clone(), b: 2, t: 64, opts: eager },
-        Case { cfg: qwen.clone(), b: 2, t: 200, opts: plain },
-        Case { cfg: mistral.clone(), b: 2, t: 160, opts: plain },
-        Case { cfg: moe.clone(), b: 4, t: 64, opts: plain },
+        Case {
+            cfg: gpt2.clone(),
+            b: 1,
+            t: 64,
+            opts: plain,
+        },
+        Case {
+            cfg: gpt2.clone(),
+            b: 4,
+            t: 128,
+            opts: plain,
+        },
+        Case {
+            cfg: gpt2.clone(),
+            b: 2,
+            t: 256,
+            opts: ckpt,
+        },
+        Case {
+            cfg: gpt2.clone(),
+            b: 2,
+            t: 128,
+            opts: eager,
+        },
+        Case {
+            cfg: gpt2.clone(),
+            b: 2,
+            t: 64,
+            opts: adamw,
+        },
+        Case {
+            cfg: gpt2_big_vocab.clone(),
+            b: 8,
+            t: 64,
+            opts: plain,
+        },
+        Case {
+            cfg: gpt2_untied.clone(),
+            b: 3,
+            t: 100,
+            opts: sgd,
+        },
+        Case {
+            cfg: llama.clone(),
+            b: 4,
+            t: 128,
+            opts: plain,
+        },
+        Case {
+            cfg: llama.clone(),
+            b: 2,
+            t: 256,
+            opts: ckpt,
+        },
+        Case {
+            cfg: llama.clone(),
+            b: 2,
+            t: 64,
+            opts: eager,
+        },
+        Case {
+            cfg: qwen.clone(),
+            b: 2,
+            t: 200,
+            opts: plain,
+        },
+        Case {
+            cfg: mistral.clone(),
+            b: 2,
+            t: 160,
+            opts: plain,
+        },
+        Case {
+            cfg: moe.clone(),
+            b: 4,
+            t: 64,
+            opts: plain,
+        },
     ];
     let mut worst = (0.0f64, String::new());
     for c in &cases {
@@ -157,5 +225,10 @@ fn predicted_peak_matches_the_counting_allocator() {
             worst = (e, format!("{} b{} t{} {:?}", c.cfg.name, c.b, c.t, c.opts));
         }
     }
-    assert!(worst.0 <= PEAK_TOL, "worst peak error {:.2}% on {}", 100.0 * worst.0, worst.1);
+    assert!(
+        worst.0 <= PEAK_TOL,
+        "worst peak error {:.2}% on {}",
+        100.0 * worst.0,
+        worst.1
+    );
 }

@@ -68,11 +68,12 @@ impl Ledger {
     fn scratch(&mut self, bytes: u64) {
         self.peak = self.peak.max(self.cur + bytes as i128);
     }
-    /// A matmul `[m, k] @ [k, n]` of e-byte elements: gemm's packed panels, then the output.
-    /// `lhs_t` / `rhs_t`: the operand is a transposed view of a contiguous tensor.
+    /// A matmul `[m, k] @ [k, n]` of e-byte elements: candle allocates the output, then gemm
+    /// packs its panels. `lhs_t` / `rhs_t`: the operand is a transposed view of a contiguous
+    /// tensor.
     fn mm(&mut self, m: u64, n: u64, k: u64, lhs_t: bool, rhs_t: bool, e: u64) {
-        self.scratch(gemm_scratch(m, n, k, lhs_t, rhs_t, e));
         self.alloc(m * n * e);
+        self.scratch(gemm_scratch(m, n, k, lhs_t, rhs_t, e));
     }
     /// Peak above the starting level, and the net change.
     fn result(&self, start: u64) -> (u64, i128) {
@@ -107,7 +108,11 @@ fn gemm_scratch(m: u64, n: u64, k: u64, lhs_t: bool, rhs_t: bool, e: u64) -> u64
     let (kc, mc, nc) = if mp <= 64 && np <= 64 {
         let kc = k.min(512);
         let l2 = gemm_common::cache::CACHE_INFO[1].cache_bytes as u64;
-        (kc, (l2 / e / kc) / GEMM_MR * GEMM_MR, np.next_multiple_of(GEMM_NR))
+        (
+            kc,
+            (l2 / e / kc) / GEMM_MR * GEMM_MR,
+            np.next_multiple_of(GEMM_NR),
+        )
     } else {
         let p = gemm_common::cache::kernel_params(
             mp as usize,
@@ -117,14 +122,26 @@ fn gemm_scratch(m: u64, n: u64, k: u64, lhs_t: bool, rhs_t: bool, e: u64) -> u64
             GEMM_NR as usize,
             e as usize,
         );
-        let nc = if p.nc > 0 { p.nc as u64 } else { np.next_multiple_of(GEMM_NR) };
+        let nc = if p.nc > 0 {
+            p.nc as u64
+        } else {
+            np.next_multiple_of(GEMM_NR)
+        };
         (p.kc as u64, p.mc as u64, nc)
     };
     let pack_rhs = (!rhs_rs_one && mp > 2 * GEMM_MR)
         || (rhs_rs_one && mp > GEMM_RHS_PACKING_THRESHOLD * GEMM_MR);
     let prepack_lhs = mp <= 2 * mc && (!mp.is_multiple_of(GEMM_LANES) || !lhs_rs_one);
-    let rhs = if pack_rhs { kc * GEMM_NR * (nc / GEMM_NR) } else { 0 };
-    let lhs = if prepack_lhs { kc * GEMM_MR * mp.div_ceil(GEMM_MR) } else { 0 };
+    let rhs = if pack_rhs {
+        kc * GEMM_NR * (nc / GEMM_NR)
+    } else {
+        0
+    };
+    let lhs = if prepack_lhs {
+        kc * GEMM_MR * mp.div_ceil(GEMM_MR)
+    } else {
+        0
+    };
     if rhs + lhs == 0 {
         0
     } else {
@@ -642,7 +659,7 @@ pub fn predict(cfg: &ModelConfig, step: Step, opts: &LeanOptions) -> LeanPredict
         weights + rope + x.nd() + TENSOR_OVERHEAD_BYTES + layers.saturating_sub(1) * kept_block;
     let in_last_block = before_last + blk_fwd_peak;
     // The logits' matmul (xf @ Wᵀ) packs its panels while the rest of the saved set exists.
-    let logits_mm = weights + saved - (x.n * x.v * e + TENSOR_OVERHEAD_BYTES) - (x.n * STAT)
+    let logits_mm = weights + saved - (x.n * STAT + TENSOR_OVERHEAD_BYTES) - (x.n * 4)
         + gemm_scratch(x.n, x.v, x.d, false, true, e);
     let at_loss = (weights + saved + (b * t * 4 + b * 24)).max(logits_mm); // host copy of the ids
     let forward_peak = in_last_block.max(at_loss);
