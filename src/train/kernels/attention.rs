@@ -333,6 +333,13 @@ fn flash_bwd_composed(
 
 // ---------------------------------------------------------------------------------------------
 // Fused CPU f32
+//
+// Scores of one query row against keys lo..hi are formed as Σ_d q[d] · Kᵀ[d][lo..hi] (an axpy
+// over the keys per dimension) from a transposed copy of the keys, so the inner loops run over
+// contiguous keys with no horizontal sums; P·V, dq, dk and dv are axpys over hd.
+
+/// Query positions per forward task: enough rows to amortise transposing their keys.
+const ROWS_PER_TASK: usize = 16;
 
 fn flash_fwd_cpu(
     q: &[f32],
@@ -346,33 +353,58 @@ fn flash_fwd_cpu(
     // Per (b, t, h) first, in o's order; transposed to [B,H,T] below (B·H·T floats).
     let mut lse_bth = vec![0f32; d.b * t * h];
     let kv_len = t * d.hkv * hd;
-    let cap = spec.softcap.map_or(0.0, |c| c as f32);
-    o.par_chunks_mut(h * hd)
-        .zip(lse_bth.par_chunks_mut(h))
-        .zip(q.par_chunks(h * hd))
+    let rb = ROWS_PER_TASK;
+    let p = Params::of(spec);
+    o.par_chunks_mut(t * h * hd)
+        .zip(lse_bth.par_chunks_mut(t * h))
+        .zip(q.par_chunks(t * h * hd))
         .enumerate()
+        .flat_map(|(b, ((ob, lb), qb))| {
+            ob.par_chunks_mut(rb * h * hd)
+                .zip(lb.par_chunks_mut(rb * h))
+                .zip(qb.par_chunks(rb * h * hd))
+                .enumerate()
+                .map(move |(blk, x)| (b, blk, x))
+        })
         .for_each_init(
-            || vec![0f32; t],
-            |buf, (row, ((o, lse), q))| {
-                let (b, i) = (row / t, row % t);
+            || (vec![0f32; t * hd], vec![0f32; t]),
+            |(kt, buf), (b, blk, ((o, lse), q))| {
                 let kb = &k[b * kv_len..(b + 1) * kv_len];
                 let vb = &v[b * kv_len..(b + 1) * kv_len];
-                let lo = Dims::first_key(i, spec.window);
-                fwd_query_row(
-                    o,
-                    lse,
-                    q,
-                    kb,
-                    vb,
-                    buf,
-                    lo,
-                    i + 1,
-                    d.hkv,
-                    d.g,
-                    hd,
-                    spec.scale as f32,
-                    cap,
-                );
+                let i0 = blk * rb;
+                let i1 = i0 + lse.len() / h;
+                let jlo = Dims::first_key(i0, spec.window);
+                let mut loaded = usize::MAX;
+                for head in 0..h {
+                    let kvh = head / d.g;
+                    if kvh != loaded {
+                        transpose_keys(kt, kb, kvh, d.hkv, hd, jlo, i1);
+                        loaded = kvh;
+                    }
+                    let rows = o
+                        .chunks_exact_mut(h * hd)
+                        .zip(q.chunks_exact(h * hd))
+                        .zip(lse.chunks_exact_mut(h));
+                    for (i, ((o, q), lse)) in (i0..i1).zip(rows) {
+                        let lo = Dims::first_key(i, spec.window);
+                        let hd_range = head * hd..(head + 1) * hd;
+                        lse[head] = fwd_row(
+                            &mut o[hd_range.clone()],
+                            &q[hd_range],
+                            kt,
+                            vb,
+                            buf,
+                            lo - jlo,
+                            i + 1 - jlo,
+                            i1 - jlo,
+                            jlo,
+                            kvh,
+                            d.hkv,
+                            hd,
+                            p,
+                        );
+                    }
+                }
             },
         );
     let mut lse = vec![0f32; lse_bth.len()];
@@ -386,54 +418,101 @@ fn flash_fwd_cpu(
     (o, lse)
 }
 
+/// The scalar parameters of the score function, as f32.
+#[derive(Clone, Copy)]
+struct Params {
+    scale: f32,
+    /// 0: no softcap.
+    cap: f32,
+}
+
+impl Params {
+    fn of(spec: &AttnSpec) -> Params {
+        Params {
+            scale: spec.scale as f32,
+            cap: spec.softcap.map_or(0.0, |c| c as f32),
+        }
+    }
+}
+
+/// kt[d·w + (j − jlo)] = k[j, kvh, d] for keys jlo..jhi, w = jhi − jlo.
+#[allow(clippy::too_many_arguments)]
+fn transpose_keys(
+    kt: &mut [f32],
+    kb: &[f32],
+    kvh: usize,
+    hkv: usize,
+    hd: usize,
+    jlo: usize,
+    jhi: usize,
+) {
+    let w = jhi - jlo;
+    for (jj, kj) in kb
+        .chunks_exact(hd)
+        .skip(kvh)
+        .step_by(hkv)
+        .skip(jlo)
+        .take(w)
+        .enumerate()
+    {
+        for (dd, &x) in kj.iter().enumerate() {
+            kt[dd * w + jj] = x;
+        }
+    }
+}
+
 multiversion! {
-    /// Every head of query position i: scores against keys lo..hi, softmax, o = P·v.
+    /// s[..n] = scale · Σ_d q[d] · kt[d][a..b] (kt rows of width w), then the softcap.
+    fn row_scores(s: &mut [f32], q: &[f32], kt: &[f32], a: usize, b: usize, w: usize, p: Params) {
+        let s = &mut s[..b - a];
+        s.fill(0.0);
+        for (&qd, ktd) in q.iter().zip(kt.chunks_exact(w)) {
+            simd::axpy(s, qd * p.scale, &ktd[a..b]);
+        }
+        if p.cap > 0.0 {
+            let inv = 1.0 / p.cap;
+            for s in s.iter_mut() {
+                *s = p.cap * simd::tanh(*s * inv);
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// One head of query row i: keys jlo + a .. jlo + b. Writes o, returns the row's lse.
     #[allow(clippy::too_many_arguments)]
-    fn fwd_query_row(
+    fn fwd_row(
         o: &mut [f32],
-        lse: &mut [f32],
         q: &[f32],
-        kb: &[f32],
+        kt: &[f32],
         vb: &[f32],
         buf: &mut [f32],
-        lo: usize,
-        hi: usize,
+        a: usize,
+        b: usize,
+        w: usize,
+        jlo: usize,
+        kvh: usize,
         hkv: usize,
-        g: usize,
         hd: usize,
-        scale: f32,
-        cap: f32,
-    ) {
-        let n = hi - lo;
-        let buf = &mut buf[..n];
-        for (hh, ((o, lse), q)) in o.chunks_exact_mut(hd).zip(lse.iter_mut()).zip(q.chunks_exact(hd)).enumerate() {
-            let kvh = hh / g;
-            let keys = kb.chunks_exact(hd).skip(kvh).step_by(hkv).skip(lo);
-            for (s, kj) in buf.iter_mut().zip(keys) {
-                *s = simd::dot(q, kj) * scale;
-            }
-            if cap > 0.0 {
-                let inv = 1.0 / cap;
-                for s in buf.iter_mut() {
-                    *s = cap * simd::tanh(*s * inv);
-                }
-            }
-            let m = simd::max(buf);
-            for s in buf.iter_mut() {
-                *s = simd::exp(*s - m);
-            }
-            let z = simd::sum(buf);
-            o.fill(0.0);
-            let vals = vb.chunks_exact(hd).skip(kvh).step_by(hkv).skip(lo);
-            for (&p, vj) in buf.iter().zip(vals) {
-                simd::axpy(o, p, vj);
-            }
-            let inv_z = 1.0 / z;
-            for x in o.iter_mut() {
-                *x *= inv_z;
-            }
-            *lse = m + z.ln();
+        p: Params,
+    ) -> f32 {
+        row_scores(buf, q, kt, a, b, w, p);
+        let s = &mut buf[..b - a];
+        let m = simd::max(s);
+        for x in s.iter_mut() {
+            *x = simd::exp(*x - m);
         }
+        let z = simd::sum(s);
+        o.fill(0.0);
+        let vals = vb.chunks_exact(hd).skip(kvh).step_by(hkv).skip(jlo + a);
+        for (&pj, vj) in s.iter().zip(vals) {
+            simd::axpy(o, pj, vj);
+        }
+        let inv_z = 1.0 / z;
+        for x in o.iter_mut() {
+            *x *= inv_z;
+        }
+        m + z.ln()
     }
 }
 
@@ -461,7 +540,7 @@ fn flash_bwd_cpu(
         dk: vec![0f32; k.len()],
         dv: vec![0f32; v.len()],
     });
-    let cap = spec.softcap.map_or(0.0, |c| c as f32);
+    let p = Params::of(spec);
     let (q_len, kv_len) = (t * h * hd, t * hkv * hd);
     (0..d.b * hkv).into_par_iter().for_each(|task| {
         let (b, kvh) = (task / hkv, task % hkv);
@@ -470,24 +549,43 @@ fn flash_bwd_cpu(
             dk: vec![0f32; t * hd],
             dv: vec![0f32; t * hd],
         };
-        // k, v of this kv head, gathered once into [T, hd] rows (2·T·hd floats).
-        let gather = |x: &[f32]| -> Vec<f32> {
-            x[b * kv_len..(b + 1) * kv_len]
-                .chunks_exact(hd)
-                .skip(kvh)
-                .step_by(hkv)
-                .flatten()
-                .copied()
-                .collect()
-        };
-        let (kh, vh) = (gather(k), gather(v));
-        let mut p = vec![0f32; t];
+        // This kv head's keys as [T, hd] rows, keys and values transposed [hd, T] (3·T·hd floats).
+        let kh: Vec<f32> = k[b * kv_len..(b + 1) * kv_len]
+            .chunks_exact(hd)
+            .skip(kvh)
+            .step_by(hkv)
+            .flatten()
+            .copied()
+            .collect();
+        let mut kt = vec![0f32; t * hd];
+        let mut vt = vec![0f32; t * hd];
+        transpose_keys(
+            &mut kt,
+            &k[b * kv_len..(b + 1) * kv_len],
+            kvh,
+            hkv,
+            hd,
+            0,
+            t,
+        );
+        transpose_keys(
+            &mut vt,
+            &v[b * kv_len..(b + 1) * kv_len],
+            kvh,
+            hkv,
+            hd,
+            0,
+            t,
+        );
+        let mut pr = vec![0f32; t];
         let mut ds = vec![0f32; t];
+        let (qb, ob, dob) = (
+            &q[b * q_len..(b + 1) * q_len],
+            &o[b * q_len..(b + 1) * q_len],
+            &d_o[b * q_len..(b + 1) * q_len],
+        );
         for hh in 0..g {
             let head = kvh * g + hh;
-            let qb = &q[b * q_len..(b + 1) * q_len];
-            let ob = &o[b * q_len..(b + 1) * q_len];
-            let dob = &d_o[b * q_len..(b + 1) * q_len];
             let lse_h = &lse[(b * h + head) * t..(b * h + head + 1) * t];
             let dq_h = &mut loc.dq[hh * t * hd..(hh + 1) * t * hd];
             for (i, ((((qi, oi), doi), &l), dqi)) in head_rows(qb, hd, head, h)
@@ -498,23 +596,27 @@ fn flash_bwd_cpu(
                 .enumerate()
             {
                 let lo = Dims::first_key(i, spec.window);
-                bwd_query_row(
+                let rows = Rows {
+                    q: qi,
+                    o: oi,
+                    d_o: doi,
+                    lse: l,
+                };
+                bwd_row(
                     dqi,
                     &mut loc.dk,
                     &mut loc.dv,
-                    qi,
-                    oi,
-                    doi,
-                    l,
+                    rows,
                     &kh,
-                    &vh,
-                    &mut p,
+                    &kt,
+                    &vt,
+                    &mut pr,
                     &mut ds,
                     lo,
                     i + 1,
+                    t,
                     hd,
-                    spec.scale as f32,
-                    cap,
+                    p,
                 );
             }
         }
@@ -550,55 +652,67 @@ fn head_rows(x: &[f32], hd: usize, head: usize, h: usize) -> impl Iterator<Item 
     x.chunks_exact(hd).skip(head).step_by(h)
 }
 
+/// One query row's saved values.
+#[derive(Clone, Copy)]
+struct Rows<'a> {
+    q: &'a [f32],
+    o: &'a [f32],
+    d_o: &'a [f32],
+    lse: f32,
+}
+
 multiversion! {
-    /// Query row i of one head against keys lo..hi: P from the saved lse, dS = P(dP − D),
-    /// then dq_i, and the keys' dk_j, dv_j.
+    /// Query row i of one head against keys lo..hi: P from the saved lse, dS = P(dP − D) with
+    /// D = dO·O (times tanh' under a softcap, times scale), then dq_i and the keys' dk_j, dv_j.
     #[allow(clippy::too_many_arguments)]
-    fn bwd_query_row(
+    fn bwd_row(
         dq: &mut [f32],
         dk: &mut [f32],
         dv: &mut [f32],
-        q: &[f32],
-        o: &[f32],
-        d_o: &[f32],
-        lse: f32,
+        r: Rows<'_>,
         kh: &[f32],
-        vh: &[f32],
-        p: &mut [f32],
+        kt: &[f32],
+        vt: &[f32],
+        pr: &mut [f32],
         ds: &mut [f32],
         lo: usize,
         hi: usize,
+        t: usize,
         hd: usize,
-        scale: f32,
-        cap: f32,
+        p: Params,
     ) {
         let n = hi - lo;
-        let (p, ds) = (&mut p[..n], &mut ds[..n]);
-        let keys = &kh[lo * hd..hi * hd];
-        let vals = &vh[lo * hd..hi * hd];
-        let dd = simd::dot(d_o, o);
-        let inv = if cap > 0.0 { 1.0 / cap } else { 0.0 };
-        for (((p, ds), kj), vj) in p.iter_mut().zip(ds.iter_mut()).zip(keys.chunks_exact(hd)).zip(vals.chunks_exact(hd)) {
-            let raw = simd::dot(q, kj) * scale;
-            let (s, dtanh) = if cap > 0.0 {
-                let th = simd::tanh(raw * inv);
-                (cap * th, 1.0 - th * th)
-            } else {
-                (raw, 1.0)
-            };
-            *p = simd::exp(s - lse);
-            let dp = simd::dot(d_o, vj);
-            *ds = *p * (dp - dd) * dtanh * scale;
+        let (pr, ds) = (&mut pr[..n], &mut ds[..n]);
+        // Raw scaled scores (before the softcap) into pr, dP into ds.
+        row_scores(pr, r.q, kt, lo, hi, t, Params { cap: 0.0, ..p });
+        ds.fill(0.0);
+        for (&dod, vtd) in r.d_o.iter().zip(vt.chunks_exact(t)) {
+            simd::axpy(ds, dod, &vtd[lo..hi]);
         }
-        for (((&p, &ds), kj), (dkj, dvj)) in p
+        let dd = simd::dot(r.d_o, r.o);
+        if p.cap > 0.0 {
+            let inv = 1.0 / p.cap;
+            for (pj, dsj) in pr.iter_mut().zip(ds.iter_mut()) {
+                let th = simd::tanh(*pj * inv);
+                *pj = simd::exp(p.cap * th - r.lse);
+                *dsj = *pj * (*dsj - dd) * (1.0 - th * th) * p.scale;
+            }
+        } else {
+            for (pj, dsj) in pr.iter_mut().zip(ds.iter_mut()) {
+                *pj = simd::exp(*pj - r.lse);
+                *dsj = *pj * (*dsj - dd) * p.scale;
+            }
+        }
+        let keys = &kh[lo * hd..hi * hd];
+        for (((&pj, &dsj), kj), (dkj, dvj)) in pr
             .iter()
             .zip(ds.iter())
             .zip(keys.chunks_exact(hd))
             .zip(dk[lo * hd..hi * hd].chunks_exact_mut(hd).zip(dv[lo * hd..hi * hd].chunks_exact_mut(hd)))
         {
-            simd::axpy(dq, ds, kj);
-            simd::axpy(dkj, ds, q);
-            simd::axpy(dvj, p, d_o);
+            simd::axpy(dq, dsj, kj);
+            simd::axpy(dkj, dsj, r.q);
+            simd::axpy(dvj, pj, r.d_o);
         }
     }
 }

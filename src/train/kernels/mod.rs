@@ -161,6 +161,10 @@ mod timing {
     }
 
     fn both(name: &str, mut f: impl FnMut()) {
+        // TIMING_ONLY=attention times only the kernels whose name contains it.
+        if std::env::var("TIMING_ONLY").is_ok_and(|only| !name.contains(&only)) {
+            return;
+        }
         let fused = median_ms(&mut f);
         FORCE_COMPOSED.with(|c| c.set(true));
         let composed = median_ms(&mut f);

@@ -15,15 +15,15 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     let n = a.len().min(b.len());
     let (a, b) = (&a[..n], &b[..n]);
     let mut acc = [0f32; LANES];
-    let mut ca = a.chunks_exact(LANES);
-    let mut cb = b.chunks_exact(LANES);
-    for (x, y) in (&mut ca).zip(&mut cb) {
+    let (ca, ta) = a.as_chunks::<LANES>();
+    let (cb, tb) = b.as_chunks::<LANES>();
+    for (x, y) in ca.iter().zip(cb) {
         for l in 0..LANES {
             acc[l] += x[l] * y[l];
         }
     }
     let mut tail = 0f32;
-    for (x, y) in ca.remainder().iter().zip(cb.remainder()) {
+    for (x, y) in ta.iter().zip(tb) {
         tail += x * y;
     }
     hsum(&acc) + tail
@@ -33,27 +33,27 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 #[inline(always)]
 pub fn sum(a: &[f32]) -> f32 {
     let mut acc = [0f32; LANES];
-    let mut ca = a.chunks_exact(LANES);
-    for x in &mut ca {
+    let (ca, ta) = a.as_chunks::<LANES>();
+    for x in ca {
         for l in 0..LANES {
             acc[l] += x[l];
         }
     }
-    hsum(&acc) + ca.remainder().iter().sum::<f32>()
+    hsum(&acc) + ta.iter().sum::<f32>()
 }
 
 /// max a (−∞ for an empty slice).
 #[inline(always)]
 pub fn max(a: &[f32]) -> f32 {
     let mut acc = [f32::NEG_INFINITY; LANES];
-    let mut ca = a.chunks_exact(LANES);
-    for x in &mut ca {
+    let (ca, ta) = a.as_chunks::<LANES>();
+    for x in ca {
         for l in 0..LANES {
             acc[l] = acc[l].max(x[l]);
         }
     }
     let m = acc.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-    ca.remainder().iter().fold(m, |m, &x| m.max(x))
+    ta.iter().fold(m, |m, &x| m.max(x))
 }
 
 #[inline(always)]
