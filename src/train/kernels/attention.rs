@@ -522,6 +522,16 @@ fn outer(rows: &mut [f32], coef: &[[f32; QB]], vecs: &[f32], hd: usize) {
     }
 }
 
+/// cols[j][r] = rows[r·w + j]: QB rows of width w to w columns of QB.
+#[inline(always)]
+fn to_columns(cols: &mut [[f32; QB]], rows: &[f32], w: usize) {
+    for (j, c) in cols.iter_mut().enumerate().take(w) {
+        for (r, x) in c.iter_mut().enumerate() {
+            *x = rows[r * w + j];
+        }
+    }
+}
+
 /// The first L elements of `x` as an array (the callers' ranges always hold them).
 #[inline(always)]
 fn lanes(x: &[f32]) -> &[f32; L] {
@@ -650,16 +660,19 @@ multiversion! {
             }
         }
         mm_t(&mut sc.s, &sc.qt, &sc.kt, w_all, a, w);
-        let pt = &mut sc.pt[..w];
-        for x in pt.iter_mut() {
-            *x = [0.0; QB];
-        }
-        for r in 0..nr {
+        for r in 0..QB {
+            let row = &mut sc.s[r * w..(r + 1) * w];
+            if r >= nr {
+                row.fill(0.0);
+                continue;
+            }
             let i = s0 + r;
             // Row i sees keys lo..hi of the block's a..e.
             let lo = Dims::first_key(i, window) - jlo - a;
             let hi = i + 1 - jlo - a;
-            let s = &mut sc.s[r * w + lo..r * w + hi];
+            row[..lo].fill(0.0);
+            row[hi..].fill(0.0);
+            let s = &mut row[lo..hi];
             if p.cap > 0.0 {
                 let inv = 1.0 / p.cap;
                 for x in s.iter_mut() {
@@ -672,11 +685,13 @@ multiversion! {
             }
             let z = simd::sum(s);
             let inv_z = 1.0 / z;
-            for (pj, &x) in pt[lo..hi].iter_mut().zip(s.iter()) {
-                pj[r] = x * inv_z;
+            for x in s.iter_mut() {
+                *x *= inv_z;
             }
             lse[r * h] = m + z.ln();
         }
+        let pt = &mut sc.pt[..w];
+        to_columns(pt, &sc.s, w);
         let vrows = &sc.vrows[a * hd..e * hd];
         mm_n(&mut sc.oblk, pt, vrows, hd);
         for r in 0..nr {
@@ -853,31 +868,44 @@ multiversion! {
         }
         mm_t(&mut sc.s, &sc.qt, &sc.kt, t, a, w);
         mm_t(&mut sc.dp, &sc.dot, &sc.vt, t, a, w);
-        let (pt, dst) = (&mut sc.pt[..w], &mut sc.dst[..w]);
-        for (x, y) in pt.iter_mut().zip(dst.iter_mut()) {
-            *x = [0.0; QB];
-            *y = [0.0; QB];
-        }
         let inv = if p.cap > 0.0 { 1.0 / p.cap } else { 0.0 };
-        for r in 0..nr {
+        // p into s's rows and dS into dp's rows, in place (contiguous, so vectorised), then
+        // transposed for the micro-kernels.
+        for r in 0..QB {
+            let (srow, dprow) = (&mut sc.s[r * w..(r + 1) * w], &mut sc.dp[r * w..(r + 1) * w]);
+            if r >= nr {
+                srow.fill(0.0);
+                dprow.fill(0.0);
+                continue;
+            }
             let i = s0 + r;
             let lo = Dims::first_key(i, window) - a;
             let hi = i + 1 - a;
+            for x in [&mut *srow, &mut *dprow] {
+                x[..lo].fill(0.0);
+                x[hi..].fill(0.0);
+            }
             let lse = inp.lse[head * t + i];
-            let s = &sc.s[r * w + lo..r * w + hi];
-            let dp = &sc.dp[r * w + lo..r * w + hi];
-            for (((pj, dsj), &sj), &dpj) in pt[lo..hi].iter_mut().zip(dst[lo..hi].iter_mut()).zip(s).zip(dp) {
-                let (sv, dt) = if p.cap > 0.0 {
-                    let th = simd::tanh(sj * inv);
-                    (p.cap * th, 1.0 - th * th)
-                } else {
-                    (sj, 1.0)
-                };
-                let pv = simd::exp(sv - lse);
-                pj[r] = pv;
-                dsj[r] = pv * (dpj - dd[r]) * dt * p.scale;
+            let ddr = dd[r];
+            let pairs = srow[lo..hi].iter_mut().zip(dprow[lo..hi].iter_mut());
+            if p.cap > 0.0 {
+                for (sj, dpj) in pairs {
+                    let th = simd::tanh(*sj * inv);
+                    let pv = simd::exp(p.cap * th - lse);
+                    *sj = pv;
+                    *dpj = pv * (*dpj - ddr) * (1.0 - th * th) * p.scale;
+                }
+            } else {
+                for (sj, dpj) in pairs {
+                    let pv = simd::exp(*sj - lse);
+                    *sj = pv;
+                    *dpj = pv * (*dpj - ddr) * p.scale;
+                }
             }
         }
+        let (pt, dst) = (&mut sc.pt[..w], &mut sc.dst[..w]);
+        to_columns(pt, &sc.s, w);
+        to_columns(dst, &sc.dp, w);
         mm_n(&mut sc.dqblk, dst, &sc.krows[a * hd..e * hd], hd);
         for r in 0..nr {
             let at = (hh * t + s0 + r) * hd;
