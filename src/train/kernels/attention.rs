@@ -849,12 +849,12 @@ multiversion! {
         // Row r of the block in a [T, H, hd] slice.
         let row = |r: usize| ((s0 + r) * h + head) * hd..((s0 + r) * h + head + 1) * hd;
         let mut dd = [0f32; QB];
-        for r in 0..QB {
+        for (r, ddr) in dd.iter_mut().enumerate() {
             let (qr, dor) = (&mut sc.qrows[r * hd..(r + 1) * hd], &mut sc.dorows[r * hd..(r + 1) * hd]);
             if r < nr {
                 qr.copy_from_slice(&inp.q[row(r)]);
                 dor.copy_from_slice(&inp.d_o[row(r)]);
-                dd[r] = simd::dot(dor, &inp.o[row(r)]);
+                *ddr = simd::dot(dor, &inp.o[row(r)]);
             } else {
                 qr.fill(0.0);
                 dor.fill(0.0);
@@ -871,7 +871,7 @@ multiversion! {
         let inv = if p.cap > 0.0 { 1.0 / p.cap } else { 0.0 };
         // p into s's rows and dS into dp's rows, in place (contiguous, so vectorised), then
         // transposed for the micro-kernels.
-        for r in 0..QB {
+        for (r, &ddr) in dd.iter().enumerate() {
             let (srow, dprow) = (&mut sc.s[r * w..(r + 1) * w], &mut sc.dp[r * w..(r + 1) * w]);
             if r >= nr {
                 srow.fill(0.0);
@@ -886,7 +886,6 @@ multiversion! {
                 x[hi..].fill(0.0);
             }
             let lse = inp.lse[head * t + i];
-            let ddr = dd[r];
             let pairs = srow[lo..hi].iter_mut().zip(dprow[lo..hi].iter_mut());
             if p.cap > 0.0 {
                 for (sj, dpj) in pairs {

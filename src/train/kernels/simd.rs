@@ -90,7 +90,7 @@ pub fn exp(x: f32) -> f32 {
     const ROUND: f32 = 12_582_912.0;
     const LO: f32 = -87.33;
     const HI: f32 = 88.72;
-    let xc = x.max(LO).min(HI);
+    let xc = x.clamp(LO, HI);
     let k = xc * LOG2E + ROUND;
     let n = k - ROUND;
     let r = xc - n * LN2_HI - n * LN2_LO;
@@ -98,7 +98,7 @@ pub fn exp(x: f32) -> f32 {
     let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
         + 1.666_666_5e-1)
         * r
-        + 5.000_000_1e-1;
+        + 0.5;
     let er = p * r2 + r + 1.0;
     let bits = k.to_bits().wrapping_sub(ROUND.to_bits()).wrapping_add(127) << 23;
     let y = er * f32::from_bits(bits);
