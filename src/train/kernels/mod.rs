@@ -138,6 +138,27 @@ pub(crate) mod testing {
     }
 }
 
+#[cfg(test)]
+mod tests {
+    use super::testing::{close, rand};
+    use super::*;
+
+    #[test]
+    fn fused_path_reads_views_at_their_offset_and_refuses_the_rest() {
+        let x = rand(&[4, 6], 1.0, 1).unwrap();
+        // Rows 1..3: contiguous, starting 6 elements into the storage.
+        let view = x.narrow(0, 1, 2).unwrap();
+        let got = with_cpu_f32(&[&view], |s| s[0].to_vec()).expect("a contiguous f32 view");
+        assert_eq!(got, view.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        assert!(with_cpu_f32(&[&x.t().unwrap()], |_| ()).is_none());
+        assert!(with_cpu_f32(&[&x.to_dtype(DType::BF16).unwrap()], |_| ()).is_none());
+        // A kernel on the view agrees with the same kernel on a fresh copy of it.
+        let (y, _, _) = layer_norm_fwd(&view, None, None, 1e-5).unwrap();
+        let (y_copy, _, _) = layer_norm_fwd(&view.copy().unwrap(), None, None, 1e-5).unwrap();
+        close("layer norm of a view", &y, &y_copy, 0.0);
+    }
+}
+
 /// Fused vs composed timings at GPT-2 124M's shapes (batch 1 × seq 256), one layer's worth of
 /// each kernel plus the loss. Prints; asserts nothing about speed. Run with
 /// `cargo test --release --lib train::kernels::timing -- --ignored --nocapture`.
