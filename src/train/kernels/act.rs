@@ -36,7 +36,7 @@ pub fn gelu_tanh_bwd(x: &Tensor, dy: &Tensor) -> Result<Tensor> {
     if let Some(dx) = with_cpu_f32(&[x, dy], |s| map2(s[0], s[1], gelu_bwd_block)) {
         return Tensor::from_vec(dx, x.shape(), &Device::Cpu);
     }
-    Ok((gelu_tanh_grad(x)? * dy)?)
+    gelu_tanh_grad(x)? * dy
 }
 
 /// h = act(gate) · up.

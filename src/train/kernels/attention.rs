@@ -333,6 +333,226 @@ fn flash_bwd_composed(
 
 // ---------------------------------------------------------------------------------------------
 // Fused CPU f32
+//
+// Query rows go through in blocks of QB, so that each key or value loaded serves QB rows and
+// the accumulators stay in registers, as in a gemm micro-kernel: scores of a block are
+// Σ_d q[d] · Kᵀ[d][keys] over a transposed copy of its keys (vectors run over contiguous keys,
+// no horizontal sums); P·V and dq are Σ_j p[j] · v_j over 16-wide slices of hd; dk and dv get
+// a rank-QB update per key. Rows a block does not see (causal, window, past the end) get p = 0.
+
+/// Query rows per register block.
+const QB: usize = 4;
+const L: usize = simd::LANES;
+/// Query positions per forward task: enough rows to amortise transposing their keys.
+const ROWS_PER_TASK: usize = 32;
+
+/// The scalar parameters of the score function, as f32.
+#[derive(Clone, Copy)]
+struct Params {
+    scale: f32,
+    /// 0: no softcap.
+    cap: f32,
+}
+
+impl Params {
+    fn of(spec: &AttnSpec) -> Params {
+        Params {
+            scale: spec.scale as f32,
+            cap: spec.softcap.map_or(0.0, |c| c as f32),
+        }
+    }
+}
+
+/// The rows of kv head `kvh` for keys jlo..jhi in a [T, Hkv, hd] slice.
+fn kv_rows(
+    kb: &[f32],
+    kvh: usize,
+    hkv: usize,
+    hd: usize,
+    jlo: usize,
+    jhi: usize,
+) -> impl Iterator<Item = &[f32]> {
+    kb.chunks_exact(hd)
+        .skip(kvh)
+        .step_by(hkv)
+        .skip(jlo)
+        .take(jhi - jlo)
+}
+
+/// kt[d·w + (j − jlo)] = k[j, kvh, d] for keys jlo..jhi, w = jhi − jlo, through 16×16 tiles
+/// held in a local array (contiguous loads and stores on both sides).
+fn transpose_rows(
+    kt: &mut [f32],
+    kb: &[f32],
+    kvh: usize,
+    hkv: usize,
+    hd: usize,
+    jlo: usize,
+    jhi: usize,
+) {
+    let w = jhi - jlo;
+    let stride = hkv * hd;
+    let src = &kb[jlo * stride + kvh * hd..];
+    for j0 in (0..w).step_by(L) {
+        let nj = L.min(w - j0);
+        for d0 in (0..hd).step_by(L) {
+            let nd = L.min(hd - d0);
+            let mut tile = [[0f32; L]; L];
+            for (jj, t) in tile.iter_mut().enumerate().take(nj) {
+                let at = (j0 + jj) * stride + d0;
+                t[..nd].copy_from_slice(&src[at..at + nd]);
+            }
+            for dd in 0..nd {
+                let at = (d0 + dd) * w + j0;
+                for (x, t) in kt[at..at + nj].iter_mut().zip(&tile) {
+                    *x = t[dd];
+                }
+            }
+        }
+    }
+}
+
+/// rows[(j − jlo)·hd + d] = k[j, kvh, d] for keys jlo..jhi.
+fn copy_rows(
+    rows: &mut [f32],
+    kb: &[f32],
+    kvh: usize,
+    hkv: usize,
+    hd: usize,
+    jlo: usize,
+    jhi: usize,
+) {
+    for (dst, kj) in rows
+        .chunks_exact_mut(hd)
+        .zip(kv_rows(kb, kvh, hkv, hd, jlo, jhi))
+    {
+        dst.copy_from_slice(kj);
+    }
+}
+
+/// out[r·w + j] = Σ_d at[d][r] · bt[d·bw + off + j], j < w: QB rows of scores (or of dP).
+#[inline(always)]
+fn mm_t(out: &mut [f32], at: &[[f32; QB]], bt: &[f32], bw: usize, off: usize, w: usize) {
+    let full = w / L * L;
+    let mut j = 0;
+    while j < full {
+        let mut acc = [[0f32; L]; QB];
+        for (a, bd) in at.iter().zip(bt.chunks_exact(bw)) {
+            let b = lanes(&bd[off + j..]);
+            for r in 0..QB {
+                for l in 0..L {
+                    acc[r][l] += a[r] * b[l];
+                }
+            }
+        }
+        for (r, acc) in acc.iter().enumerate() {
+            out[r * w + j..r * w + j + L].copy_from_slice(acc);
+        }
+        j += L;
+    }
+    for j in full..w {
+        let mut acc = [0f32; QB];
+        for (a, bd) in at.iter().zip(bt.chunks_exact(bw)) {
+            let b = bd[off + j];
+            for r in 0..QB {
+                acc[r] += a[r] * b;
+            }
+        }
+        for (r, acc) in acc.iter().enumerate() {
+            out[r * w + j] = *acc;
+        }
+    }
+}
+
+/// out[r·hd + c] = Σ_j coef[j][r] · rows[j·hd + c]: QB rows of P·V (or of dS·K).
+#[inline(always)]
+fn mm_n(out: &mut [f32], coef: &[[f32; QB]], rows: &[f32], hd: usize) {
+    let full = hd / L * L;
+    let mut c = 0;
+    while c < full {
+        let mut acc = [[0f32; L]; QB];
+        for (cf, row) in coef.iter().zip(rows.chunks_exact(hd)) {
+            let b = lanes(&row[c..]);
+            for r in 0..QB {
+                for l in 0..L {
+                    acc[r][l] += cf[r] * b[l];
+                }
+            }
+        }
+        for (r, acc) in acc.iter().enumerate() {
+            out[r * hd + c..r * hd + c + L].copy_from_slice(acc);
+        }
+        c += L;
+    }
+    for c in full..hd {
+        let mut acc = [0f32; QB];
+        for (cf, row) in coef.iter().zip(rows.chunks_exact(hd)) {
+            for r in 0..QB {
+                acc[r] += cf[r] * row[c];
+            }
+        }
+        for (r, acc) in acc.iter().enumerate() {
+            out[r * hd + c] = *acc;
+        }
+    }
+}
+
+/// rows[j·hd + c] += Σ_r coef[j][r] · vecs[r·hd + c]: a rank-QB update of dk (or dv) rows.
+#[inline(always)]
+fn outer(rows: &mut [f32], coef: &[[f32; QB]], vecs: &[f32], hd: usize) {
+    let full = hd / L * L;
+    for (row, cf) in rows.chunks_exact_mut(hd).zip(coef) {
+        let mut c = 0;
+        while c < full {
+            let mut acc = *lanes(&row[c..]);
+            for r in 0..QB {
+                let v = lanes(&vecs[r * hd + c..]);
+                for l in 0..L {
+                    acc[l] += cf[r] * v[l];
+                }
+            }
+            row[c..c + L].copy_from_slice(&acc);
+            c += L;
+        }
+        for c in full..hd {
+            for r in 0..QB {
+                row[c] += cf[r] * vecs[r * hd + c];
+            }
+        }
+    }
+}
+
+/// cols[j][r] = rows[r·w + j]: QB rows of width w to w columns of QB.
+#[inline(always)]
+fn to_columns(cols: &mut [[f32; QB]], rows: &[f32], w: usize) {
+    for (j, c) in cols.iter_mut().enumerate().take(w) {
+        for (r, x) in c.iter_mut().enumerate() {
+            *x = rows[r * w + j];
+        }
+    }
+}
+
+/// The first L elements of `x` as an array (the callers' ranges always hold them).
+#[inline(always)]
+fn lanes(x: &[f32]) -> &[f32; L] {
+    x.first_chunk::<L>().expect("a full lane of elements")
+}
+
+/// Scratch of one forward task.
+struct FwdScratch {
+    /// This head's keys transposed, [hd, W].
+    kt: Vec<f32>,
+    /// Its values as rows, [W, hd].
+    vrows: Vec<f32>,
+    /// QB rows of scores.
+    s: Vec<f32>,
+    /// Probabilities transposed: p[j][r].
+    pt: Vec<[f32; QB]>,
+    /// Scaled queries transposed: q[d][r].
+    qt: Vec<[f32; QB]>,
+    /// QB output rows.
+    oblk: Vec<f32>,
+}
 
 fn flash_fwd_cpu(
     q: &[f32],
@@ -346,33 +566,58 @@ fn flash_fwd_cpu(
     // Per (b, t, h) first, in o's order; transposed to [B,H,T] below (B·H·T floats).
     let mut lse_bth = vec![0f32; d.b * t * h];
     let kv_len = t * d.hkv * hd;
-    let cap = spec.softcap.map_or(0.0, |c| c as f32);
-    o.par_chunks_mut(h * hd)
-        .zip(lse_bth.par_chunks_mut(h))
-        .zip(q.par_chunks(h * hd))
+    let rb = ROWS_PER_TASK;
+    let p = Params::of(spec);
+    o.par_chunks_mut(t * h * hd)
+        .zip(lse_bth.par_chunks_mut(t * h))
+        .zip(q.par_chunks(t * h * hd))
         .enumerate()
+        .flat_map(|(b, ((ob, lb), qb))| {
+            ob.par_chunks_mut(rb * h * hd)
+                .zip(lb.par_chunks_mut(rb * h))
+                .zip(qb.par_chunks(rb * h * hd))
+                .enumerate()
+                .map(move |(blk, x)| (b, blk, x))
+        })
         .for_each_init(
-            || vec![0f32; t],
-            |buf, (row, ((o, lse), q))| {
-                let (b, i) = (row / t, row % t);
+            || FwdScratch {
+                kt: vec![0f32; t * hd],
+                vrows: vec![0f32; t * hd],
+                s: vec![0f32; QB * t],
+                pt: vec![[0f32; QB]; t],
+                qt: vec![[0f32; QB]; hd],
+                oblk: vec![0f32; QB * hd],
+            },
+            |sc, (b, blk, ((o, lse), q))| {
                 let kb = &k[b * kv_len..(b + 1) * kv_len];
                 let vb = &v[b * kv_len..(b + 1) * kv_len];
-                let lo = Dims::first_key(i, spec.window);
-                fwd_query_row(
-                    o,
-                    lse,
-                    q,
-                    kb,
-                    vb,
-                    buf,
-                    lo,
-                    i + 1,
-                    d.hkv,
-                    d.g,
-                    hd,
-                    spec.scale as f32,
-                    cap,
-                );
+                let i0 = blk * rb;
+                let i1 = i0 + lse.len() / h;
+                let jlo = Dims::first_key(i0, spec.window);
+                let mut loaded = usize::MAX;
+                for head in 0..h {
+                    let kvh = head / d.g;
+                    if kvh != loaded {
+                        transpose_rows(&mut sc.kt, kb, kvh, d.hkv, hd, jlo, i1);
+                        copy_rows(&mut sc.vrows, vb, kvh, d.hkv, hd, jlo, i1);
+                        loaded = kvh;
+                    }
+                    for s0 in (i0..i1).step_by(QB) {
+                        let nr = QB.min(i1 - s0);
+                        let at = (s0 - i0) * h * hd + head * hd;
+                        let blk = FwdBlock {
+                            s0,
+                            nr,
+                            jlo,
+                            w_all: i1 - jlo,
+                            h,
+                            hd,
+                            window: spec.window,
+                        };
+                        let lse_at = (s0 - i0) * h + head;
+                        fwd_block(sc, &q[at..], &mut o[at..], &mut lse[lse_at..], blk, p);
+                    }
+                }
             },
         );
     let mut lse = vec![0f32; lse_bth.len()];
@@ -386,62 +631,107 @@ fn flash_fwd_cpu(
     (o, lse)
 }
 
+/// Where a forward block sits.
+#[derive(Clone, Copy)]
+struct FwdBlock {
+    /// First query position of the block, and how many rows are real (≤ QB).
+    s0: usize,
+    nr: usize,
+    /// First key gathered in the scratch, and how many were.
+    jlo: usize,
+    w_all: usize,
+    h: usize,
+    hd: usize,
+    window: Option<usize>,
+}
+
 multiversion! {
-    /// Every head of query position i: scores against keys lo..hi, softmax, o = P·v.
-    #[allow(clippy::too_many_arguments)]
-    fn fwd_query_row(
-        o: &mut [f32],
-        lse: &mut [f32],
-        q: &[f32],
-        kb: &[f32],
-        vb: &[f32],
-        buf: &mut [f32],
-        lo: usize,
-        hi: usize,
-        hkv: usize,
-        g: usize,
-        hd: usize,
-        scale: f32,
-        cap: f32,
-    ) {
-        let n = hi - lo;
-        let buf = &mut buf[..n];
-        for (hh, ((o, lse), q)) in o.chunks_exact_mut(hd).zip(lse.iter_mut()).zip(q.chunks_exact(hd)).enumerate() {
-            let kvh = hh / g;
-            let keys = kb.chunks_exact(hd).skip(kvh).step_by(hkv).skip(lo);
-            for (s, kj) in buf.iter_mut().zip(keys) {
-                *s = simd::dot(q, kj) * scale;
+    /// QB query rows of one head: q and o start at the block's first row, rows H·hd apart;
+    /// lse starts at its first entry, entries H apart.
+    fn fwd_block(sc: &mut FwdScratch, q: &[f32], o: &mut [f32], lse: &mut [f32], blk: FwdBlock, p: Params) {
+        let FwdBlock { s0, nr, jlo, w_all, h, hd, window } = blk;
+        // Keys a..e (relative to jlo) cover every row of the block.
+        let a = Dims::first_key(s0, window) - jlo;
+        let e = s0 + nr - jlo;
+        let w = e - a;
+        for (dd, qt) in sc.qt.iter_mut().enumerate() {
+            for (r, x) in qt.iter_mut().enumerate() {
+                *x = if r < nr { q[r * h * hd + dd] * p.scale } else { 0.0 };
             }
-            if cap > 0.0 {
-                let inv = 1.0 / cap;
-                for s in buf.iter_mut() {
-                    *s = cap * simd::tanh(*s * inv);
+        }
+        mm_t(&mut sc.s, &sc.qt, &sc.kt, w_all, a, w);
+        for r in 0..QB {
+            let row = &mut sc.s[r * w..(r + 1) * w];
+            if r >= nr {
+                row.fill(0.0);
+                continue;
+            }
+            let i = s0 + r;
+            // Row i sees keys lo..hi of the block's a..e.
+            let lo = Dims::first_key(i, window) - jlo - a;
+            let hi = i + 1 - jlo - a;
+            row[..lo].fill(0.0);
+            row[hi..].fill(0.0);
+            let s = &mut row[lo..hi];
+            if p.cap > 0.0 {
+                let inv = 1.0 / p.cap;
+                for x in s.iter_mut() {
+                    *x = p.cap * simd::tanh(*x * inv);
                 }
             }
-            let m = simd::max(buf);
-            for s in buf.iter_mut() {
-                *s = simd::exp(*s - m);
+            let m = simd::max(s);
+            for x in s.iter_mut() {
+                *x = simd::exp(*x - m);
             }
-            let z = simd::sum(buf);
-            o.fill(0.0);
-            let vals = vb.chunks_exact(hd).skip(kvh).step_by(hkv).skip(lo);
-            for (&p, vj) in buf.iter().zip(vals) {
-                simd::axpy(o, p, vj);
-            }
+            let z = simd::sum(s);
             let inv_z = 1.0 / z;
-            for x in o.iter_mut() {
+            for x in s.iter_mut() {
                 *x *= inv_z;
             }
-            *lse = m + z.ln();
+            lse[r * h] = m + z.ln();
+        }
+        let pt = &mut sc.pt[..w];
+        to_columns(pt, &sc.s, w);
+        let vrows = &sc.vrows[a * hd..e * hd];
+        mm_n(&mut sc.oblk, pt, vrows, hd);
+        for r in 0..nr {
+            o[r * h * hd..r * h * hd + hd].copy_from_slice(&sc.oblk[r * hd..(r + 1) * hd]);
         }
     }
 }
 
-/// One task's share of the backward: kv head `kvh` of batch `b`.
-struct Grads {
+/// One backward task's accumulators and scratch: kv head `kvh` of batch `b`.
+struct BwdScratch {
+    /// dq of the group's heads, [g, T, hd]; dk and dv of the kv head, [T, hd].
     dq: Vec<f32>,
     dk: Vec<f32>,
     dv: Vec<f32>,
+    /// Keys and values transposed [hd, T]; keys as rows [T, hd].
+    kt: Vec<f32>,
+    vt: Vec<f32>,
+    krows: Vec<f32>,
+    /// QB rows of scores and of dP.
+    s: Vec<f32>,
+    dp: Vec<f32>,
+    /// p and dS transposed: [j][r].
+    pt: Vec<[f32; QB]>,
+    dst: Vec<[f32; QB]>,
+    /// Scaled q and dO transposed: [d][r].
+    qt: Vec<[f32; QB]>,
+    dot: Vec<[f32; QB]>,
+    /// QB rows of q, of dO, and the block's dq.
+    qrows: Vec<f32>,
+    dorows: Vec<f32>,
+    dqblk: Vec<f32>,
+}
+
+/// The saved tensors of one batch entry, [T, H, hd] each, and its lse [H, T].
+#[derive(Clone, Copy)]
+struct BwdIn<'a> {
+    q: &'a [f32],
+    o: &'a [f32],
+    d_o: &'a [f32],
+    lse: &'a [f32],
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -456,82 +746,72 @@ fn flash_bwd_cpu(
     spec: &AttnSpec,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let (t, h, hkv, g, hd) = (d.t, d.h, d.hkv, d.g, d.hd);
-    let out = Mutex::new(Grads {
-        dq: vec![0f32; q.len()],
-        dk: vec![0f32; k.len()],
-        dv: vec![0f32; v.len()],
-    });
-    let cap = spec.softcap.map_or(0.0, |c| c as f32);
+    let out = Mutex::new((
+        vec![0f32; q.len()],
+        vec![0f32; k.len()],
+        vec![0f32; v.len()],
+    ));
+    let p = Params::of(spec);
     let (q_len, kv_len) = (t * h * hd, t * hkv * hd);
     (0..d.b * hkv).into_par_iter().for_each(|task| {
         let (b, kvh) = (task / hkv, task % hkv);
-        let mut loc = Grads {
+        let mut sc = BwdScratch {
             dq: vec![0f32; g * t * hd],
             dk: vec![0f32; t * hd],
             dv: vec![0f32; t * hd],
+            kt: vec![0f32; t * hd],
+            vt: vec![0f32; t * hd],
+            krows: vec![0f32; t * hd],
+            s: vec![0f32; QB * t],
+            dp: vec![0f32; QB * t],
+            pt: vec![[0f32; QB]; t],
+            dst: vec![[0f32; QB]; t],
+            qt: vec![[0f32; QB]; hd],
+            dot: vec![[0f32; QB]; hd],
+            qrows: vec![0f32; QB * hd],
+            dorows: vec![0f32; QB * hd],
+            dqblk: vec![0f32; QB * hd],
         };
-        // k, v of this kv head, gathered once into [T, hd] rows (2·T·hd floats).
-        let gather = |x: &[f32]| -> Vec<f32> {
-            x[b * kv_len..(b + 1) * kv_len]
-                .chunks_exact(hd)
-                .skip(kvh)
-                .step_by(hkv)
-                .flatten()
-                .copied()
-                .collect()
+        let kb = &k[b * kv_len..(b + 1) * kv_len];
+        let vb = &v[b * kv_len..(b + 1) * kv_len];
+        transpose_rows(&mut sc.kt, kb, kvh, hkv, hd, 0, t);
+        copy_rows(&mut sc.krows, kb, kvh, hkv, hd, 0, t);
+        transpose_rows(&mut sc.vt, vb, kvh, hkv, hd, 0, t);
+        let inp = BwdIn {
+            q: &q[b * q_len..(b + 1) * q_len],
+            o: &o[b * q_len..(b + 1) * q_len],
+            d_o: &d_o[b * q_len..(b + 1) * q_len],
+            lse: &lse[b * h * t..(b + 1) * h * t],
         };
-        let (kh, vh) = (gather(k), gather(v));
-        let mut p = vec![0f32; t];
-        let mut ds = vec![0f32; t];
         for hh in 0..g {
-            let head = kvh * g + hh;
-            let qb = &q[b * q_len..(b + 1) * q_len];
-            let ob = &o[b * q_len..(b + 1) * q_len];
-            let dob = &d_o[b * q_len..(b + 1) * q_len];
-            let lse_h = &lse[(b * h + head) * t..(b * h + head + 1) * t];
-            let dq_h = &mut loc.dq[hh * t * hd..(hh + 1) * t * hd];
-            for (i, ((((qi, oi), doi), &l), dqi)) in head_rows(qb, hd, head, h)
-                .zip(head_rows(ob, hd, head, h))
-                .zip(head_rows(dob, hd, head, h))
-                .zip(lse_h)
-                .zip(dq_h.chunks_exact_mut(hd))
-                .enumerate()
-            {
-                let lo = Dims::first_key(i, spec.window);
-                bwd_query_row(
-                    dqi,
-                    &mut loc.dk,
-                    &mut loc.dv,
-                    qi,
-                    oi,
-                    doi,
-                    l,
-                    &kh,
-                    &vh,
-                    &mut p,
-                    &mut ds,
-                    lo,
-                    i + 1,
+            for s0 in (0..t).step_by(QB) {
+                let blk = BwdBlock {
+                    s0,
+                    nr: QB.min(t - s0),
+                    hh,
+                    head: kvh * g + hh,
+                    t,
+                    h,
                     hd,
-                    spec.scale as f32,
-                    cap,
-                );
+                    window: spec.window,
+                };
+                bwd_block(&mut sc, inp, blk, p);
             }
         }
         // Hand the task's rows to the strided outputs.
         let mut guard = out.lock().unwrap_or_else(|e| e.into_inner());
-        let out = &mut *guard;
+        let (dq, dk, dv) = &mut *guard;
         for hh in 0..g {
             let head = kvh * g + hh;
-            let dst = out.dq[b * q_len..(b + 1) * q_len]
+            let dst = dq[b * q_len..(b + 1) * q_len]
                 .chunks_exact_mut(hd)
                 .skip(head)
                 .step_by(h);
-            for (dst, src) in dst.zip(loc.dq[hh * t * hd..(hh + 1) * t * hd].chunks_exact(hd)) {
+            for (dst, src) in dst.zip(sc.dq[hh * t * hd..(hh + 1) * t * hd].chunks_exact(hd)) {
                 dst.copy_from_slice(src);
             }
         }
-        for (dst, src) in [(&mut out.dk, &loc.dk), (&mut out.dv, &loc.dv)] {
+        for (dst, src) in [(dk, &sc.dk), (dv, &sc.dv)] {
             let dst = dst[b * kv_len..(b + 1) * kv_len]
                 .chunks_exact_mut(hd)
                 .skip(kvh)
@@ -541,65 +821,97 @@ fn flash_bwd_cpu(
             }
         }
     });
-    let g = out.into_inner().unwrap_or_else(|e| e.into_inner());
-    (g.dq, g.dk, g.dv)
+    out.into_inner().unwrap_or_else(|e| e.into_inner())
 }
 
-/// The rows of head `head` in a [T, H, hd] slice.
-fn head_rows(x: &[f32], hd: usize, head: usize, h: usize) -> impl Iterator<Item = &[f32]> {
-    x.chunks_exact(hd).skip(head).step_by(h)
+/// Where a backward block sits.
+#[derive(Clone, Copy)]
+struct BwdBlock {
+    s0: usize,
+    nr: usize,
+    /// Index of the head within its group, and overall.
+    hh: usize,
+    head: usize,
+    t: usize,
+    h: usize,
+    hd: usize,
+    window: Option<usize>,
 }
 
 multiversion! {
-    /// Query row i of one head against keys lo..hi: P from the saved lse, dS = P(dP − D),
-    /// then dq_i, and the keys' dk_j, dv_j.
-    #[allow(clippy::too_many_arguments)]
-    fn bwd_query_row(
-        dq: &mut [f32],
-        dk: &mut [f32],
-        dv: &mut [f32],
-        q: &[f32],
-        o: &[f32],
-        d_o: &[f32],
-        lse: f32,
-        kh: &[f32],
-        vh: &[f32],
-        p: &mut [f32],
-        ds: &mut [f32],
-        lo: usize,
-        hi: usize,
-        hd: usize,
-        scale: f32,
-        cap: f32,
-    ) {
-        let n = hi - lo;
-        let (p, ds) = (&mut p[..n], &mut ds[..n]);
-        let keys = &kh[lo * hd..hi * hd];
-        let vals = &vh[lo * hd..hi * hd];
-        let dd = simd::dot(d_o, o);
-        let inv = if cap > 0.0 { 1.0 / cap } else { 0.0 };
-        for (((p, ds), kj), vj) in p.iter_mut().zip(ds.iter_mut()).zip(keys.chunks_exact(hd)).zip(vals.chunks_exact(hd)) {
-            let raw = simd::dot(q, kj) * scale;
-            let (s, dtanh) = if cap > 0.0 {
-                let th = simd::tanh(raw * inv);
-                (cap * th, 1.0 - th * th)
+    /// QB query rows of one head: P from the saved lse, dS = P(dP − D) with D = dO·O (times
+    /// tanh' under a softcap, times scale); then dq of the rows, and dk, dv of the keys they see.
+    fn bwd_block(sc: &mut BwdScratch, inp: BwdIn<'_>, blk: BwdBlock, p: Params) {
+        let BwdBlock { s0, nr, hh, head, t, h, hd, window } = blk;
+        let a = Dims::first_key(s0, window);
+        let e = s0 + nr;
+        let w = e - a;
+        // Row r of the block in a [T, H, hd] slice.
+        let row = |r: usize| ((s0 + r) * h + head) * hd..((s0 + r) * h + head + 1) * hd;
+        let mut dd = [0f32; QB];
+        for (r, ddr) in dd.iter_mut().enumerate() {
+            let (qr, dor) = (&mut sc.qrows[r * hd..(r + 1) * hd], &mut sc.dorows[r * hd..(r + 1) * hd]);
+            if r < nr {
+                qr.copy_from_slice(&inp.q[row(r)]);
+                dor.copy_from_slice(&inp.d_o[row(r)]);
+                *ddr = simd::dot(dor, &inp.o[row(r)]);
             } else {
-                (raw, 1.0)
-            };
-            *p = simd::exp(s - lse);
-            let dp = simd::dot(d_o, vj);
-            *ds = *p * (dp - dd) * dtanh * scale;
+                qr.fill(0.0);
+                dor.fill(0.0);
+            }
         }
-        for (((&p, &ds), kj), (dkj, dvj)) in p
-            .iter()
-            .zip(ds.iter())
-            .zip(keys.chunks_exact(hd))
-            .zip(dk[lo * hd..hi * hd].chunks_exact_mut(hd).zip(dv[lo * hd..hi * hd].chunks_exact_mut(hd)))
-        {
-            simd::axpy(dq, ds, kj);
-            simd::axpy(dkj, ds, q);
-            simd::axpy(dvj, p, d_o);
+        for (dd_, (qt, dot)) in sc.qt.iter_mut().zip(sc.dot.iter_mut()).enumerate() {
+            for r in 0..QB {
+                qt[r] = sc.qrows[r * hd + dd_] * p.scale;
+                dot[r] = sc.dorows[r * hd + dd_];
+            }
         }
+        mm_t(&mut sc.s, &sc.qt, &sc.kt, t, a, w);
+        mm_t(&mut sc.dp, &sc.dot, &sc.vt, t, a, w);
+        let inv = if p.cap > 0.0 { 1.0 / p.cap } else { 0.0 };
+        // p into s's rows and dS into dp's rows, in place (contiguous, so vectorised), then
+        // transposed for the micro-kernels.
+        for (r, &ddr) in dd.iter().enumerate() {
+            let (srow, dprow) = (&mut sc.s[r * w..(r + 1) * w], &mut sc.dp[r * w..(r + 1) * w]);
+            if r >= nr {
+                srow.fill(0.0);
+                dprow.fill(0.0);
+                continue;
+            }
+            let i = s0 + r;
+            let lo = Dims::first_key(i, window) - a;
+            let hi = i + 1 - a;
+            for x in [&mut *srow, &mut *dprow] {
+                x[..lo].fill(0.0);
+                x[hi..].fill(0.0);
+            }
+            let lse = inp.lse[head * t + i];
+            let pairs = srow[lo..hi].iter_mut().zip(dprow[lo..hi].iter_mut());
+            if p.cap > 0.0 {
+                for (sj, dpj) in pairs {
+                    let th = simd::tanh(*sj * inv);
+                    let pv = simd::exp(p.cap * th - lse);
+                    *sj = pv;
+                    *dpj = pv * (*dpj - ddr) * (1.0 - th * th) * p.scale;
+                }
+            } else {
+                for (sj, dpj) in pairs {
+                    let pv = simd::exp(*sj - lse);
+                    *sj = pv;
+                    *dpj = pv * (*dpj - ddr) * p.scale;
+                }
+            }
+        }
+        let (pt, dst) = (&mut sc.pt[..w], &mut sc.dst[..w]);
+        to_columns(pt, &sc.s, w);
+        to_columns(dst, &sc.dp, w);
+        mm_n(&mut sc.dqblk, dst, &sc.krows[a * hd..e * hd], hd);
+        for r in 0..nr {
+            let at = (hh * t + s0 + r) * hd;
+            sc.dq[at..at + hd].copy_from_slice(&sc.dqblk[r * hd..(r + 1) * hd]);
+        }
+        outer(&mut sc.dk[a * hd..e * hd], dst, &sc.qrows, hd);
+        outer(&mut sc.dv[a * hd..e * hd], pt, &sc.dorows, hd);
     }
 }
 

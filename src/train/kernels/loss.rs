@@ -178,13 +178,13 @@ multiversion! {
     fn row_lse(x: &[f32]) -> f32 {
         let m = simd::max(x);
         let mut acc = [0f32; simd::LANES];
-        let mut cx = x.chunks_exact(simd::LANES);
-        for ch in &mut cx {
+        let (cx, tx) = x.as_chunks::<{ simd::LANES }>();
+        for ch in cx {
             for l in 0..simd::LANES {
                 acc[l] += simd::exp(ch[l] - m);
             }
         }
-        let tail: f32 = cx.remainder().iter().map(|&x| simd::exp(x - m)).sum();
+        let tail: f32 = tx.iter().map(|&x| simd::exp(x - m)).sum();
         m + (simd::sum(&acc) + tail).ln()
     }
 }

@@ -331,14 +331,14 @@ multiversion! {
         for (((y, x), m), r) in y.chunks_exact_mut(c).zip(x.chunks_exact(c)).zip(mean).zip(rstd) {
             let mu = simd::sum(x) * inv_c;
             let mut acc = [0f32; simd::LANES];
-            let mut cx = x.chunks_exact(simd::LANES);
-            for ch in &mut cx {
+            let (cx, tx) = x.as_chunks::<{ simd::LANES }>();
+            for ch in cx {
                 for l in 0..simd::LANES {
                     let d = ch[l] - mu;
                     acc[l] += d * d;
                 }
             }
-            let tail: f32 = cx.remainder().iter().map(|v| (v - mu) * (v - mu)).sum();
+            let tail: f32 = tx.iter().map(|v| (v - mu) * (v - mu)).sum();
             let var = simd::sum(&acc) + tail;
             let rs = 1.0 / (var * inv_c + eps).sqrt();
             *m = mu;
@@ -392,34 +392,34 @@ multiversion! {
         {
             // Σ g and Σ g·x̂ in one pass; g = dy·w is recomputed below rather than stored.
             let (mut sg, mut sgx) = ([0f32; simd::LANES], [0f32; simd::LANES]);
-            let mut ix = x.chunks_exact(simd::LANES);
-            let mut idy = dy.chunks_exact(simd::LANES);
+            let (ix, ixt) = x.as_chunks::<{ simd::LANES }>();
+            let (idy, idyt) = dy.as_chunks::<{ simd::LANES }>();
             let mut tg = 0f32;
             let mut tgx = 0f32;
             match w {
                 Some(w) => {
-                    let mut iw = w.chunks_exact(simd::LANES);
-                    for ((x, dy), w) in (&mut ix).zip(&mut idy).zip(&mut iw) {
+                    let (iw, iwt) = w.as_chunks::<{ simd::LANES }>();
+                    for ((x, dy), w) in ix.iter().zip(idy).zip(iw) {
                         for l in 0..simd::LANES {
                             let g = dy[l] * w[l];
                             sg[l] += g;
                             sgx[l] += g * (x[l] - mu) * rs;
                         }
                     }
-                    for ((x, dy), w) in ix.remainder().iter().zip(idy.remainder()).zip(iw.remainder()) {
+                    for ((x, dy), w) in ixt.iter().zip(idyt).zip(iwt) {
                         let g = dy * w;
                         tg += g;
                         tgx += g * (x - mu) * rs;
                     }
                 }
                 None => {
-                    for (x, dy) in (&mut ix).zip(&mut idy) {
+                    for (x, dy) in ix.iter().zip(idy) {
                         for l in 0..simd::LANES {
                             sg[l] += dy[l];
                             sgx[l] += dy[l] * (x[l] - mu) * rs;
                         }
                     }
-                    for (x, dy) in ix.remainder().iter().zip(idy.remainder()) {
+                    for (x, dy) in ixt.iter().zip(idyt) {
                         tg += dy;
                         tgx += dy * (x - mu) * rs;
                     }
@@ -506,19 +506,18 @@ multiversion! {
             let gxm = match w {
                 Some(w) => {
                     let mut acc = [0f32; simd::LANES];
-                    let mut ix = x.chunks_exact(simd::LANES);
-                    let mut idy = dy.chunks_exact(simd::LANES);
-                    let mut iw = w.chunks_exact(simd::LANES);
-                    for ((x, dy), w) in (&mut ix).zip(&mut idy).zip(&mut iw) {
+                    let (ix, ixt) = x.as_chunks::<{ simd::LANES }>();
+                    let (idy, idyt) = dy.as_chunks::<{ simd::LANES }>();
+                    let (iw, iwt) = w.as_chunks::<{ simd::LANES }>();
+                    for ((x, dy), w) in ix.iter().zip(idy).zip(iw) {
                         for l in 0..simd::LANES {
                             acc[l] += dy[l] * (offset + w[l]) * x[l];
                         }
                     }
-                    let tail: f32 = ix
-                        .remainder()
+                    let tail: f32 = ixt
                         .iter()
-                        .zip(idy.remainder())
-                        .zip(iw.remainder())
+                        .zip(idyt)
+                        .zip(iwt)
                         .map(|((x, dy), w)| dy * (offset + w) * x)
                         .sum();
                     (simd::sum(&acc) + tail) * rs * inv_c

@@ -15,15 +15,15 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     let n = a.len().min(b.len());
     let (a, b) = (&a[..n], &b[..n]);
     let mut acc = [0f32; LANES];
-    let mut ca = a.chunks_exact(LANES);
-    let mut cb = b.chunks_exact(LANES);
-    for (x, y) in (&mut ca).zip(&mut cb) {
+    let (ca, ta) = a.as_chunks::<LANES>();
+    let (cb, tb) = b.as_chunks::<LANES>();
+    for (x, y) in ca.iter().zip(cb) {
         for l in 0..LANES {
             acc[l] += x[l] * y[l];
         }
     }
     let mut tail = 0f32;
-    for (x, y) in ca.remainder().iter().zip(cb.remainder()) {
+    for (x, y) in ta.iter().zip(tb) {
         tail += x * y;
     }
     hsum(&acc) + tail
@@ -33,27 +33,27 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 #[inline(always)]
 pub fn sum(a: &[f32]) -> f32 {
     let mut acc = [0f32; LANES];
-    let mut ca = a.chunks_exact(LANES);
-    for x in &mut ca {
+    let (ca, ta) = a.as_chunks::<LANES>();
+    for x in ca {
         for l in 0..LANES {
             acc[l] += x[l];
         }
     }
-    hsum(&acc) + ca.remainder().iter().sum::<f32>()
+    hsum(&acc) + ta.iter().sum::<f32>()
 }
 
 /// max a (−∞ for an empty slice).
 #[inline(always)]
 pub fn max(a: &[f32]) -> f32 {
     let mut acc = [f32::NEG_INFINITY; LANES];
-    let mut ca = a.chunks_exact(LANES);
-    for x in &mut ca {
+    let (ca, ta) = a.as_chunks::<LANES>();
+    for x in ca {
         for l in 0..LANES {
             acc[l] = acc[l].max(x[l]);
         }
     }
     let m = acc.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-    ca.remainder().iter().fold(m, |m, &x| m.max(x))
+    ta.iter().fold(m, |m, &x| m.max(x))
 }
 
 #[inline(always)]
@@ -90,7 +90,7 @@ pub fn exp(x: f32) -> f32 {
     const ROUND: f32 = 12_582_912.0;
     const LO: f32 = -87.33;
     const HI: f32 = 88.72;
-    let xc = x.max(LO).min(HI);
+    let xc = x.clamp(LO, HI);
     let k = xc * LOG2E + ROUND;
     let n = k - ROUND;
     let r = xc - n * LN2_HI - n * LN2_LO;
@@ -98,7 +98,7 @@ pub fn exp(x: f32) -> f32 {
     let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
         + 1.666_666_5e-1)
         * r
-        + 5.000_000_1e-1;
+        + 0.5;
     let er = p * r2 + r + 1.0;
     let bits = k.to_bits().wrapping_sub(ROUND.to_bits()).wrapping_add(127) << 23;
     let y = er * f32::from_bits(bits);
