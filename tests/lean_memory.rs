@@ -232,3 +232,48 @@ fn predicted_peak_matches_the_counting_allocator() {
         worst.1
     );
 }
+
+/// GPT-2 124M, batch 1 × seq 256, f32: the step's time (median of 3 after a warm-up) and its
+/// measured vs predicted peak. A benchmark, not a gate: `--ignored --nocapture`.
+#[test]
+#[ignore]
+fn gpt2_124m_step() {
+    let cfg = truesize::config::load(truesize::config::ConfigSource::Preset("gpt2")).unwrap();
+    let c = Case {
+        cfg,
+        b: 1,
+        t: 256,
+        opts: LeanOptions::default(),
+    };
+    let ids: Vec<u32> = (0..256).map(|i| ((i * 7919 + 13) % 50257) as u32).collect();
+    let ids = Tensor::from_vec(ids, (1, 256), &Device::Cpu).unwrap();
+    let probe = probe_for(&Device::Cpu).unwrap();
+    let baseline = probe.current().unwrap();
+    let (varmap, model) = build::random(&c.cfg, DType::F32, &Device::Cpu, 5).unwrap();
+    drop(model);
+    let lean = LeanModel::from_varmap(&c.cfg, &varmap).unwrap();
+    let weights = probe.current().unwrap();
+    let r = train::run::run(&lean, &ids, &c.opts, probe.as_ref(), baseline, weights, 4).unwrap();
+    let step = Step {
+        batch: 1,
+        seq: 256,
+        dtype: TrainDtype::F32,
+    };
+    let p = memory::predict(&c.cfg, step, &c.opts);
+    let total: Vec<f64> = r
+        .forward_s
+        .iter()
+        .zip(&r.backward_s)
+        .skip(1)
+        .map(|(f, b)| f + b)
+        .collect();
+    eprintln!(
+        "gpt2 124M b1 t256: forward+backward {:?} s (median {:.3} s), peak {} measured / {} \
+         predicted, above weights {} measured",
+        total,
+        truesize::measure::run::median(&total),
+        r.memory.peak_bytes,
+        p.peak_bytes,
+        r.memory.peak_bytes - r.memory.weights_bytes,
+    );
+}

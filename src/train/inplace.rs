@@ -135,7 +135,7 @@ struct IndexAddRows {
 impl IndexAddRows {
     fn run<T: WithDType>(&self, d: &mut [T], s: &[T]) -> Result<()> {
         let n = self.ids.len();
-        if n == 0 || s.len() % n != 0 {
+        if n == 0 || !s.len().is_multiple_of(n) {
             candle_core::bail!("lean-index-add-rows: {} rows for {n} ids", s.len());
         }
         let c = s.len() / n;

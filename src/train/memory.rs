@@ -184,19 +184,28 @@ impl Dims {
     fn probs(&self) -> u64 {
         self.b * self.h * self.t * self.t * self.e
     }
-    /// Flash attention forward's own buffers: the lse in (b, t, h) order before its transpose,
-    /// and one row of scores per thread.
-    fn attn_fwd_scratch(&self) -> u64 {
-        self.lse() + self.threads * self.t * STAT
+    /// Flash attention forward's per-thread buffers (kernels/attention.rs `FwdScratch`: a
+    /// kv head's kᵀ and v rows, and score / probability / query blocks of `QB` rows).
+    fn attn_fwd_thread(&self) -> u64 {
+        (2 * self.t * self.hd + 2 * ATTN_QB * self.t + 2 * ATTN_QB * self.hd) * STAT
     }
-    /// Flash attention backward's per-task buffers (one task per batch row and kv head, one task
-    /// per thread at a time): the group's dq, the head's dk, dv, gathered k, v, and two score rows.
+    /// The lse in (b, t, h) order, before its transpose to [B, H, T].
+    fn attn_lse_bth(&self) -> u64 {
+        self.lse()
+    }
+    /// Flash attention backward's per-task buffers (`BwdScratch`; one task per batch row and kv
+    /// head, as many at once as threads): the group's dq, the head's dk, dv and three copies of
+    /// k / v rows, and the blocks of `QB` rows.
     fn attn_bwd_scratch(&self) -> u64 {
         let g = self.h / self.hkv;
         let tasks = self.threads.min(self.b * self.hkv);
-        tasks * ((g + 4) * self.t * self.hd + 2 * self.t) * STAT
+        let per = (g + 5) * self.t * self.hd + 4 * ATTN_QB * self.t + 5 * ATTN_QB * self.hd;
+        tasks * per * STAT
     }
 }
+
+/// Query rows per block in the attention kernels (kernels/attention.rs `QB`).
+const ATTN_QB: u64 = 4;
 
 /// One block's saved tensors (name, bytes) for the step's options.
 fn block_saved(cfg: &ModelConfig, x: &Dims, opts: &LeanOptions) -> Vec<(&'static str, u64)> {
@@ -288,8 +297,9 @@ fn block_forward(cfg: &ModelConfig, x: &Dims, opts: &LeanOptions) -> (u64, i128)
     let attn_out = |l: &mut Ledger| match opts.attention {
         Attention::Flash => {
             l.alloc(x.q()); // o
-            l.scratch(x.attn_fwd_scratch());
+            l.scratch(x.attn_lse_bth() + x.threads * x.attn_fwd_thread());
             l.alloc(x.lse());
+            l.scratch(x.attn_lse_bth());
         }
         Attention::Eager => {
             l.alloc(x.probs());
