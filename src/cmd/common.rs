@@ -143,7 +143,17 @@ pub fn resolve_engine(
         amp: a.amp.then(|| step.dtype.candle()),
         optimizer,
     };
-    match train::supported(cfg, &opts) {
+    // The lean step's memory model is written for f32 weights (and AMP once implemented); pure
+    // half precision runs through candle's autograd, whose replay models bf16's widened matmuls.
+    let supported = if step.dtype != TrainDtype::F32 && opts.amp.is_none() {
+        Err(format!(
+            "pure {} weights (its memory model covers f32; half precision is --amp)",
+            step.dtype.name()
+        ))
+    } else {
+        train::supported(cfg, &opts)
+    };
+    match supported {
         Ok(()) => Ok((Engine::Lean(opts), None)),
         Err(why) => {
             let asked = a.engine.is_some() || lean_only.iter().any(|(set, _, _)| *set);
@@ -153,7 +163,7 @@ pub fn resolve_engine(
                     "--engine",
                     "lean",
                     format!(
-                        "the lean step does not implement {why} ({} {}); use --engine autograd",
+                        "the lean step cannot run {} {}: {why}; use --engine autograd",
                         cfg.model_type, cfg.name
                     ),
                 ))
@@ -161,8 +171,8 @@ pub fn resolve_engine(
                 Ok((
                     Engine::Autograd,
                     Some(format!(
-                        "the lean step does not implement {why}: this run uses candle's autograd \
-                         (--engine autograd), whose memory is candle's, not PyTorch's"
+                        "the lean step cannot run this config ({why}): this run uses candle's \
+                         autograd (--engine autograd), whose memory is candle's, not PyTorch's"
                     )),
                 ))
             }
@@ -275,7 +285,9 @@ pub fn config_at(path: &std::path::Path) -> Result<ModelConfig> {
 /// A randomly initialised or loaded model, ready for the engine that runs it.
 pub struct Built {
     pub varmap: candle_nn::VarMap,
-    pub model: crate::model::Model,
+    /// candle's network over the same tensors; `None` for the lean engine, which drops it (its
+    /// precomputed masks and RoPE tables are not part of the lean step).
+    pub model: Option<crate::model::Model>,
     /// The lean step's view of the same tensors (no copy); `None` for the autograd engine.
     pub lean: Option<train::LeanModel>,
 }
@@ -288,9 +300,12 @@ impl Engine {
         varmap: candle_nn::VarMap,
         model: crate::model::Model,
     ) -> Result<Built> {
-        let lean = match self {
-            Engine::Lean(_) => Some(train::LeanModel::from_varmap(cfg, &varmap)?),
-            Engine::Autograd => None,
+        let (model, lean) = match self {
+            Engine::Lean(_) => {
+                drop(model);
+                (None, Some(train::LeanModel::from_varmap(cfg, &varmap)?))
+            }
+            Engine::Autograd => (Some(model), None),
         };
         Ok(Built {
             varmap,
@@ -311,12 +326,12 @@ impl Engine {
         repeat: usize,
         autograd_optimizer: Option<OptimizerStep>,
     ) -> Result<StepResult> {
-        match (self, &built.lean) {
-            (Engine::Lean(o), Some(lean)) => {
+        match (self, &built.lean, &built.model) {
+            (Engine::Lean(o), Some(lean), _) => {
                 train::run::run(lean, ids, o, probe, baseline, after_build, repeat)
             }
-            _ => crate::measure::run::train_step_with(
-                &built.model,
+            (_, _, Some(model)) => crate::measure::run::train_step_with(
+                model,
                 &built.varmap,
                 ids,
                 probe,
@@ -325,6 +340,9 @@ impl Engine {
                 repeat,
                 autograd_optimizer,
             ),
+            _ => Err(Error::Internal(anyhow::anyhow!(
+                "the model was prepared for another engine"
+            ))),
         }
     }
 }
