@@ -16,5 +16,6 @@ pub mod files;
 pub mod infer;
 pub mod measure;
 pub mod model;
+pub mod plan;
 pub mod report;
 pub mod units;

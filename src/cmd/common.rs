@@ -4,7 +4,7 @@
 use crate::cli::{ConfigArgs, StepArgs};
 use crate::config::{self, presets, ConfigSource, ModelConfig, Step};
 use crate::error::{Error, Result, EXIT_CHECK_FAILED, EXIT_OK};
-use crate::estimate::{memory, params};
+use crate::estimate::{gpus, memory, params};
 use crate::model::autograd_replay as activations;
 use crate::report::{Report, RunInfo};
 use crate::units::Bytes;
@@ -104,4 +104,40 @@ pub fn config_at(path: &std::path::Path) -> Result<ModelConfig> {
         return crate::checkpoint::gguf::config_from_header(&h);
     }
     config::load(ConfigSource::Path(path))
+}
+
+/// A GPU of the `gpus` table by its name or a unique part of it.
+pub fn find_gpu(name: &str) -> Result<&'static gpus::Gpu> {
+    let lower = name.to_ascii_lowercase();
+    if let Some(g) = gpus::GPUS
+        .iter()
+        .find(|g| g.name.eq_ignore_ascii_case(name))
+    {
+        return Ok(g);
+    }
+    let matches: Vec<&gpus::Gpu> = gpus::GPUS
+        .iter()
+        .filter(|g| g.name.to_ascii_lowercase().contains(&lower))
+        .collect();
+    match matches.as_slice() {
+        [one] => Ok(one),
+        _ => Err(Error::field(
+            "command line",
+            "--gpu",
+            format!("{name:?}"),
+            format!(
+                "{}; known: {}",
+                if matches.is_empty() {
+                    "no such GPU"
+                } else {
+                    "matches several GPUs"
+                },
+                gpus::GPUS
+                    .iter()
+                    .map(|g| g.name)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        )),
+    }
 }
