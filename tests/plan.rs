@@ -114,7 +114,7 @@ fn sweep(cfg: &ModelConfig, source: &Source) -> usize {
     for engine in Engine::ALL {
         for tp in [1, 2, 4, 8] {
             for pp in [1, 2, 4] {
-                let Some(base) = inputs(cfg, engine, tp, pp, 2, 0) else {
+                let Some(base) = inputs(cfg, engine, tp, pp, 1, 0) else {
                     continue;
                 };
                 let plan = match ShardPlan::new(cfg, &base) {
@@ -393,6 +393,10 @@ fn plan_json_has_every_rank_and_the_anchor() {
             "4",
             "--tp",
             "8",
+            "--grad-accum",
+            "8",
+            "--seq",
+            "2048",
             "--format",
             "json",
         ])
@@ -405,7 +409,8 @@ fn plan_json_has_every_rank_and_the_anchor() {
         j["plan"]["anchors"][0]["name"],
         "megatron theoretical memory"
     );
-    // The first stage keeps the most microbatches in flight.
+    // The first stage keeps the most microbatches in flight (4 of 8) and is the most loaded.
+    assert_eq!(j["plan"]["ranks"][0]["microbatches_in_flight"], 4);
     assert_eq!(j["plan"]["most_loaded_rank"]["pp_stage"], 0);
 }
 
