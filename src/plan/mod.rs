@@ -268,7 +268,7 @@ impl ShardPlan {
             _ => cfg.vocab_size,
         });
         let mut ranks = vec![None; tp * pp * dp];
-        let mut stage_params = vec![0; pp];
+        let mut stage_params = Vec::with_capacity(pp);
         for s in 0..pp {
             let in_flight = activations::in_flight(s, pp, inp.grad_accum);
             let layers_act: u64 = (0..cfg.n_layer)
@@ -278,7 +278,7 @@ impl ShardPlan {
             for t in 0..tp {
                 let loc = local(&tensors, t, tp, s);
                 if t == 0 {
-                    stage_params[s] = loc.alloc;
+                    stage_params.push(loc.alloc);
                 }
                 let mut act = layers_act;
                 if s == 0 {

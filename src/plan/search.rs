@@ -91,7 +91,7 @@ pub fn search(
             }
         }
     }
-    layouts.sort_by(|a, b| b.headroom_bytes.cmp(&a.headroom_bytes));
+    layouts.sort_by_key(|l| std::cmp::Reverse(l.headroom_bytes));
     SearchResult {
         gpus,
         memory_bytes,

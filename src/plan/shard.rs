@@ -58,7 +58,8 @@ pub struct Piece {
 }
 
 impl Segment {
-    pub fn len(&self) -> usize {
+    /// Rows of the full tensor this segment spans.
+    pub fn rows(&self) -> usize {
         match *self {
             Segment::Whole { len }
             | Segment::Even { len }
@@ -139,7 +140,7 @@ impl TensorShard {
             .iter()
             .map(|s| {
                 let p = s.piece(offset, r, tp);
-                offset += s.len();
+                offset += s.rows();
                 p
             })
             .collect()
