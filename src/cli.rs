@@ -153,6 +153,16 @@ pub struct VerifyArgs {
     /// everything).
     #[arg(long)]
     pub full: bool,
+    /// Data-parallel processes: one step across `mpirun -np N` processes over MPI (a build with
+    /// `--features mpi`), gradients all-reduced and compared with the single-process step.
+    #[arg(long, value_name = "N")]
+    pub dp: Option<usize>,
+    /// Tensor-parallel ranks across processes (only 1 so far; `truesize plan` sizes more).
+    #[arg(long, value_name = "N")]
+    pub tp: Option<usize>,
+    /// Pipeline stages across processes (only 1 so far; `truesize plan` sizes more).
+    #[arg(long, value_name = "N")]
+    pub pp: Option<usize>,
     #[arg(long, value_enum, default_value_t = Format::Table)]
     pub format: Format,
 }

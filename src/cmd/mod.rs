@@ -14,6 +14,7 @@ pub mod presets;
 pub mod scaling;
 pub mod sweep;
 pub mod verify;
+pub mod verify_mpi;
 
 use crate::cli::{Cli, Command};
 use crate::error::Result;

@@ -204,3 +204,80 @@ impl Render for PlanReport {
         out
     }
 }
+
+/// One process of a multi-process step.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DistRank {
+    pub rank: usize,
+    pub dp_rank: usize,
+    /// Peak of its forward + backward above the baseline taken before its model was built
+    /// (the counting allocator of that process).
+    pub measured_peak_bytes: u64,
+    /// The autograd replay's prediction of that peak for its microbatch.
+    pub predicted_peak_bytes: u64,
+    /// The plan's (candle engine) weights + gradients for the rank.
+    pub plan_weights_grads_bytes: u64,
+    /// The plan's PyTorch-style activations for the rank (what a leaner step would keep).
+    pub plan_activations_bytes: u64,
+}
+
+/// What `mpirun -np N truesize verify --dp N` found (printed by rank 0).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DistributedRun {
+    pub model: String,
+    pub processes: usize,
+    pub dp: usize,
+    pub batch_per_rank: usize,
+    pub seq: usize,
+    pub dtype: crate::dtype::TrainDtype,
+    /// max |all-reduced gradient − single-process gradient| / max |gradient|.
+    pub grad_rel_error: f64,
+    pub ranks: Vec<DistRank>,
+    pub checks: Vec<crate::check::Check>,
+    pub pass: bool,
+}
+
+impl Render for DistributedRun {
+    fn sections(&self, _view: View) -> Vec<Section> {
+        let r = self;
+        vec![
+            Section {
+                title: format!(
+                    "Data-parallel step of {} over MPI: {} processes, {} × {} tokens each, {}",
+                    r.model,
+                    r.processes,
+                    r.batch_per_rank,
+                    r.seq,
+                    r.dtype.name()
+                ),
+                header: [
+                    "rank",
+                    "measured peak",
+                    "predicted (replay)",
+                    "plan: weights + grads",
+                    "plan: activations (PyTorch-style)",
+                ]
+                .map(s)
+                .to_vec(),
+                rows: r
+                    .ranks
+                    .iter()
+                    .map(|x| {
+                        vec![
+                            x.rank.to_string(),
+                            format!("{} B", group(x.measured_peak_bytes)),
+                            format!("{} B", group(x.predicted_peak_bytes)),
+                            format!("{} B", group(x.plan_weights_grads_bytes)),
+                            format!("{} B", group(x.plan_activations_bytes)),
+                        ]
+                    })
+                    .collect(),
+                notes: vec![format!(
+                    "gradients: all-reduced mean vs the single-process step on the whole batch: max rel. error {:.3e}",
+                    r.grad_rel_error
+                )],
+            },
+            super::sections::checks::list(&r.checks, r.pass),
+        ]
+    }
+}
