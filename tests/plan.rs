@@ -515,3 +515,19 @@ fn bad_input_exits_2_naming_the_flag() {
             .stderr(predicates::str::contains(flag));
     }
 }
+
+/// The multi-process step refuses what it does not do, and a build without MPI says how to get it.
+#[test]
+fn verify_across_processes_refuses_clearly() {
+    truesize()
+        .args(["verify", "--preset", "baby-gpt", "--tp", "2"])
+        .assert()
+        .code(2)
+        .stderr(predicates::str::contains("--tp = 2"));
+    #[cfg(not(feature = "mpi"))]
+    truesize()
+        .args(["verify", "--preset", "baby-gpt", "--dp", "2"])
+        .assert()
+        .code(2)
+        .stderr(predicates::str::contains("--features mpi"));
+}
