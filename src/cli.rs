@@ -51,6 +51,10 @@ pub enum Command {
     /// Serving memory (weights in any format, KV cache, prefill and decode peaks), proved on a
     /// genuine greedy generation run; what fits in a memory budget.
     Infer(InferArgs),
+    /// Per-rank memory under tensor, pipeline and data parallelism (ZeRO, FSDP) as an engine
+    /// lays it out; or, with --gpus, the layouts of N GPUs that fit.
+    #[command(allow_negative_numbers = true)]
+    Plan(PlanArgs),
 }
 
 pub use crate::report::Format;
@@ -153,6 +157,16 @@ pub struct VerifyArgs {
     /// everything).
     #[arg(long)]
     pub full: bool,
+    /// Data-parallel processes: one step across `mpirun -np N` processes over MPI (a build with
+    /// `--features mpi`), gradients all-reduced and compared with the single-process step.
+    #[arg(long, value_name = "N")]
+    pub dp: Option<usize>,
+    /// Tensor-parallel ranks across processes (only 1 so far; `truesize plan` sizes more).
+    #[arg(long, value_name = "N")]
+    pub tp: Option<usize>,
+    /// Pipeline stages across processes (only 1 so far; `truesize plan` sizes more).
+    #[arg(long, value_name = "N")]
+    pub pp: Option<usize>,
     #[arg(long, value_enum, default_value_t = Format::Table)]
     pub format: Format,
 }
@@ -348,6 +362,56 @@ pub struct InferArgs {
     /// Skip the full forward that checks the incremental decode's logits.
     #[arg(long)]
     pub no_full_forward: bool,
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    pub format: Format,
+}
+
+#[derive(Debug, Args)]
+pub struct PlanArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// Tensor-parallel ranks.
+    #[arg(long, default_value_t = 1, value_name = "T")]
+    pub tp: usize,
+    /// Pipeline stages.
+    #[arg(long, default_value_t = 1, value_name = "P")]
+    pub pp: usize,
+    /// Data-parallel ranks.
+    #[arg(long, default_value_t = 1, value_name = "D")]
+    pub dp: usize,
+    /// ZeRO stage 0–3 (deepspeed; megatron: 1 = its distributed optimizer).
+    #[arg(long, default_value_t = 0, value_name = "STAGE")]
+    pub zero: u8,
+    /// Shard with FSDP2 (implies --engine fsdp2).
+    #[arg(long)]
+    pub fsdp: bool,
+    /// Whose conventions: megatron, deepspeed, fsdp2 or candle (default megatron; fsdp2 with --fsdp).
+    #[arg(long, value_name = "NAME")]
+    pub engine: Option<String>,
+    /// Sequences per microbatch (default 1).
+    #[arg(long, value_name = "B")]
+    pub microbatch: Option<usize>,
+    /// Microbatches per step (gradient accumulation; what the pipeline schedules; default 1).
+    #[arg(long, value_name = "M")]
+    pub grad_accum: Option<usize>,
+    /// Tokens per sequence (default: the config's [run] table, else 64).
+    #[arg(long, value_name = "T")]
+    pub seq: Option<usize>,
+    /// Training dtype: f32, f16 or bf16 (default bf16).
+    #[arg(long, value_name = "DTYPE")]
+    pub dtype: Option<String>,
+    /// Layers of each pipeline stage, comma-separated (default: even).
+    #[arg(long, value_name = "N,N,...")]
+    pub pp_layers: Option<String>,
+    /// Search the layouts of N GPUs (TP × PP × DP = N) that fit --gpu or --memory.
+    #[arg(long, value_name = "N", conflicts_with_all = ["tp", "pp", "dp", "pp_layers"])]
+    pub gpus: Option<usize>,
+    /// A GPU from `truesize gpus` as the per-GPU memory (its name, or a unique part of it).
+    #[arg(long, value_name = "NAME", requires = "gpus")]
+    pub gpu: Option<String>,
+    /// Per-GPU memory (bytes, or 80GiB / 80GB) for the search.
+    #[arg(long, value_name = "SIZE", requires = "gpus", conflicts_with = "gpu")]
+    pub memory: Option<String>,
     #[arg(long, value_enum, default_value_t = Format::Table)]
     pub format: Format,
 }

@@ -16,6 +16,7 @@ pub mod files;
 pub mod infer;
 pub mod measure;
 pub mod model;
+pub mod plan;
 pub mod report;
 pub mod train;
 pub mod units;

@@ -5,7 +5,7 @@ use crate::cli::{AttentionArg, CheckpointArg, ConfigArgs, EngineArgs, StepArgs};
 use crate::config::{self, presets, ConfigSource, ModelConfig, Step};
 use crate::dtype::TrainDtype;
 use crate::error::{Error, Result, EXIT_CHECK_FAILED, EXIT_OK};
-use crate::estimate::{memory, params};
+use crate::estimate::{gpus, memory, params};
 use crate::measure::extrapolate::StepRunner;
 use crate::measure::probe::MemoryProbe;
 use crate::measure::run::{OptimizerStep, PhaseBytes, StepResult};
@@ -369,5 +369,38 @@ impl StepRunner for Engine {
         let after_build = probe.current()?;
         let r = self.run_step(&built, ids, probe, baseline, after_build, 1, None)?;
         Ok(r.memory)
+/// A GPU of the `gpus` table by its name or a unique part of it.
+pub fn find_gpu(name: &str) -> Result<&'static gpus::Gpu> {
+    let lower = name.to_ascii_lowercase();
+    if let Some(g) = gpus::GPUS
+        .iter()
+        .find(|g| g.name.eq_ignore_ascii_case(name))
+    {
+        return Ok(g);
+    }
+    let matches: Vec<&gpus::Gpu> = gpus::GPUS
+        .iter()
+        .filter(|g| g.name.to_ascii_lowercase().contains(&lower))
+        .collect();
+    match matches.as_slice() {
+        [one] => Ok(one),
+        _ => Err(Error::field(
+            "command line",
+            "--gpu",
+            format!("{name:?}"),
+            format!(
+                "{}; known: {}",
+                if matches.is_empty() {
+                    "no such GPU"
+                } else {
+                    "matches several GPUs"
+                },
+                gpus::GPUS
+                    .iter()
+                    .map(|g| g.name)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        )),
     }
 }

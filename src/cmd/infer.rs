@@ -4,6 +4,7 @@
 //! Every flag is validated into a [`Plan`] before anything is loaded; the run is refused
 //! before allocating if its predicted peak does not fit (exit 1, like `verify`).
 
+use super::common::find_gpu;
 use super::common::{load_config, verdict};
 use crate::check::{all_pass, Check};
 use crate::checkpoint::gguf::{self, GgufHeader};
@@ -11,7 +12,6 @@ use crate::cli::InferArgs;
 use crate::config::{self, ModelConfig};
 use crate::dtype::TrainDtype;
 use crate::error::{Error, Result};
-use crate::estimate::gpus;
 use crate::estimate::serve::fit::{self, FitModel};
 use crate::estimate::serve::formats::{self, WeightFormat};
 use crate::estimate::serve::kv;
@@ -501,41 +501,6 @@ fn plan(a: &InferArgs) -> Result<Plan> {
 
 fn device_is_cpu(d: DeviceSpec) -> bool {
     d == DeviceSpec::Cpu
-}
-
-/// A GPU of the `gpus` table by its name or a unique part of it.
-pub fn find_gpu(name: &str) -> Result<&'static gpus::Gpu> {
-    let lower = name.to_ascii_lowercase();
-    if let Some(g) = gpus::GPUS
-        .iter()
-        .find(|g| g.name.eq_ignore_ascii_case(name))
-    {
-        return Ok(g);
-    }
-    let matches: Vec<&gpus::Gpu> = gpus::GPUS
-        .iter()
-        .filter(|g| g.name.to_ascii_lowercase().contains(&lower))
-        .collect();
-    match matches.as_slice() {
-        [one] => Ok(one),
-        _ => Err(cli(
-            "--gpu",
-            format!("{name:?}"),
-            format!(
-                "{}; known: {}",
-                if matches.is_empty() {
-                    "no such GPU"
-                } else {
-                    "matches several GPUs"
-                },
-                gpus::GPUS
-                    .iter()
-                    .map(|g| g.name)
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-        )),
-    }
 }
 
 fn scenario<'a>(

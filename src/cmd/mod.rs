@@ -9,10 +9,12 @@ pub mod estimate;
 pub mod gpus;
 pub mod infer;
 pub mod inspect;
+pub mod plan;
 pub mod presets;
 pub mod scaling;
 pub mod sweep;
 pub mod verify;
+pub mod verify_mpi;
 
 use crate::cli::{Cli, Command};
 use crate::error::Result;
@@ -29,5 +31,6 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Scaling(a) => scaling::run(a),
         Command::Gpus(a) => gpus::run(a),
         Command::Infer(a) => infer::run(a),
+        Command::Plan(a) => plan::run(a),
     }
 }

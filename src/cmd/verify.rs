@@ -285,6 +285,9 @@ fn check_reference(r: &Reference, cfg: &ModelConfig, step: &mut Step) -> Result<
 }
 
 pub fn run(a: VerifyArgs) -> Result<u8> {
+    if super::verify_mpi::wanted(&a) {
+        return super::verify_mpi::run(a);
+    }
     let plan = Plan::from_args(a)?;
     let (cfg, step) = (&plan.cfg, plan.step);
     let mut report = base_report("verify", cfg, step, &plan.engine)?;

@@ -12,6 +12,7 @@ pub mod infer;
 pub mod inspect;
 pub mod json;
 pub mod markdown;
+pub mod plan;
 pub mod presets;
 mod render;
 pub mod scaling;

@@ -51,6 +51,16 @@ pub fn all(r: &Report) -> Option<Section> {
     })
 }
 
+/// A list of checks with its verdict, for results other than `Report`.
+pub fn list(checks: &[Check], pass: bool) -> Section {
+    Section {
+        title: "Checks".into(),
+        header: HEADER.map(s).to_vec(),
+        rows: checks.iter().map(row).collect(),
+        notes: vec![format!("verdict: {}", if pass { "PASS" } else { "FAIL" })],
+    }
+}
+
 /// Failed checks in full, the rest counted, and the verdict.
 pub fn failed_first(r: &Report) -> Option<Section> {
     if r.checks.is_empty() {
