@@ -369,6 +369,9 @@ impl StepRunner for Engine {
         let after_build = probe.current()?;
         let r = self.run_step(&built, ids, probe, baseline, after_build, 1, None)?;
         Ok(r.memory)
+    }
+}
+
 /// A GPU of the `gpus` table by its name or a unique part of it.
 pub fn find_gpu(name: &str) -> Result<&'static gpus::Gpu> {
     let lower = name.to_ascii_lowercase();
