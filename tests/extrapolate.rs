@@ -61,10 +61,20 @@ fn llama_bf16_extrapolates_too() {
 }
 
 /// A model refused for memory is still extrapolated: that is what the mode is for. Baby GPT at
-/// batch 1 × seq 16 needs ~55 MiB; its 1- and 2-layer versions fit in 40 MB, the whole does not.
+/// batch 1 × seq 16 through candle's autograd needs ~55 MiB; its 1- and 2-layer versions fit in
+/// 40 MB, the whole does not.
 #[test]
 fn refused_model_is_still_extrapolated() {
-    let j = verify_json(&["--max-memory", "40000000", "--batch", "1", "--seq", "16"]);
+    let j = verify_json(&[
+        "--max-memory",
+        "40000000",
+        "--batch",
+        "1",
+        "--seq",
+        "16",
+        "--engine",
+        "autograd",
+    ]);
     let e = &j["extrapolation"];
     // At least the f32 weights and gradients of baby-gpt.
     assert!(e["predicted_peak_bytes"].as_u64().unwrap() > 2 * 4 * 3_481_088);
@@ -95,8 +105,8 @@ fn rules_are_scored_against_the_measured_peak() {
     }
 }
 
-/// A deep model with a large vocabulary: its 1- and 2-layer runs peak at the head early in
-/// backward, the 24-layer model at the end of backward, so the affine rule is far too low
+/// candle's autograd on a deep model with a large vocabulary: its 1- and 2-layer runs peak at the
+/// head early in backward, the 24-layer model at the end of backward, so the affine rule is far too low
 /// (measured −16.6%), while the replay at full depth, corrected by its error at 1 and 2 layers,
 /// lands within 5% (measured −0.004%).
 #[test]
@@ -112,6 +122,8 @@ fn head_dominated_depth_needs_the_model_guided_figure() {
         "1",
         "--seq",
         "64",
+        "--engine",
+        "autograd",
     ]);
     let e = &j["extrapolation"];
     let affine = e["rel_error"].as_f64().unwrap();

@@ -140,9 +140,12 @@ fn gpt2(v: usize, hd: usize, h: usize, l: usize, bias: bool, tie: bool) -> Model
 proptest! {
     #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
 
+    // Widths start at 4: with 2 channels a LayerNorm's output is ±1 whatever its input, so the
+    // gradient through it vanishes analytically and both engines return rounding noise (a
+    // 1.4e-5 relative difference was found at n_embd = 2).
     #[test]
     fn gpt2_gradients_equal_autograd(
-        v in 11usize..90, hd in 2usize..9, h in 1usize..4, l in 1usize..3,
+        v in 11usize..90, hd in 4usize..9, h in 1usize..4, l in 1usize..3,
         bias in any::<bool>(), tie in any::<bool>(), b in 1usize..3, t in 2usize..13, seed in 0u64..1000,
     ) {
         check(&gpt2(v, hd, h, l, bias, tie), b, t, seed, &LeanOptions::default());

@@ -232,7 +232,9 @@ fn weights_from_gguf(cfg: &ModelConfig, h: &GgufHeader) -> Result<(WeightsEstima
                 .map(|t| t.name.clone())
                 .collect(),
             tensors: layout,
-        },
+            by_hf_name: Default::default(),
+        }
+        .indexed(),
         head_stored,
     ))
 }

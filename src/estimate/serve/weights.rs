@@ -29,7 +29,7 @@ use crate::config::{Arch, ModelConfig, NormPlacement};
 use crate::dtype::TrainDtype;
 use crate::error::{Error, Result};
 use serde::Serialize;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 /// One tensor as a serving engine (and a GGUF file) holds it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -77,16 +77,35 @@ pub struct WeightsEstimate {
     pub kept_unquantized: Vec<String>,
     #[serde(skip)]
     pub tensors: Vec<ServeTensor>,
+    /// HF name → index in `tensors`: the peak replay asks once per matmul per layer per token,
+    /// and a scan of every tensor there made deep models quadratic in depth.
+    #[serde(skip)]
+    pub by_hf_name: HashMap<String, usize>,
 }
 
 impl WeightsEstimate {
+    /// Index `tensors` by every HF name each one answers for.
+    pub fn indexed(mut self) -> Self {
+        self.by_hf_name = self
+            .tensors
+            .iter()
+            .enumerate()
+            .flat_map(|(i, t)| t.hf_names.iter().map(move |n| (n.clone(), i)))
+            .collect();
+        self
+    }
+
     /// The type chosen for the HF tensor `hf_name` (a stacked expert tensor answers for each
     /// of its experts).
     pub fn type_of(&self, hf_name: &str) -> Option<&'static GgmlType> {
-        let t = self
-            .tensors
-            .iter()
-            .find(|t| t.hf_names.iter().any(|n| n == hf_name))?;
+        let t = match self.by_hf_name.get(hf_name) {
+            Some(&i) => self.tensors.get(i)?,
+            None if !self.by_hf_name.is_empty() => return None,
+            None => self
+                .tensors
+                .iter()
+                .find(|t| t.hf_names.iter().any(|n| n == hf_name))?,
+        };
         formats::GGML_TYPES.iter().find(|g| g.name == t.ggml_type)
     }
 }
@@ -490,7 +509,9 @@ pub fn estimate(cfg: &ModelConfig, format: WeightFormat) -> Result<WeightsEstima
         by_type,
         kept_unquantized,
         tensors,
-    })
+        by_hf_name: HashMap::new(),
+    }
+    .indexed())
 }
 
 #[cfg(test)]

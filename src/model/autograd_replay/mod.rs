@@ -169,7 +169,11 @@ impl ActivationModel {
             .terms
             .iter()
             .map(|(name, y)| {
-                let x = self.terms.iter().find(|(m, _)| m == name).map_or(*y, |t| t.1);
+                let x = self
+                    .terms
+                    .iter()
+                    .find(|(m, _)| m == name)
+                    .map_or(*y, |t| t.1);
                 (name.clone(), line(x, *y))
             })
             .collect();
@@ -240,9 +244,17 @@ mod tests {
             let extended = model(&cfg, params, step);
             for (what, e, d) in [
                 ("peak", extended.peak_bytes, direct.peak_bytes),
-                ("adamw peak", extended.adamw_peak_bytes, direct.adamw_peak_bytes),
+                (
+                    "adamw peak",
+                    extended.adamw_peak_bytes,
+                    direct.adamw_peak_bytes,
+                ),
                 ("weights", extended.weights_bytes, direct.weights_bytes),
-                ("gradients", extended.gradients_bytes, direct.gradients_bytes),
+                (
+                    "gradients",
+                    extended.gradients_bytes,
+                    direct.gradients_bytes,
+                ),
             ] {
                 let rel = (e as f64 - d as f64).abs() / d as f64;
                 assert!(rel < 1e-4, "{preset} {what}: {e} vs {d}");
