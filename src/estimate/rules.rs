@@ -100,8 +100,8 @@ pub fn predict(
         RuleOfThumb {
             key: "truesize",
             name: "truesize prediction",
-            formula: "per-op model of our forward/backward (model::autograd_replay)".into(),
-            assumptions: "what candle allocates and keeps for this network",
+            formula: "the engine's own model of this step (lean: closed form; autograd: per-op replay)".into(),
+            assumptions: "what the running engine allocates and keeps for this network",
             predicted_peak_bytes: predicted_peak,
             measured_peak_bytes: None,
             rel_error: None,
