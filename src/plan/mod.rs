@@ -555,7 +555,7 @@ mod tests {
     fn deepspeed_zero_partitions_pad_to_twice_dp() {
         let cfg = presets::load("baby-gpt").unwrap();
         let p = ShardPlan::new(&cfg, &inputs(&cfg, Engine::Deepspeed, 1, 1, 3, 2)).unwrap();
-        let n = 3_481_088u64; // DESIGN.md's count
+        let n = 3_481_088u64; // the Baby GPT preset's published count
         let padded = n.div_ceil(6) * 6;
         for r in &p.ranks {
             assert_eq!(r.params, n);
