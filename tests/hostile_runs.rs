@@ -90,6 +90,7 @@ fn deepest_allowed_config_through_every_counting_subcommand() {
         vec!["scaling", "--config", s(&deep)],
         vec!["gpus", "--config", s(&deep)],
         vec!["infer", "--config", s(&deep), "--shapes-only"],
+        vec!["plan", "--config", s(&deep), "--pp", "4"],
     ] {
         let (code, _out, err) = run(&args, &[]);
         assert!(code == 0 || code == 1, "{args:?}: {code} {err}");
