@@ -114,6 +114,23 @@ mod imp {
         Ok((out, peak))
     }
 
+    /// The same through the lean step: every gradient in name order, and the probe's peak
+    /// read when the step returns.
+    fn lean_gradients(
+        lean: &crate::train::LeanModel,
+        ids: &Tensor,
+        probe: &dyn MemoryProbe,
+    ) -> Result<(Vec<Vec<f32>>, u64)> {
+        let (_, grads) = lean.loss_and_grads(ids, &crate::train::LeanOptions::default())?;
+        let peak = probe.peak()?;
+        let mut out = Vec::with_capacity(grads.len());
+        // BTreeMap: name order, the same on every rank.
+        for g in grads.values() {
+            out.push(g.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?);
+        }
+        Ok((out, peak))
+    }
+
     pub fn run(a: VerifyArgs) -> Result<u8> {
         let dp = check_args(&a)?;
         let cfg = load_config(&a.config)?;
@@ -142,7 +159,28 @@ mod imp {
         probe.reset_peak()?;
         let baseline = probe.current()?;
         let (varmap, model) = build::random(&cfg, step.dtype.candle(), &device, a.seed)?;
-        let (grads, peak) = gradients(&model, &varmap, &mine, probe.as_ref())?;
+        // The lean step where it runs this config (f32), else candle's autograd.
+        let lean_opts = crate::train::LeanOptions::default();
+        let (lean, model) = if step.dtype == crate::dtype::TrainDtype::F32
+            && crate::train::supported(&cfg, &lean_opts).is_ok()
+        {
+            // candle's network holds masks and RoPE tables the lean step does not use.
+            drop(model);
+            (
+                Some(crate::train::LeanModel::from_varmap(&cfg, &varmap)?),
+                None,
+            )
+        } else {
+            (None, Some(model))
+        };
+        let step_of = |ids: &Tensor| -> Result<(Vec<Vec<f32>>, u64)> {
+            match (&lean, &model) {
+                (Some(l), _) => lean_gradients(l, ids, probe.as_ref()),
+                (None, Some(m)) => gradients(m, &varmap, ids, probe.as_ref()),
+                (None, None) => Err(internal("no model was built")),
+            }
+        };
+        let (grads, peak) = step_of(&mine)?;
         let peak = peak.saturating_sub(baseline);
 
         // All-reduce: sum over ranks, then the mean (each rank's loss is a mean over its own
@@ -165,7 +203,7 @@ mod imp {
         root.gather_into_root(&peak_u64, &mut peaks[..]);
 
         // The single-process step on the whole batch, same weights.
-        let (reference, _) = gradients(&model, &varmap, &all_ids, probe.as_ref())?;
+        let (reference, _) = step_of(&all_ids)?;
         let (mut worst, mut scale) = (0f64, 0f64);
         for (g, r) in reduced.iter().zip(&reference) {
             for (x, y) in g.iter().zip(r) {
@@ -176,7 +214,16 @@ mod imp {
         let grad_error = worst / scale.max(f64::MIN_POSITIVE);
 
         let params = crate::estimate::params::estimate(&cfg)?.total;
-        let predicted = autograd_replay::model(&cfg, params, step).peak_bytes;
+        let (predicted, predictor) = match &lean {
+            Some(_) => (
+                crate::train::memory::predict(&cfg, step, &lean_opts).peak_bytes,
+                "the lean step's closed form",
+            ),
+            None => (
+                autograd_replay::model(&cfg, params, step).peak_bytes,
+                "the autograd replay",
+            ),
+        };
         let plan = ShardPlan::new(
             &cfg,
             &PlanInputs {
@@ -202,7 +249,7 @@ mod imp {
         for (r, &measured) in peaks.iter().enumerate() {
             let plan_rank = &plan.ranks[r];
             checks.push(Check::rel(
-                format!("rank {r}: step peak vs the autograd replay"),
+                format!("rank {r}: step peak vs {predictor}"),
                 measured as f64,
                 predicted as f64,
                 PEAK_TOLERANCE,

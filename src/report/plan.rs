@@ -253,7 +253,7 @@ impl Render for DistributedRun {
                 header: [
                     "rank",
                     "measured peak",
-                    "predicted (replay)",
+                    "predicted",
                     "plan: weights + grads",
                     "plan: activations (PyTorch-style)",
                 ]
