@@ -532,7 +532,9 @@ fn to_columns(cols: &mut [[f32; QB]], rows: &[f32], w: usize) {
     }
 }
 
-/// The first L elements of `x` as an array (the callers' ranges always hold them).
+/// The first L elements of `x` as an array. Cannot fail: every caller walks only the full
+/// L-wide lanes of a row (`c < width / L * L`, the tail handled apart), so at least L elements
+/// remain whatever the user's shapes.
 #[inline(always)]
 fn lanes(x: &[f32]) -> &[f32; L] {
     x.first_chunk::<L>().expect("a full lane of elements")

@@ -264,6 +264,9 @@ pub fn rms_norm_bwd(
     Ok((dx, dw))
 }
 
+/// The next optional parameter's slice. Cannot fail: the callers build their input list with one
+/// slice per `Some` parameter and call this once per `Some`, in the same order; no user input
+/// decides how many there are.
 fn take<'a>(rest: &mut &[&'a [f32]]) -> &'a [f32] {
     let (first, tail) = rest.split_first().expect("one slice per optional tensor");
     *rest = tail;
