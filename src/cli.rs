@@ -158,13 +158,15 @@ pub struct VerifyArgs {
     #[arg(long)]
     pub full: bool,
     /// Data-parallel processes: one step across `mpirun -np N` processes over MPI (a build with
-    /// `--features mpi`), gradients all-reduced and compared with the single-process step.
+    /// `--features mpi`), gradients all-reduced and compared with the single-process step;
+    /// N = TP·PP·DP with --tp / --pp.
     #[arg(long, value_name = "N")]
     pub dp: Option<usize>,
-    /// Tensor-parallel ranks across processes (only 1 so far; `truesize plan` sizes more).
+    /// Tensor-parallel ranks across processes (Megatron-style, whole heads per rank; with --pp
+    /// and --dp: mpirun -np TP·PP·DP).
     #[arg(long, value_name = "N")]
     pub tp: Option<usize>,
-    /// Pipeline stages across processes (only 1 so far; `truesize plan` sizes more).
+    /// Pipeline stages across processes (even layers per stage, one microbatch).
     #[arg(long, value_name = "N")]
     pub pp: Option<usize>,
     #[arg(long, value_enum, default_value_t = Format::Table)]

@@ -9,6 +9,7 @@ pub mod activations;
 pub mod anchors;
 pub mod backend;
 pub mod engine;
+pub mod lean;
 pub mod search;
 pub mod shard;
 
@@ -275,6 +276,11 @@ impl ShardPlan {
                 .filter(|&l| stage_of[l] == s)
                 .map(|l| activations::layer_activation_bytes(cfg, l, tokens, w_act, tp))
                 .sum();
+            // candle's profile is the lean step's: its activations are that step's closed form.
+            let lean_act = match inp.engine {
+                Engine::Candle => lean::activations(cfg, inp, s, in_flight),
+                _ => None,
+            };
             for t in 0..tp {
                 let loc = local(&tensors, t, tp, s);
                 if t == 0 {
@@ -288,6 +294,9 @@ impl ShardPlan {
                 if s == pp - 1 {
                     let rows = head.map_or(0, |h| h.local_shape(t, tp)[0] as u64);
                     act += activations::last_stage_extra_bytes(cfg, tokens, w_act, rows);
+                }
+                if let Some(a) = lean_act {
+                    act = a;
                 }
                 for d in 0..dp {
                     let mut r = rank_states(inp, &loc, d, widths);

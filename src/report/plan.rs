@@ -209,15 +209,18 @@ impl Render for PlanReport {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct DistRank {
     pub rank: usize,
+    pub tp_rank: usize,
+    pub pp_stage: usize,
     pub dp_rank: usize,
     /// Peak of its forward + backward above the baseline taken before its model was built
     /// (the counting allocator of that process).
     pub measured_peak_bytes: u64,
-    /// The autograd replay's prediction of that peak for its microbatch.
+    /// The prediction of that peak for its part of the step: the lean step's closed form for the
+    /// rank's shard (`plan::lean`), or the autograd replay where the lean step cannot run.
     pub predicted_peak_bytes: u64,
     /// The plan's (candle engine) weights + gradients for the rank.
     pub plan_weights_grads_bytes: u64,
-    /// The plan's PyTorch-style activations for the rank (what a leaner step would keep).
+    /// The plan's activations for the rank (candle profile: the lean step's saved set).
     pub plan_activations_bytes: u64,
 }
 
@@ -226,11 +229,14 @@ pub struct DistRank {
 pub struct DistributedRun {
     pub model: String,
     pub processes: usize,
+    pub tp: usize,
+    pub pp: usize,
     pub dp: usize,
     pub batch_per_rank: usize,
     pub seq: usize,
     pub dtype: crate::dtype::TrainDtype,
-    /// max |all-reduced gradient − single-process gradient| / max |gradient|.
+    /// max |gradient of the parallel step − single-process gradient| / max |gradient|, over
+    /// every rank's shard of every parameter (DP-averaged, tied copies summed).
     pub grad_rel_error: f64,
     pub ranks: Vec<DistRank>,
     pub checks: Vec<crate::check::Check>,
@@ -243,19 +249,25 @@ impl Render for DistributedRun {
         vec![
             Section {
                 title: format!(
-                    "Data-parallel step of {} over MPI: {} processes, {} × {} tokens each, {}",
+                    "Parallel step of {} over MPI: {} processes (TP {} × PP {} × DP {}), {} × {} tokens per DP rank, {}",
                     r.model,
                     r.processes,
+                    r.tp,
+                    r.pp,
+                    r.dp,
                     r.batch_per_rank,
                     r.seq,
                     r.dtype.name()
                 ),
                 header: [
                     "rank",
+                    "tp",
+                    "stage",
+                    "dp",
                     "measured peak",
                     "predicted",
                     "plan: weights + grads",
-                    "plan: activations (PyTorch-style)",
+                    "plan: activations",
                 ]
                 .map(s)
                 .to_vec(),
@@ -265,6 +277,9 @@ impl Render for DistributedRun {
                     .map(|x| {
                         vec![
                             x.rank.to_string(),
+                            x.tp_rank.to_string(),
+                            x.pp_stage.to_string(),
+                            x.dp_rank.to_string(),
                             format!("{} B", group(x.measured_peak_bytes)),
                             format!("{} B", group(x.predicted_peak_bytes)),
                             format!("{} B", group(x.plan_weights_grads_bytes)),
@@ -273,7 +288,7 @@ impl Render for DistributedRun {
                     })
                     .collect(),
                 notes: vec![format!(
-                    "gradients: all-reduced mean vs the single-process step on the whole batch: max rel. error {:.3e}",
+                    "gradients: every rank's shard (DP mean) vs the single-process step on the whole batch: max rel. error {:.3e}",
                     r.grad_rel_error
                 )],
             },

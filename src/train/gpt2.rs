@@ -53,7 +53,9 @@ pub(crate) struct Gpt2 {
     head: Tensor,
     head_name: String,
     n_head: usize,
+    /// Residual width; the attention width is n_head · hd (narrower under tensor parallelism).
     d: usize,
+    hd: usize,
 }
 
 const WTE: &str = "transformer.wte.weight";
@@ -90,11 +92,12 @@ impl Gpt2 {
             head_name: head_name.to_string(),
             n_head: cfg.n_head,
             d: cfg.n_embd,
+            hd: cfg.head_dim,
         })
     }
 
     fn spec(&self) -> k::AttnSpec {
-        let hd = self.d / self.n_head;
+        let hd = self.hd;
         k::AttnSpec {
             scale: 1.0 / (hd as f64).sqrt(),
             window: None,
@@ -109,6 +112,10 @@ impl Net for Gpt2 {
 
     fn n_layer(&self) -> usize {
         self.blocks.len()
+    }
+
+    fn width(&self) -> usize {
+        self.d
     }
 
     fn ctx(&self, _t: usize, _dtype: DType, _device: &candle_core::Device) -> Result<()> {
@@ -154,8 +161,8 @@ impl Net for Gpt2 {
         opts: &LeanOptions,
     ) -> Result<(Tensor, Saved)> {
         let blk = &self.blocks[i];
-        let (d, h) = (self.d, self.n_head);
-        let hd = d / h;
+        let (h, hd) = (self.n_head, self.hd);
+        let d = h * hd;
         let (ln1, st1) = blk.ln_1.fwd(x)?;
         // [N, 3d] -> q, k, v [B, T, H, hd], each a contiguous copy of its columns
         let qkv = blk.c_attn.fwd(&ln1)?;
@@ -203,8 +210,8 @@ impl Net for Gpt2 {
         grads: &mut Grads,
     ) -> Result<Tensor> {
         let blk = &self.blocks[i];
-        let (d, h) = (self.d, self.n_head);
-        let hd = d / h;
+        let (h, hd) = (self.n_head, self.hd);
+        let d = h * hd;
         // MLP
         let dg = blk.mlp_proj.bwd(&s.g, &dy, grads, None)?;
         drop(s.g);

@@ -4,34 +4,60 @@
 
 use super::inplace;
 use super::k;
+use super::parallel::{role_of, Collective, Role};
 use crate::train::Attention;
-use candle_core::{Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 use candle_nn::VarMap;
 use std::collections::BTreeMap;
+use std::rc::Rc;
 
 /// The parameters by HF name, sharing storage with the VarMap (no copy, no `Var`: candle
 /// records no graph for ops on them).
-pub(crate) struct Params(BTreeMap<String, Tensor>);
+pub(crate) struct Params {
+    map: BTreeMap<String, Tensor>,
+    /// The tensor-parallel group the maps loaded from here reduce over (None: TP = 1).
+    tp: Option<Rc<dyn Collective>>,
+}
 
 impl Params {
     pub(crate) fn from_varmap(varmap: &VarMap) -> Params {
         let data = varmap.data().lock().unwrap_or_else(|e| e.into_inner());
-        Params(
-            data.iter()
+        Params {
+            map: data
+                .iter()
                 .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
                 .collect(),
-        )
+            tp: None,
+        }
+    }
+
+    /// A rank's parameters: its own (`varmap`), zero-strided views for the ones other stages
+    /// hold, and its tensor-parallel group.
+    pub(crate) fn for_rank(
+        varmap: &VarMap,
+        elsewhere: &[(String, Vec<usize>)],
+        tp: Option<Rc<dyn Collective>>,
+    ) -> Result<Params> {
+        let mut p = Params::from_varmap(varmap);
+        for (name, shape) in elsewhere {
+            p.map.insert(
+                name.clone(),
+                super::parallel::placeholder(shape, DType::F32)?,
+            );
+        }
+        p.tp = tp;
+        Ok(p)
     }
 
     pub(crate) fn get(&self, name: &str) -> Result<Tensor> {
-        self.0
+        self.map
             .get(name)
             .cloned()
             .ok_or_else(|| candle_core::Error::Msg(format!("no parameter {name} in the model")))
     }
 
     pub(crate) fn iter(&self) -> impl Iterator<Item = (&String, &Tensor)> {
-        self.0.iter()
+        self.map.iter()
     }
 }
 
@@ -87,6 +113,9 @@ pub(crate) struct Lin {
     w_name: String,
     b_name: String,
     layout: WeightLayout,
+    /// Under tensor parallelism: what this map reduces, and over which group.
+    role: Role,
+    tp: Option<Rc<dyn Collective>>,
 }
 
 impl Lin {
@@ -100,15 +129,30 @@ impl Lin {
             w_name,
             b_name,
             layout,
+            role: if p.tp.is_some() {
+                role_of(prefix)
+            } else {
+                Role::Whole
+            },
+            tp: p.tp.clone(),
         })
     }
 
-    /// x `[N, in]` -> `[N, out]`; the bias is added in place.
+    /// The group's sum of `t` when this map's `role` is `when`.
+    fn reduce(&self, t: Tensor, when: Role) -> Result<Tensor> {
+        match &self.tp {
+            Some(tp) if self.role == when => tp.all_reduce_sum(t),
+            _ => Ok(t),
+        }
+    }
+
+    /// x `[N, in]` -> `[N, out]`; the bias is added in place (after a row-parallel map's sum).
     pub(crate) fn fwd(&self, x: &Tensor) -> Result<Tensor> {
         let y = match self.layout {
             WeightLayout::InOut => x.matmul(&self.w)?,
             WeightLayout::OutIn => x.matmul(&self.w.t()?)?,
         };
+        let y = self.reduce(y, Role::Row)?;
         match &self.b {
             Some(b) => inplace::add_bias(y, b),
             None => Ok(y),
@@ -136,10 +180,15 @@ impl Lin {
             WeightLayout::InOut => dy.matmul(&self.w.t()?)?,
             WeightLayout::OutIn => dy.matmul(&self.w)?,
         };
-        match acc {
-            Some(a) => inplace::add(a, &dx),
-            None => Ok(dx),
-        }
+        let dx = match acc {
+            Some(a) => {
+                let sum = inplace::add(a, &dx)?;
+                drop(dx);
+                sum
+            }
+            None => dx,
+        };
+        self.reduce(dx, Role::ColumnReduce)
     }
 
     /// Zero gradients for a map that saw no input (an expert no token chose).

@@ -367,6 +367,10 @@ impl Net for Llama {
         self.layers.len()
     }
 
+    fn width(&self) -> usize {
+        self.cfg.n_embd
+    }
+
     fn ctx(&self, t: usize, _dtype: DType, device: &Device) -> Result<Ctx> {
         let full_layer = self.layers.iter().position(|l| !l.local_rope);
         let local_layer = self.layers.iter().position(|l| l.local_rope);

@@ -163,9 +163,20 @@ struct Dims {
     v: u64,
     e: u64,
     threads: u64,
+    /// Tensor parallelism: row-parallel outputs and column-parallel input gradients are summed
+    /// over the group into a fresh buffer (`parallel`).
+    tp: bool,
 }
 
 impl Dims {
+    /// A tensor-parallel all-reduce of an `[N, d]` tensor: the sum lands in a new buffer, then
+    /// the partial one is freed.
+    fn all_reduce(&self, l: &mut Ledger) {
+        if self.tp {
+            l.alloc(self.nd());
+            l.free(self.nd());
+        }
+    }
     fn q(&self) -> u64 {
         self.n * self.h * self.hd * self.e
     }
@@ -218,8 +229,8 @@ fn block_saved(cfg: &ModelConfig, x: &Dims, opts: &LeanOptions) -> Vec<(&'static
             ("block input x (ln_1's input) [N, d]", x.nd()),
             ("ln_1 mean, rstd [N] f32", 2 * x.n * STAT),
             ("ln_1 output (c_attn's input) [N, d]", x.nd()),
-            ("q, k, v [B, T, H, hd]", 3 * x.nd()),
-            ("attention output (c_proj's input) [N, d]", x.nd()),
+            ("q, k, v [B, T, H, hd]", 3 * x.q()),
+            ("attention output (c_proj's input) [N, H·hd]", x.q()),
             attn,
             ("x + attention (ln_2's input) [N, d]", x.nd()),
             ("ln_2 mean, rstd [N] f32", 2 * x.n * STAT),
@@ -312,13 +323,15 @@ fn block_forward(cfg: &ModelConfig, x: &Dims, opts: &LeanOptions) -> (u64, i128)
             l.alloc(x.nd()); // ln_1 output
             l.alloc(n * STAT);
             l.alloc(n * STAT);
-            l.mm(n, 3 * d, d, false, false, e); // qkv
+            let qd = x.h * x.hd; // d, or d / TP
+            l.mm(n, 3 * qd, d, false, false, e); // qkv
             for _ in 0..3 {
-                l.alloc(x.nd()); // q, k, v copied out of qkv
+                l.alloc(x.q()); // q, k, v copied out of qkv
             }
-            l.free(3 * x.nd());
+            l.free(3 * x.q());
             attn_out(&mut l);
-            l.mm(n, d, d, false, false, e); // c_proj output
+            l.mm(n, d, qd, false, false, e); // c_proj output
+            x.all_reduce(&mut l);
             l.alloc(x.nd()); // x1
             l.free(x.nd());
             l.alloc(x.nd()); // ln_2
@@ -327,6 +340,7 @@ fn block_forward(cfg: &ModelConfig, x: &Dims, opts: &LeanOptions) -> (u64, i128)
             l.mm(n, x.ff, d, false, false, e); // c_fc output (GELU input)
             l.alloc(x.nff()); // GELU output
             l.mm(n, d, x.ff, false, false, e); // c_proj output
+            x.all_reduce(&mut l);
             l.alloc(x.nd()); // y
             l.free(x.nd());
         }
@@ -344,6 +358,7 @@ fn block_forward(cfg: &ModelConfig, x: &Dims, opts: &LeanOptions) -> (u64, i128)
             l.mm(n, kvd, d, false, true, e); // v
             attn_out(&mut l);
             l.mm(n, d, qd, false, true, e); // o_proj output
+            x.all_reduce(&mut l);
             l.alloc(x.nd()); // x1
             l.free(x.nd());
             l.alloc(x.nd()); // post_attention_layernorm output
@@ -364,6 +379,7 @@ fn ffn_forward(cfg: &ModelConfig, x: &Dims, l: &mut Ledger) {
         l.mm(n, x.ff, d, false, true, e); // up
         l.alloc(x.nff()); // gated product
         l.mm(n, d, x.ff, false, true, e); // down output
+        x.all_reduce(l);
         return;
     }
     let (k, e_count) = (cfg.n_experts_per_tok as u64, cfg.n_experts as u64);
@@ -421,6 +437,7 @@ fn block_backward(cfg: &ModelConfig, x: &Dims, opts: &LeanOptions) -> (u64, i128
             l.mm(d, ff, n, true, false, e); // c_fc dW
             bias(&mut l, b, ff);
             l.mm(n, d, ff, false, true, e); // dln2
+            x.all_reduce(&mut l);
             l.free(x.nff()); // dh
             l.free(x.nd()); // ln2
             l.alloc(x.nd()); // ln_2 dx
@@ -430,19 +447,21 @@ fn block_backward(cfg: &ModelConfig, x: &Dims, opts: &LeanOptions) -> (u64, i128
             l.free(x.nd()); // x1
             l.free(2 * n * STAT);
             l.free(x.nd()); // dx added into dy
-            l.mm(d, d, n, true, false, e); // attention c_proj dW
+            let qd = x.h * x.hd; // d, or d / TP
+            l.mm(qd, d, n, true, false, e); // attention c_proj dW
             bias(&mut l, b, d);
-            l.mm(n, d, d, false, true, e); // d_o
-            attn_bwd(&mut l, x.nd(), x.nd());
-            l.free(x.nd()); // d_o
-            l.free(4 * x.nd()); // q, k, v, o
+            l.mm(n, qd, d, false, true, e); // d_o
+            attn_bwd(&mut l, x.q(), x.q());
+            l.free(x.q()); // d_o
+            l.free(4 * x.q()); // q, k, v, o
             free_attn(&mut l, x, opts);
-            l.alloc(3 * x.nd()); // dqkv
-            l.free(3 * x.nd()); // dq, dk, dv
-            l.mm(d, 3 * d, n, true, false, e); // c_attn dW
-            bias(&mut l, b, 3 * d);
-            l.mm(n, d, 3 * d, false, true, e); // dln1
-            l.free(3 * x.nd()); // dqkv
+            l.alloc(3 * x.q()); // dqkv
+            l.free(3 * x.q()); // dq, dk, dv
+            l.mm(d, 3 * qd, n, true, false, e); // c_attn dW
+            bias(&mut l, b, 3 * qd);
+            l.mm(n, d, 3 * qd, false, true, e); // dln1
+            x.all_reduce(&mut l);
+            l.free(3 * x.q()); // dqkv
             l.free(x.nd()); // ln1
             l.alloc(x.nd()); // ln_1 dx
             l.alloc(d * e);
@@ -491,6 +510,7 @@ fn block_backward(cfg: &ModelConfig, x: &Dims, opts: &LeanOptions) -> (u64, i128
             bias(&mut l, qkv_b, kvd);
             l.mm(n, d, kvd, false, false, e);
             l.free(x.nd());
+            x.all_reduce(&mut l);
             l.free(x.kv()); // dv
             l.free(x.nd()); // h1
             l.alloc(x.nd()); // input norm dx
@@ -537,6 +557,7 @@ fn ffn_backward(cfg: &ModelConfig, x: &Dims, l: &mut Ledger) {
         b(l, ff);
         l.mm(n, d, ff, false, false, e);
         l.free(x.nd()); // added
+        x.all_reduce(l);
         l.free(x.nff()); // dup
         return;
     }
@@ -587,12 +608,61 @@ fn param_counts(cfg: &ModelConfig) -> (u64, u64) {
     }
 }
 
+/// The part of the network one rank of a tensor- and pipeline-parallel step runs
+/// (`train::parallel`); the config it is predicted with is the rank's local config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RankPart {
+    /// Blocks this rank runs (its stage's layers).
+    pub layers: u64,
+    /// Whether it embeds the tokens (first stage).
+    pub first: bool,
+    /// Whether it computes the final norm, the head and the loss (last stage).
+    pub last: bool,
+    /// Whether its maps are tensor-parallel (TP > 1).
+    pub tp: bool,
+    /// Parameter elements and parameter tensors it holds.
+    pub params: u64,
+    pub tensors: u64,
+    /// Parameters other stages hold, present here as zero-strided views.
+    pub views: u64,
+}
+
+impl RankPart {
+    /// The whole network in one process.
+    pub fn whole(cfg: &ModelConfig) -> RankPart {
+        let (params, tensors) = param_counts(cfg);
+        RankPart {
+            layers: cfg.n_layer as u64,
+            first: true,
+            last: true,
+            tp: false,
+            params,
+            tensors,
+            views: 0,
+        }
+    }
+}
+
 /// The closed form of one lean step (forward, loss, backward, optional optimizer step).
 pub fn predict(cfg: &ModelConfig, step: Step, opts: &LeanOptions) -> LeanPrediction {
-    let (params, n_tensors) = param_counts(cfg);
+    predict_rank(cfg, step, opts, &RankPart::whole(cfg))
+}
+
+/// What one block saves for backward (headers included) at `step`: the activation term of a
+/// plan that runs the lean step.
+pub fn block_saved_bytes(cfg: &ModelConfig, step: Step, opts: &LeanOptions) -> u64 {
+    let x = dims(cfg, step, false);
+    block_saved(cfg, &x, opts)
+        .iter()
+        .map(|(_, v)| v)
+        .sum::<u64>()
+        + block_saved_tensors(cfg) * TENSOR_OVERHEAD_BYTES
+}
+
+fn dims(cfg: &ModelConfig, step: Step, tp: bool) -> Dims {
     let e = step.dtype.bytes();
     let (b, t) = (step.batch as u64, step.seq as u64);
-    let x = Dims {
+    Dims {
         n: b * t,
         b,
         t,
@@ -604,10 +674,29 @@ pub fn predict(cfg: &ModelConfig, step: Step, opts: &LeanOptions) -> LeanPredict
         v: cfg.vocab_size as u64,
         e,
         threads: rayon::current_num_threads() as u64,
-    };
-    let layers = cfg.n_layer as u64;
+        tp,
+    }
+}
+
+/// The closed form of one rank's part of a parallel lean step (`RankPart`), with `cfg` the
+/// rank's local config. Stages without the head hold no head or loss tensors, receive the
+/// output's gradient instead, and stop at their first block's input gradient (sent on).
+pub fn predict_rank(
+    cfg: &ModelConfig,
+    step: Step,
+    opts: &LeanOptions,
+    part: &RankPart,
+) -> LeanPrediction {
+    let (params, n_tensors) = (part.params, part.tensors);
+    let e = step.dtype.bytes();
+    let (b, t) = (step.batch as u64, step.seq as u64);
+    let x = dims(cfg, step, part.tp);
+    let layers = part.layers;
     let mut terms: Vec<(String, u64)> = Vec::new();
-    let weights = params * e + n_tensors * (VARMAP_BYTES_PER_TENSOR + LEAN_BYTES_PER_TENSOR);
+    // A view: one element of storage and its headers, named in the parameter map.
+    let views = part.views * (e + TENSOR_OVERHEAD_BYTES + LEAN_BYTES_PER_TENSOR);
+    let weights =
+        params * e + n_tensors * (VARMAP_BYTES_PER_TENSOR + LEAN_BYTES_PER_TENSOR) + views;
     terms.push(("weights".into(), weights));
 
     // --- what the forward keeps
@@ -653,8 +742,13 @@ pub fn predict(cfg: &ModelConfig, step: Step, opts: &LeanOptions) -> LeanPredict
         ("targets [N] u32", x.n * 4 + TENSOR_OVERHEAD_BYTES),
         ("RoPE cos/sin tables", rope),
     ];
+    let head_saved: &[(&str, u64)] = if part.last {
+        &head_saved
+    } else {
+        &head_saved[6..]
+    };
     for (name, v) in head_saved {
-        terms.push((name.to_string(), v));
+        terms.push((name.to_string(), *v));
     }
     let head_bytes: u64 = head_saved.iter().map(|(_, v)| v).sum();
     let saved = layers * kept_block + head_bytes;
@@ -671,7 +765,11 @@ pub fn predict(cfg: &ModelConfig, step: Step, opts: &LeanOptions) -> LeanPredict
     // The logits' matmul (xf @ Wᵀ) packs its panels while the rest of the saved set exists.
     let logits_mm = weights + saved - (x.n * STAT + TENSOR_OVERHEAD_BYTES) - (x.n * 4)
         + gemm_scratch(x.n, x.v, x.d, false, true, e);
-    let at_loss = (weights + saved + (b * t * 4 + b * 24)).max(logits_mm); // host copy of the ids
+    let at_loss = if part.last {
+        (weights + saved + (b * t * 4 + b * 24)).max(logits_mm) // host copy of the ids
+    } else {
+        0
+    };
     let forward_peak = in_last_block.max(at_loss);
     terms.push(("forward peak: in the last block".into(), in_last_block));
     terms.push(("forward peak: at the loss".into(), at_loss));
@@ -691,8 +789,13 @@ pub fn predict(cfg: &ModelConfig, step: Step, opts: &LeanOptions) -> LeanPredict
     l.free(x.nd()); // dxf
     l.free(x.nd()); // final norm input
     l.free(stats_f);
-    let head_peak = l.peak as u64;
-    let at_first_block = l.cur.max(0) as u64;
+    let (head_peak, at_first_block) = if part.last {
+        (l.peak as u64, l.cur.max(0) as u64)
+    } else {
+        // The output sent and dropped, its gradient received.
+        let level = weights + saved + x.nd() + TENSOR_OVERHEAD_BYTES;
+        (level, level)
+    };
     let (blk_bwd_peak, blk_bwd_net) = block_backward(cfg, &x, opts);
     // With checkpointing the block's forward runs again first (its saved set reappears).
     let (recompute_peak, recompute_net) = match opts.checkpoint {
@@ -728,10 +831,11 @@ pub fn predict(cfg: &ModelConfig, step: Step, opts: &LeanOptions) -> LeanPredict
         }
     }
     l.scratch(x.n * 4);
-    if !cfg.tie_embeddings {
+    if !cfg.tie_embeddings || !part.last {
+        // Without the head here, the tied embedding's gradient starts at the embedding too.
         l.alloc(x.v * x.d * e);
     }
-    let embed_peak = l.peak as u64;
+    let embed_peak = if part.first { l.peak as u64 } else { 0 };
     let backward_peak = head_peak.max(first).max(last).max(embed_peak);
     terms.push(("backward peak: at the head".into(), head_peak));
     terms.push(("backward peak: in the first block".into(), first));

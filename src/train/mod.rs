@@ -42,6 +42,7 @@ mod layers;
 mod llama;
 pub mod memory;
 pub mod optim;
+pub mod parallel;
 pub mod run;
 mod step;
 
@@ -214,6 +215,41 @@ impl LeanModel {
         let (loss, grads) = match &self.net {
             Net::Gpt2(n) => step::loss_and_grads(n, input_ids, opts, forward_done)?,
             Net::Llama(n) => step::loss_and_grads(n.as_ref(), input_ids, opts, forward_done)?,
+        };
+        Ok((loss, grads.0))
+    }
+
+    /// One rank of a tensor- and pipeline-parallel step (`parallel`): the network built from the
+    /// rank's local config over its own tensors (`varmap`) and zero-strided views of those other
+    /// stages hold (`elsewhere`: name and shape).
+    pub fn for_rank(
+        local_cfg: &ModelConfig,
+        varmap: &VarMap,
+        elsewhere: &[(String, Vec<usize>)],
+        tp: Option<std::rc::Rc<dyn parallel::Collective>>,
+    ) -> Result<LeanModel> {
+        if let Err(why) = supported(local_cfg, &LeanOptions::default()) {
+            candle_core::bail!("{why}");
+        }
+        let params = Params::for_rank(varmap, elsewhere, tp)?;
+        let net = match local_cfg.arch {
+            Arch::Gpt2 => Net::Gpt2(gpt2::Gpt2::load(local_cfg, &params)?),
+            Arch::Llama => Net::Llama(Box::new(llama::Llama::load(local_cfg, &params)?)),
+        };
+        Ok(LeanModel { net, params })
+    }
+
+    /// This rank's part of the step (`parallel::Parallel`): the loss where this stage computes
+    /// it, and the gradient of every parameter the stage holds, by name.
+    pub fn stage_step(
+        &self,
+        input_ids: &Tensor,
+        part: &parallel::Parallel,
+        opts: &LeanOptions,
+    ) -> Result<(Option<f64>, BTreeMap<String, Tensor>)> {
+        let (loss, grads) = match &self.net {
+            Net::Gpt2(n) => step::stage_step(n, input_ids, part, opts, &mut || Ok(()))?,
+            Net::Llama(n) => step::stage_step(n.as_ref(), input_ids, part, opts, &mut || Ok(()))?,
         };
         Ok((loss, grads.0))
     }

@@ -4,6 +4,7 @@
 
 use super::k;
 use super::layers::{Grads, Norm};
+use super::parallel::Parallel;
 use super::{Checkpoint, LeanOptions};
 use candle_core::{DType, Result, Tensor};
 
@@ -15,6 +16,8 @@ pub(crate) trait Net {
     type Ctx;
 
     fn n_layer(&self) -> usize;
+    /// The residual stream's width d.
+    fn width(&self) -> usize;
     fn ctx(&self, t: usize, dtype: DType, device: &candle_core::Device) -> Result<Self::Ctx>;
     /// ids `[B, T]` -> the residual stream `[B·T, d]`.
     fn embed(&self, ids: &Tensor) -> Result<Tensor>;
@@ -88,16 +91,39 @@ pub(crate) fn loss_and_grads<N: Net>(
     opts: &LeanOptions,
     forward_done: &mut dyn FnMut() -> Result<()>,
 ) -> Result<(f64, Grads)> {
+    let whole = Parallel {
+        layers: 0..net.n_layer(),
+        ..Parallel::default()
+    };
+    let (loss, grads) = stage_step(net, ids, &whole, opts, forward_done)?;
+    Ok((loss.unwrap_or(f64::NAN), grads))
+}
+
+/// One pipeline stage's part of the step: the blocks of `part.layers`, with the input embedded
+/// here (first stage) or received from the previous stage, and the output's gradient computed
+/// from the loss here (last stage) or received from the next stage. The loss when this stage
+/// computes it. The whole network is the one stage with no neighbours.
+pub(crate) fn stage_step<N: Net>(
+    net: &N,
+    ids: &Tensor,
+    part: &Parallel,
+    opts: &LeanOptions,
+    forward_done: &mut dyn FnMut() -> Result<()>,
+) -> Result<(Option<f64>, Grads)> {
     let (b, t) = ids.dims2()?;
     if t < 2 {
         candle_core::bail!("a next-token loss needs at least 2 positions, got seq = {t}");
     }
     let bt = (b, t);
+    let rows_d = (b * t, net.width());
     // --- forward
-    let mut x = net.embed(ids)?;
+    let mut x = match &part.prev {
+        None => net.embed(ids)?,
+        Some(prev) => prev.recv(rows_d)?,
+    };
     let ctx = net.ctx(t, x.dtype(), x.device())?;
-    let mut kept: Vec<Kept<N::Saved>> = Vec::with_capacity(net.n_layer());
-    for i in 0..net.n_layer() {
+    let mut kept: Vec<Kept<N::Saved>> = Vec::with_capacity(part.layers.len());
+    for i in part.layers.clone() {
         let (y, saved) = net.block_fwd(i, &x, bt, &ctx, opts)?;
         kept.push(match opts.checkpoint {
             Checkpoint::None => Kept::All(saved),
@@ -108,6 +134,50 @@ pub(crate) fn loss_and_grads<N: Net>(
         });
         x = y;
     }
+    let mut grads = Grads::default();
+    let mut kept_targets = None;
+    let (loss, mut dx) = match &part.next {
+        Some(next) => {
+            next.send(&x)?;
+            drop(x);
+            forward_done()?;
+            (None, next.recv(rows_d)?)
+        }
+        None => {
+            let (loss, dx, targets) = head_step(net, ids, x, &mut grads, forward_done)?;
+            // The targets live until the step ends, as the memory model counts them.
+            kept_targets = Some(targets);
+            (Some(loss), dx)
+        }
+    };
+
+    // --- backward through the blocks
+    for i in part.layers.clone().rev() {
+        let saved = match kept.pop() {
+            Some(Kept::All(s)) => s,
+            Some(Kept::Input(x)) => net.block_fwd(i, &x, bt, &ctx, opts)?.1,
+            None => candle_core::bail!("block {i} kept nothing"),
+        };
+        dx = net.block_bwd(i, saved, dx, bt, &ctx, &mut grads)?;
+    }
+    match &part.prev {
+        None => net.embed_bwd(ids, dx, &mut grads)?,
+        Some(prev) => prev.send(&dx)?,
+    }
+    drop(kept_targets);
+    Ok((loss, grads))
+}
+
+/// The final norm, the head and the loss on the last block's output `x`, then their backward:
+/// the loss, d(x) and the targets.
+fn head_step<N: Net>(
+    net: &N,
+    ids: &Tensor,
+    x: Tensor,
+    grads: &mut Grads,
+    forward_done: &mut dyn FnMut() -> Result<()>,
+) -> Result<(f64, Tensor, Tensor)> {
+    let (b, t) = ids.dims2()?;
     let (xf, stats) = net.final_norm().fwd(&x)?;
     let (head, head_name) = net.head();
     // [N, d] @ [d, V] -> [N, V]
@@ -120,22 +190,12 @@ pub(crate) fn loss_and_grads<N: Net>(
     let rows = b * (t - 1);
     let dlogits = k::cross_entropy_bwd(logits, &targets, &lse, 1.0 / rows as f64)?;
     drop(lse);
-    let mut grads = Grads::default();
     // [V, N] @ [N, d] -> [V, d]
     grads.add(head_name, dlogits.t()?.matmul(&xf)?)?;
     drop(xf);
     let dxf = dlogits.matmul(head)?;
     drop(dlogits);
-    let mut dx = net.final_norm().bwd(&dxf, &x, &stats, &mut grads)?;
+    let dx = net.final_norm().bwd(&dxf, &x, &stats, grads)?;
     drop((dxf, x, stats));
-    for i in (0..net.n_layer()).rev() {
-        let saved = match kept.pop() {
-            Some(Kept::All(s)) => s,
-            Some(Kept::Input(x)) => net.block_fwd(i, &x, bt, &ctx, opts)?.1,
-            None => candle_core::bail!("block {i} kept nothing"),
-        };
-        dx = net.block_bwd(i, saved, dx, bt, &ctx, &mut grads)?;
-    }
-    net.embed_bwd(ids, dx, &mut grads)?;
-    Ok((loss, grads))
+    Ok((loss, dx, targets))
 }
