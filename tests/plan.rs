@@ -520,10 +520,25 @@ fn bad_input_exits_2_naming_the_flag() {
 #[test]
 fn verify_across_processes_refuses_clearly() {
     truesize()
-        .args(["verify", "--preset", "baby-gpt", "--tp", "2"])
+        .args(["verify", "--preset", "baby-gpt", "--tp", "0"])
         .assert()
         .code(2)
-        .stderr(predicates::str::contains("--tp = 2"));
+        .stderr(predicates::str::contains("--tp = 0"));
+    // Whole heads per rank: 4 heads do not split over 3 ranks (refused before MPI starts).
+    #[cfg(feature = "mpi")]
+    truesize()
+        .args(["verify", "--preset", "baby-gpt", "--tp", "3"])
+        .assert()
+        .code(2)
+        .stderr(predicates::str::contains("--tp = 3"))
+        .stderr(predicates::str::contains("n_head = 4"));
+    // The layout needs TP·PP·DP processes.
+    #[cfg(feature = "mpi")]
+    truesize()
+        .args(["verify", "--preset", "baby-gpt", "--tp", "2", "--pp", "2"])
+        .assert()
+        .code(2)
+        .stderr(predicates::str::contains("mpirun -np 4"));
     #[cfg(not(feature = "mpi"))]
     truesize()
         .args(["verify", "--preset", "baby-gpt", "--dp", "2"])
