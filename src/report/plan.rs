@@ -98,7 +98,14 @@ fn plan_sections(p: &ShardPlan, model: &str) -> Vec<Section> {
                 ""
             }
         ),
-        "rank = tp_rank + TP·(dp_rank + DP·pp_stage); activations: microbatches in flight under 1F1B × what a PyTorch-style step saves per block".into(),
+        format!(
+            "rank = tp_rank + TP·(dp_rank + DP·pp_stage); activations: microbatches in flight under 1F1B × {}",
+            if p.engine == crate::plan::Engine::Candle {
+                "what the lean step saves per block (its closed form), plus the last stage's head and loss tensors, where the lean step runs the split (else a PyTorch-style step's)"
+            } else {
+                "what a PyTorch-style step saves per block"
+            }
+        ),
     ];
     for a in &p.anchors {
         notes.push(format!(
