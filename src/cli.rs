@@ -169,6 +169,10 @@ pub struct VerifyArgs {
     /// Pipeline stages across processes (even layers per stage, one microbatch).
     #[arg(long, value_name = "N")]
     pub pp: Option<usize>,
+    /// ZeRO across the DP group of the multi-process step: 1 or 2 reduce-scatter the flat
+    /// gradient buffer (DeepSpeed's layout) instead of all-reducing it; each rank keeps 1/DP.
+    #[arg(long, value_name = "STAGE")]
+    pub zero: Option<u8>,
     #[arg(long, value_enum, default_value_t = Format::Table)]
     pub format: Format,
 }

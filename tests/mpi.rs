@@ -6,8 +6,13 @@ mod common;
 
 use common::{fixtures, json_of};
 
-/// (tp, pp, dp) on `config`, 2 sequences of 16 tokens per DP rank, one thread per process.
-fn mpirun(layout: (usize, usize, usize), config: &std::path::Path) -> std::process::Output {
+/// (tp, pp, dp) on `config`, 2 sequences of 16 tokens per DP rank, one thread per process;
+/// `extra` arguments after those.
+fn mpirun(
+    layout: (usize, usize, usize),
+    config: &std::path::Path,
+    extra: &[&str],
+) -> std::process::Output {
     let (tp, pp, dp) = layout;
     let bin = assert_cmd::cargo::cargo_bin("truesize");
     std::process::Command::new("mpirun")
@@ -24,6 +29,7 @@ fn mpirun(layout: (usize, usize, usize), config: &std::path::Path) -> std::proce
         .args(["--pp", &pp.to_string()])
         .args(["--dp", &dp.to_string()])
         .args(["--batch", "2", "--seq", "16", "--format", "json"])
+        .args(extra)
         .env("RAYON_NUM_THREADS", "1")
         .output()
         .expect("mpirun runs (OpenMPI installed: libopenmpi-dev openmpi-bin)")
@@ -43,7 +49,7 @@ fn parallel_steps_match_the_single_process_step_and_the_plan() {
     ];
     for (name, layout) in cases {
         let (tp, pp, dp) = layout;
-        let out = mpirun(layout, &fixtures().join(name));
+        let out = mpirun(layout, &fixtures().join(name), &[]);
         let stderr = String::from_utf8_lossy(&out.stderr);
         let j = json_of(&out.stdout);
         let np = tp * pp * dp;
@@ -81,8 +87,8 @@ fn parallel_steps_match_the_single_process_step_and_the_plan() {
 /// than the whole network, and the stages differ (embedding first, head last).
 #[test]
 fn pipeline_stages_hold_their_own_layers() {
-    let whole = mpirun((1, 1, 1), &fixtures().join("tiny-llama"));
-    let split = mpirun((1, 2, 1), &fixtures().join("tiny-llama"));
+    let whole = mpirun((1, 1, 1), &fixtures().join("tiny-llama"), &[]);
+    let split = mpirun((1, 2, 1), &fixtures().join("tiny-llama"), &[]);
     let w = json_of(&whole.stdout);
     let s = json_of(&split.stdout);
     let whole_plan = w["ranks"][0]["plan_weights_grads_bytes"].as_u64().unwrap();
@@ -101,5 +107,33 @@ fn pipeline_stages_hold_their_own_layers() {
             r["measured_peak_bytes"].as_u64().unwrap()
                 < w["ranks"][0]["measured_peak_bytes"].as_u64().unwrap()
         );
+    }
+}
+
+/// ZeRO-1/2 across the DP group: the flat gradient buffer reduce-scattered, each rank's
+/// partition equal to the same slice of the single-process gradients, and what a rank holds
+/// afterwards (weights + 1/DP of the gradients) within 5% of the closed form.
+#[test]
+fn zero_reduce_scatters_the_flat_gradient_buffer() {
+    for (name, layout, zero) in [
+        ("tiny-gpt2", (1, 2, 2), "2"),
+        ("tiny-llama", (2, 1, 2), "1"),
+    ] {
+        let out = mpirun(layout, &fixtures().join(name), &["--zero", zero]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let j = json_of(&out.stdout);
+        assert_eq!(j["zero"].to_string(), zero, "{name}: {stderr}");
+        for r in j["ranks"].as_array().unwrap() {
+            let held = r["held_after_bytes"].as_u64().unwrap() as f64;
+            let predicted = r["predicted_held_after_bytes"].as_u64().unwrap() as f64;
+            assert!(
+                (held - predicted).abs() <= 0.05 * predicted,
+                "{name}: {held} vs {predicted}"
+            );
+            assert!(held < r["measured_peak_bytes"].as_u64().unwrap() as f64);
+        }
+        assert!(j["grad_rel_error"].as_f64().unwrap() <= 1e-5, "{name}");
+        assert_eq!(j["pass"], true, "{name}: {}", j["checks"]);
+        assert!(out.status.success(), "{name}: {stderr}");
     }
 }

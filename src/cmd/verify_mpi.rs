@@ -11,7 +11,14 @@
 //! - PP: the activation goes to the next stage and its gradient comes back (`MPI_Send` /
 //!   `MPI_Recv`), one microbatch per step (GPipe and 1F1B coincide);
 //! - after backward: the two copies of a tied embedding add their gradients (first and last
-//!   stage, `MPI_Sendrecv`), then every gradient is averaged over the DP group.
+//!   stage, `MPI_Sendrecv`), then every gradient is averaged over the DP group; with `--zero 1`
+//!   or `2` the rank's gradients are laid out as one flat buffer, padded as DeepSpeed pads it
+//!   (a multiple of 2·DP elements), and reduce-scattered (`MPI_Reduce_scatter_block`): each rank
+//!   keeps its 1/DP partition, the per-parameter gradients are freed, and what the rank then holds
+//!   (weights + its partition) is measured and checked. The partition is made after backward
+//!   (no bucketing while backward runs), so the step's peak is the same as without ZeRO; ZeRO-1
+//!   and 2 differ only in the optimizer step, which this step does not take. ZeRO-3 (parameters
+//!   gathered layer by layer) is refused.
 //!
 //! Every rank then runs the single-process step on the whole batch from the same seeded network
 //! and compares its shard of every gradient with the same slice of the reference; the worst
@@ -27,7 +34,7 @@ use crate::error::{Error, Result};
 
 /// Whether the command line asks for a multi-process step.
 pub fn wanted(a: &VerifyArgs) -> bool {
-    a.dp.is_some() || a.tp.is_some() || a.pp.is_some()
+    a.dp.is_some() || a.tp.is_some() || a.pp.is_some() || a.zero.is_some()
 }
 
 fn cli(field: &str, value: impl std::fmt::Display, why: impl Into<String>) -> Error {
@@ -60,6 +67,18 @@ fn check_args(a: &VerifyArgs) -> Result<(usize, usize, usize)> {
              --reference, --shapes-only and --device",
         ));
     }
+    match a.zero {
+        None | Some(0..=2) => {}
+        Some(3) => {
+            return Err(cli(
+                "--zero",
+                3,
+                "ZeRO-3 (parameters gathered layer by layer) is not implemented across processes; \
+                 `truesize plan --zero 3 --engine deepspeed` sizes it; use --zero 1 or 2",
+            ))
+        }
+        Some(z) => return Err(cli("--zero", z, "must be 0, 1 or 2")),
+    }
     Ok((layout[0], layout[1], layout[2]))
 }
 
@@ -89,6 +108,7 @@ mod imp {
     use crate::measure::probe::MemoryProbe;
     use crate::measure::{extrapolate, run as measure};
     use crate::model::{autograd_replay, build, next_token_loss, Model};
+    use crate::plan::engine::DEEPSPEED_ALIGNMENT;
     use crate::plan::shard::TensorShard;
     use crate::plan::{Engine, PlanInputs, ShardPlan};
     use crate::report::plan::{DistRank, DistributedRun};
@@ -230,12 +250,17 @@ mod imp {
         } else {
             crate::train::supported(&cfg, &lean_opts)
         };
-        if let (Err(why), true) = (&lean, tp * pp > 1) {
-            let (flag, n) = if tp > 1 { ("--tp", tp) } else { ("--pp", pp) };
+        let zero = a.zero.unwrap_or(0);
+        if let (Err(why), true) = (&lean, tp * pp > 1 || zero > 0) {
+            let (flag, n) = match (tp > 1, pp > 1) {
+                (true, _) => ("--tp", tp),
+                (_, true) => ("--pp", pp),
+                _ => ("--zero", zero as usize),
+            };
             return Err(cli(
                 flag,
                 n,
-                format!("tensor and pipeline parallelism run the lean step: {why}"),
+                format!("tensor and pipeline parallelism and ZeRO run the lean step: {why}"),
             ));
         }
         let plan = ShardPlan::new(
@@ -270,7 +295,7 @@ mod imp {
             ));
         }
         let out = if lean.is_ok() {
-            lean_step(&a, &cfg, &local_cfg, step, &plan, world)?
+            lean_step(&a, &cfg, &local_cfg, step, &plan, zero, world)?
         } else {
             autograd_dp(&a, &cfg, step, &plan, world)?
         };
@@ -288,6 +313,9 @@ mod imp {
         peak: u64,
         worst: f64,
         scale: f64,
+        /// Under ZeRO: (bytes held after the reduce-scatter, predicted).
+        held: Option<(u64, u64)>,
+        zero: u8,
     }
 
     /// Rank 0: every rank's peak and the worst gradient error (max over ranks) into a report.
@@ -308,12 +336,15 @@ mod imp {
         );
         let grad_error = err[0] / err[1].max(f64::MIN_POSITIVE);
         let root = world.process_at_rank(0);
+        let (held, held_predicted) = found.held.unwrap_or((0, 0));
+        let mine = [found.peak, held, held_predicted];
         if world.rank() != 0 {
-            root.gather_into(&found.peak);
+            root.gather_into(&mine[..]);
             return Ok(None);
         }
-        let mut peaks = vec![0u64; world.size() as usize];
-        root.gather_into_root(&found.peak, &mut peaks[..]);
+        let mut all = vec![0u64; 3 * world.size() as usize];
+        root.gather_into_root(&mine[..], &mut all[..]);
+        let zero = found.held.is_some();
         let mut checks = vec![Check::error_bound(
             "gradients: every rank's shard (DP mean) vs the single-process step on the whole batch",
             grad_error,
@@ -321,7 +352,8 @@ mod imp {
             "max |difference| / max |gradient| over every parameter",
         )];
         let mut ranks = Vec::new();
-        for (r, &measured) in peaks.iter().enumerate() {
+        for (r, got) in all.chunks_exact(3).enumerate() {
+            let (measured, held, held_predicted) = (got[0], got[1], got[2]);
             let pr = &plan.ranks[r];
             let (predicted, predictor) = predicted(r)?;
             checks.push(Check::rel(
@@ -333,6 +365,17 @@ mod imp {
                 predicted as f64,
                 PEAK_TOLERANCE,
             ));
+            if zero {
+                checks.push(Check::rel(
+                    format!(
+                        "rank {r}: held after the gradient reduce-scatter (weights + its 1/DP \
+                         partition) vs the closed form"
+                    ),
+                    held as f64,
+                    held_predicted as f64,
+                    PEAK_TOLERANCE,
+                ));
+            }
             ranks.push(DistRank {
                 rank: r,
                 tp_rank: pr.tp_rank,
@@ -342,12 +385,15 @@ mod imp {
                 predicted_peak_bytes: predicted,
                 plan_weights_grads_bytes: pr.weights_bytes + pr.grads_bytes,
                 plan_activations_bytes: pr.activations_bytes,
+                held_after_bytes: zero.then_some(held),
+                predicted_held_after_bytes: zero.then_some(held_predicted),
             });
         }
         let pass = all_pass(&checks);
         Ok(Some(DistributedRun {
             model: cfg.name.clone(),
-            processes: peaks.len(),
+            processes: ranks.len(),
+            zero: found.zero,
             tp: plan.tp,
             pp: plan.pp,
             dp: plan.dp,
@@ -368,6 +414,7 @@ mod imp {
         local_cfg: &ModelConfig,
         step: Step,
         plan: &ShardPlan,
+        zero: u8,
         world: SimpleCommunicator,
     ) -> Result<Option<DistributedRun>> {
         let rank = world.rank() as usize;
@@ -429,10 +476,12 @@ mod imp {
         drop(part);
 
         // Every parameter the rank holds got a gradient, and nothing else did.
-        let mut grads: Vec<(String, Vec<f32>)> = grads
+        let host_grads: Vec<(String, Vec<f32>)> = grads
             .iter()
             .map(|(n, g)| Ok((n.clone(), host(g)?)))
             .collect::<Result<_>>()?;
+        drop(grads);
+        let mut grads = host_grads;
         let names: Vec<&String> = grads.iter().map(|(n, _)| n).collect();
         let want: Vec<&String> = {
             let mut w: Vec<&String> = held.iter().map(|(n, _, _)| n).collect();
@@ -463,18 +512,56 @@ mod imp {
                 *x += y;
             }
         }
-        // The DP mean.
-        for (_, g) in grads.iter_mut() {
-            let mut sum = vec![0f32; g.len()];
-            dp_group.all_reduce_into(&g[..], &mut sum[..], SystemOperation::sum());
-            *g = sum.into_iter().map(|x| x / dp as f32).collect();
+        // The gradients' layout: name order, each parameter's length.
+        let layout: Vec<(String, usize)> =
+            grads.iter().map(|(n, g)| (n.clone(), g.len())).collect();
+        let numel: usize = layout.iter().map(|(_, n)| n).sum();
+        let align = DEEPSPEED_ALIGNMENT as usize * dp;
+        let part_len = numel.div_ceil(align) * align / dp;
+        // The DP mean: per parameter (all-reduce), or this rank's partition of the flat buffer.
+        let mut partition = Vec::new();
+        let mut held = None;
+        if zero == 0 {
+            for (_, g) in grads.iter_mut() {
+                let mut sum = vec![0f32; g.len()];
+                dp_group.all_reduce_into(&g[..], &mut sum[..], SystemOperation::sum());
+                *g = sum.into_iter().map(|x| x / dp as f32).collect();
+            }
+        } else {
+            let mut flat = Vec::with_capacity(part_len * dp);
+            for (_, g) in grads.drain(..) {
+                flat.extend_from_slice(&g);
+            }
+            flat.resize(part_len * dp, 0.0);
+            partition = vec![0f32; part_len];
+            dp_group.reduce_scatter_block_into(
+                &flat[..],
+                &mut partition[..],
+                SystemOperation::sum(),
+            );
+            drop(flat);
+            for x in partition.iter_mut() {
+                *x /= dp as f32;
+            }
+            // What the rank holds now: its weights (and the lean model's views of them) and
+            // its partition.
+            let measured = probe.current()?.saturating_sub(baseline);
+            let weights = crate::plan::lean::predicted(cfg, plan, rank, &opts)?.weights_bytes;
+            held = Some((measured, weights + part_len as u64 * 4));
         }
         drop((lean, varmap));
 
         // The single-process step on the whole batch; this rank's slice of each gradient.
         let (_, reference) = LeanModel::from_varmap(cfg, &full)?.loss_and_grads(&all_ids, &opts)?;
         let (mut worst, mut scale) = (0f64, 0f64);
-        for (name, g) in &grads {
+        let mut compare = |g: &[f32], r: &[f32]| {
+            for (x, y) in g.iter().zip(r) {
+                worst = worst.max((x - y).abs() as f64);
+                scale = scale.max(y.abs() as f64);
+            }
+        };
+        let mut flat_ref = Vec::new();
+        for (i, (name, len)) in layout.iter().enumerate() {
             let shard = plan
                 .tensors
                 .iter()
@@ -484,10 +571,24 @@ mod imp {
                 .get(name)
                 .ok_or_else(|| internal(format!("{name}: no reference gradient")))?;
             let r = host(&piece(r, shard, tp_rank, tp)?)?;
-            for (x, y) in g.iter().zip(&r) {
-                worst = worst.max((x - y).abs() as f64);
-                scale = scale.max(y.abs() as f64);
+            if r.len() != *len {
+                return Err(internal(format!(
+                    "{name}: {} elements, reference {}",
+                    len,
+                    r.len()
+                )));
             }
+            match grads.get(i) {
+                Some((_, g)) => compare(g, &r),
+                None => flat_ref.extend_from_slice(&r),
+            }
+        }
+        if zero > 0 {
+            flat_ref.resize(part_len * dp, 0.0);
+            compare(
+                &partition,
+                &flat_ref[dp_rank * part_len..(dp_rank + 1) * part_len],
+            );
         }
         let predicted = |r: usize| -> Result<(u64, &'static str)> {
             Ok((
@@ -500,7 +601,13 @@ mod imp {
             cfg,
             step,
             plan,
-            Found { peak, worst, scale },
+            Found {
+                peak,
+                worst,
+                scale,
+                held,
+                zero,
+            },
             &predicted,
         )
     }
@@ -579,7 +686,13 @@ mod imp {
             cfg,
             step,
             plan,
-            Found { peak, worst, scale },
+            Found {
+                peak,
+                worst,
+                scale,
+                held: None,
+                zero: 0,
+            },
             &|_| Ok((predicted, "the autograd replay")),
         )
     }

@@ -229,6 +229,10 @@ pub struct DistRank {
     pub plan_weights_grads_bytes: u64,
     /// The plan's activations for the rank (candle profile: the lean step's saved set).
     pub plan_activations_bytes: u64,
+    /// Under ZeRO: what the rank holds after the gradient reduce-scatter (weights + its 1/DP
+    /// partition of the flat gradient buffer), measured and predicted.
+    pub held_after_bytes: Option<u64>,
+    pub predicted_held_after_bytes: Option<u64>,
 }
 
 /// What `mpirun -np N truesize verify --dp N` found (printed by rank 0).
@@ -236,6 +240,8 @@ pub struct DistRank {
 pub struct DistributedRun {
     pub model: String,
     pub processes: usize,
+    /// ZeRO stage across the DP group (0: gradients all-reduced).
+    pub zero: u8,
     pub tp: usize,
     pub pp: usize,
     pub dp: usize,
@@ -253,36 +259,41 @@ pub struct DistributedRun {
 impl Render for DistributedRun {
     fn sections(&self, _view: View) -> Vec<Section> {
         let r = self;
+        let zero = r.zero > 0;
+        let mut header = vec![
+            "rank",
+            "tp",
+            "stage",
+            "dp",
+            "measured peak",
+            "predicted",
+            "plan: weights + grads",
+            "plan: activations",
+        ];
+        if zero {
+            header.extend(["held after reduce-scatter", "predicted"]);
+        }
+        let opt = |x: Option<u64>| x.map_or_else(String::new, |b| format!("{} B", group(b)));
         vec![
             Section {
                 title: format!(
-                    "Parallel step of {} over MPI: {} processes (TP {} × PP {} × DP {}), {} × {} tokens per DP rank, {}",
+                    "Parallel step of {} over MPI: {} processes (TP {} × PP {} × DP {}{}), {} × {} tokens per DP rank, {}",
                     r.model,
                     r.processes,
                     r.tp,
                     r.pp,
                     r.dp,
+                    if zero { format!(", ZeRO-{}", r.zero) } else { String::new() },
                     r.batch_per_rank,
                     r.seq,
                     r.dtype.name()
                 ),
-                header: [
-                    "rank",
-                    "tp",
-                    "stage",
-                    "dp",
-                    "measured peak",
-                    "predicted",
-                    "plan: weights + grads",
-                    "plan: activations",
-                ]
-                .map(s)
-                .to_vec(),
+                header: header.into_iter().map(s).collect(),
                 rows: r
                     .ranks
                     .iter()
                     .map(|x| {
-                        vec![
+                        let mut row = vec![
                             x.rank.to_string(),
                             x.tp_rank.to_string(),
                             x.pp_stage.to_string(),
@@ -291,11 +302,17 @@ impl Render for DistributedRun {
                             format!("{} B", group(x.predicted_peak_bytes)),
                             format!("{} B", group(x.plan_weights_grads_bytes)),
                             format!("{} B", group(x.plan_activations_bytes)),
-                        ]
+                        ];
+                        if zero {
+                            row.push(opt(x.held_after_bytes));
+                            row.push(opt(x.predicted_held_after_bytes));
+                        }
+                        row
                     })
                     .collect(),
                 notes: vec![format!(
-                    "gradients: every rank's shard (DP mean) vs the single-process step on the whole batch: max rel. error {:.3e}",
+                    "gradients: every rank's shard (DP mean{}) vs the single-process step on the whole batch: max rel. error {:.3e}",
+                    if zero { ", its partition of the flat buffer" } else { "" },
                     r.grad_rel_error
                 )],
             },
