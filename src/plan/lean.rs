@@ -92,3 +92,54 @@ pub(super) fn activations(
     let blocks = part.layers * memory::block_saved_bytes(&local, step, &opts);
     Some(blocks * in_flight + saved.saturating_sub(blocks))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::presets;
+    use crate::dtype::TrainDtype;
+    use crate::plan::Engine;
+
+    fn plan(cfg: &ModelConfig, tp: usize, pp: usize) -> ShardPlan {
+        let inp = PlanInputs {
+            engine: Engine::Candle,
+            tp,
+            pp,
+            dp: 1,
+            zero: 0,
+            pp_layers: PlanInputs::even_layers(cfg, pp).unwrap(),
+            microbatch: 2,
+            grad_accum: 1,
+            seq: 64,
+            dtype: TrainDtype::F32,
+        };
+        ShardPlan::new(cfg, &inp).unwrap()
+    }
+
+    /// One rank holding everything is the single-process step, to the byte.
+    #[test]
+    fn one_rank_is_the_whole_step() {
+        let cfg = presets::load("baby-gpt").unwrap();
+        let p = plan(&cfg, 1, 1);
+        let opts = LeanOptions::default();
+        let whole = memory::predict(&cfg, step_of(&p), &opts);
+        assert_eq!(predicted(&cfg, &p, 0, &opts).unwrap(), whole);
+        assert_eq!(p.ranks[0].activations_bytes, whole.saved_bytes);
+    }
+
+    /// Two stages and two TP ranks each hold and keep less than the whole step.
+    #[test]
+    fn split_ranks_are_smaller() {
+        let cfg = presets::load("baby-gpt").unwrap();
+        let opts = LeanOptions::default();
+        let whole = predicted(&cfg, &plan(&cfg, 1, 1), 0, &opts).unwrap();
+        for (tp, pp) in [(2, 1), (1, 2), (2, 2)] {
+            let p = plan(&cfg, tp, pp);
+            for r in 0..tp * pp {
+                let x = predicted(&cfg, &p, r, &opts).unwrap();
+                assert!(x.peak_bytes < whole.peak_bytes, "tp {tp} pp {pp} rank {r}");
+                assert!(x.saved_bytes < whole.saved_bytes);
+            }
+        }
+    }
+}

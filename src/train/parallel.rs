@@ -127,3 +127,40 @@ pub struct Parallel {
 pub(crate) fn placeholder(shape: &[usize], dtype: DType) -> Result<Tensor> {
     Tensor::zeros((), dtype, &candle_core::Device::Cpu)?.broadcast_as(shape)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::presets;
+
+    #[test]
+    fn maps_reduce_where_their_group_ends() {
+        let l = "model.layers.3";
+        assert_eq!(role_of(&format!("{l}.self_attn.q_proj")), Role::Column);
+        assert_eq!(role_of(&format!("{l}.self_attn.k_proj")), Role::Column);
+        assert_eq!(
+            role_of(&format!("{l}.self_attn.v_proj")),
+            Role::ColumnReduce
+        );
+        assert_eq!(role_of(&format!("{l}.self_attn.o_proj")), Role::Row);
+        assert_eq!(role_of(&format!("{l}.mlp.gate_proj")), Role::Column);
+        assert_eq!(role_of(&format!("{l}.mlp.up_proj")), Role::ColumnReduce);
+        assert_eq!(role_of(&format!("{l}.mlp.down_proj")), Role::Row);
+        let h = "transformer.h.0";
+        assert_eq!(role_of(&format!("{h}.attn.c_attn")), Role::ColumnReduce);
+        assert_eq!(role_of(&format!("{h}.attn.c_proj")), Role::Row);
+        assert_eq!(role_of(&format!("{h}.mlp.c_fc")), Role::ColumnReduce);
+        assert_eq!(role_of(&format!("{h}.mlp.c_proj")), Role::Row);
+        assert_eq!(role_of("model.layers.0.block_sparse_moe.gate"), Role::Whole);
+    }
+
+    #[test]
+    fn local_config_divides_heads_and_width_only() {
+        let cfg = presets::load("llama3-8b").unwrap();
+        let l = local_config(&cfg, 8).unwrap();
+        assert_eq!((l.n_head, l.n_kv_head, l.head_dim), (4, 1, 128));
+        assert_eq!((l.n_embd, l.intermediate_size), (4096, 1792));
+        let err = local_config(&cfg, 16).unwrap_err();
+        assert!(err.contains("n_kv_head = 8"), "{err}");
+    }
+}
