@@ -34,6 +34,11 @@
 //!
 //! The maths mirrors `model::gpt2` and `model::llama` (HF's to 1e-7); `tests/lean_step.rs`
 //! checks every parameter's gradient against candle autograd on those networks.
+//!
+//! Across processes (`parallel`): a rank builds the network from its local config over its
+//! shard, its linear maps reduce over the tensor-parallel group where their role says so, and
+//! `step::stage_step` runs its stage's block range between the neighbouring stages; the whole
+//! step is the one stage with no neighbours.
 
 mod gpt2;
 mod inplace;

@@ -20,7 +20,11 @@
 //! profile of the plan, which keeps the vocabulary whole.
 //!
 //! Which map is which is decided when the network is loaded, by the parameter's name
-//! (`role_of`); the family files only build their `Lin`s as before.
+//! (`role_of`); the family files only build their `Lin`s as before. Why not a column/row flag
+//! passed through each family's `load`: the role is a property of the checkpoint key (Megatron
+//! and the plan's `shard` decide it the same way), so one table here serves both families and
+//! a new family with HF names gets it for free; the gradient check of the multi-process step
+//! catches a map whose role is wrong.
 //!
 //! # Pipeline parallelism
 //!
@@ -29,6 +33,9 @@
 //! of the embedding, as Megatron does; the two copies' gradients are summed after backward).
 //! Parameters a stage does not hold are zero-strided views of the right shape (one element of
 //! storage each), so that the family's `load` runs unchanged; the step never touches them.
+//! Making every layer, the embedding and the head optional in each family instead would touch
+//! every accessor of both families for a few hundred bytes per stage, which the closed form
+//! counts (`memory::RankPart::views`).
 //! `step::stage_step` runs the block range with the input received from the previous stage
 //! and the output gradient received from the next one. One microbatch per step: with one
 //! microbatch GPipe and 1F1B are the same schedule (forward down the stages, backward up).
