@@ -223,6 +223,11 @@ pub struct EngineArgs {
     /// states; matmuls and activations in --dtype (bf16 or f16). Lean engine.
     #[arg(long)]
     pub amp: bool,
+    /// What the forward keeps (lean engine): transformers (default: what PyTorch keeps for HF
+    /// transformers' modules, composed GELU and RMSNorm intermediates and the loss's f32
+    /// log-probabilities included) or fused (only what fused kernels read back, as llm.c).
+    #[arg(long, value_enum)]
+    pub saved: Option<crate::train::SavedSet>,
 }
 
 #[derive(Debug, Args)]

@@ -4,7 +4,7 @@
 
 use super::inplace;
 use super::k;
-use crate::train::Attention;
+use crate::train::{Attention, SavedSet};
 use candle_core::{Result, Tensor};
 use candle_nn::VarMap;
 use std::collections::BTreeMap;
@@ -170,10 +170,14 @@ pub(crate) struct Norm {
     b_name: String,
 }
 
-/// What a norm's backward needs besides its input: per-row statistics (f32).
+/// What a norm's backward needs besides its input: per-row statistics (f32); and, when the
+/// step keeps what HF's modules keep, an RMSNorm's normalized input (released with the stats).
 pub(crate) struct NormStats {
     mean: Option<Tensor>,
     rstd: Tensor,
+    /// Held for its memory only: the fused backward recomputes x̂ from x and rstd.
+    #[allow(dead_code)]
+    xhat: Option<Tensor>,
 }
 
 impl Norm {
@@ -198,6 +202,12 @@ impl Norm {
 
     /// x `[N, C]` -> (y `[N, C]`, statistics).
     pub(crate) fn fwd(&self, x: &Tensor) -> Result<(Tensor, NormStats)> {
+        self.fwd_keeping(x, SavedSet::Fused)
+    }
+
+    /// `fwd`, keeping what `saved` asks: HF's RMSNorm is composed (x · rsqrt(mean(x²) + eps),
+    /// then w · x̂), so PyTorch keeps x̂ for the weight's gradient; LayerNorm is one fused op.
+    pub(crate) fn fwd_keeping(&self, x: &Tensor, saved: SavedSet) -> Result<(Tensor, NormStats)> {
         match self.kind {
             NormKind::Layer => {
                 let (y, mean, rstd) =
@@ -207,12 +217,24 @@ impl Norm {
                     NormStats {
                         mean: Some(mean),
                         rstd,
+                        xhat: None,
                     },
                 ))
             }
             NormKind::Rms { offset } => {
                 let (y, rstd) = k::rms_norm_fwd(x, Some(&self.w), self.eps, offset)?;
-                Ok((y, NormStats { mean: None, rstd }))
+                let xhat = match saved {
+                    SavedSet::Transformers => Some(super::kept::rms_normalized(x, &rstd)?),
+                    SavedSet::Fused => None,
+                };
+                Ok((
+                    y,
+                    NormStats {
+                        mean: None,
+                        rstd,
+                        xhat,
+                    },
+                ))
             }
         }
     }

@@ -4,7 +4,7 @@
 
 use super::k;
 use super::layers::{Grads, Norm};
-use super::{Checkpoint, LeanOptions};
+use super::{kept, Checkpoint, LeanOptions, SavedSet};
 use candle_core::{DType, Result, Tensor};
 
 /// A family's network as the lean step drives it.
@@ -108,17 +108,34 @@ pub(crate) fn loss_and_grads<N: Net>(
         });
         x = y;
     }
-    let (xf, stats) = net.final_norm().fwd(&x)?;
+    let (xf, stats) = net.final_norm().fwd_keeping(&x, opts.saved)?;
     let (head, head_name) = net.head();
     // [N, d] @ [d, V] -> [N, V]
     let logits = xf.matmul(&head.t()?)?;
     let targets = targets(ids)?;
     let (loss, lse) = k::cross_entropy_fwd(&logits, &targets)?;
+    // HF's loss: log_softmax(logits.float()) keeps its output for nll_loss's backward.
+    let logp = match opts.saved {
+        SavedSet::Transformers => Some(kept::log_probs(&logits, &lse)?),
+        SavedSet::Fused => None,
+    };
     forward_done()?;
 
     // --- backward
     let rows = b * (t - 1);
-    let dlogits = k::cross_entropy_bwd(logits, &targets, &lse, 1.0 / rows as f64)?;
+    let scale = 1.0 / rows as f64;
+    let (dlogits, held_logits) = match logp {
+        None => (k::cross_entropy_bwd(logits, &targets, &lse, scale)?, None),
+        Some(logp) => {
+            // nll_loss's backward writes the log-probabilities' gradient, log_softmax's the
+            // logits' into a new buffer; then both saved inputs go. The logits themselves
+            // stay: the model's output holds them until the step ends.
+            let dlogp = kept::nll_grad(&targets, logits.dim(1)?, scale)?;
+            let dlogits = k::cross_entropy_bwd(logits.copy()?, &targets, &lse, scale)?;
+            drop((dlogp, logp));
+            (dlogits, Some(logits))
+        }
+    };
     drop(lse);
     let mut grads = Grads::default();
     // [V, N] @ [N, d] -> [V, d]
@@ -137,5 +154,6 @@ pub(crate) fn loss_and_grads<N: Net>(
         dx = net.block_bwd(i, saved, dx, bt, &ctx, &mut grads)?;
     }
     net.embed_bwd(ids, dx, &mut grads)?;
+    drop(held_logits);
     Ok((loss, grads))
 }
