@@ -37,7 +37,18 @@ impl Params {
 
 /// Each parameter's gradient, accumulated in place into the first contribution's buffer.
 #[derive(Default)]
-pub(crate) struct Grads(pub(crate) BTreeMap<String, Tensor>);
+pub(crate) struct Grads(pub(crate) BTreeMap<String, Tensor>, pub(crate) EmbeddingGrad);
+
+/// How an embedding's gradient is formed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) enum EmbeddingGrad {
+    /// Rows added in place into the one gradient buffer (a tied head's too).
+    #[default]
+    InPlace,
+    /// As PyTorch does: `embedding_dense_backward` writes a whole `[V, C]` gradient, and a
+    /// tied weight's existing gradient (the head's) is summed with it into a new buffer.
+    Dense,
+}
 
 impl Grads {
     pub(crate) fn add(&mut self, name: &str, g: Tensor) -> Result<()> {
@@ -62,9 +73,16 @@ impl Grads {
         dy: &Tensor,
         skip: Option<u32>,
     ) -> Result<()> {
-        let acc = match self.0.remove(name) {
-            Some(acc) => acc,
-            None => weight.zeros_like()?,
+        let acc = match (self.0.remove(name), self.1) {
+            (Some(acc), EmbeddingGrad::InPlace) => acc,
+            (None, _) => weight.zeros_like()?,
+            (Some(acc), EmbeddingGrad::Dense) => {
+                let dense = inplace::index_add_rows(weight.zeros_like()?, ids, dy, skip)?;
+                let sum = (&acc + &dense)?;
+                drop((acc, dense));
+                self.0.insert(name.to_string(), sum);
+                return Ok(());
+            }
         };
         let acc = inplace::index_add_rows(acc, ids, dy, skip)?;
         self.0.insert(name.to_string(), acc);

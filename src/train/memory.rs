@@ -855,8 +855,15 @@ pub fn predict(cfg: &ModelConfig, step: Step, opts: &LeanOptions) -> LeanPredict
         }
     }
     l.scratch(x.n * 4);
+    let vd = x.v * x.d * e;
     if !cfg.tie_embeddings {
-        l.alloc(x.v * x.d * e);
+        l.alloc(vd);
+    } else if hf {
+        // PyTorch: the dense embedding gradient, then head + embedding into a new buffer.
+        l.alloc(vd);
+        l.alloc(vd);
+        l.free(vd);
+        l.free(vd);
     }
     let embed_peak = l.peak as u64;
     let backward_peak = head_peak.max(first).max(last).max(embed_peak);

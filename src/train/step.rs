@@ -3,7 +3,7 @@
 //! backward in reverse, each block's saved tensors dropped as soon as its gradients are done.
 
 use super::k;
-use super::layers::{Grads, Norm};
+use super::layers::{EmbeddingGrad, Grads, Norm};
 use super::{kept, Checkpoint, LeanOptions, SavedSet};
 use candle_core::{DType, Result, Tensor};
 
@@ -138,6 +138,9 @@ pub(crate) fn loss_and_grads<N: Net>(
     };
     drop(lse);
     let mut grads = Grads::default();
+    if opts.saved == SavedSet::Transformers {
+        grads.1 = EmbeddingGrad::Dense;
+    }
     // [V, N] @ [N, d] -> [V, d]
     grads.add(head_name, dlogits.t()?.matmul(&xf)?)?;
     drop(xf);
