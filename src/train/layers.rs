@@ -37,7 +37,10 @@ impl Params {
 
 /// Each parameter's gradient, accumulated in place into the first contribution's buffer.
 #[derive(Default)]
-pub(crate) struct Grads(pub(crate) BTreeMap<String, Tensor>, pub(crate) EmbeddingGrad);
+pub(crate) struct Grads(
+    pub(crate) BTreeMap<String, Tensor>,
+    pub(crate) EmbeddingGrad,
+);
 
 /// How an embedding's gradient is formed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
