@@ -1,7 +1,7 @@
 //! Helpers the command files share. Imports nothing from the command files, so no command
 //! depends on another.
 
-use crate::cli::{AttentionArg, CheckpointArg, ConfigArgs, EngineArgs, StepArgs};
+use crate::cli::{AttentionArg, CheckpointArg, ConfigArgs, EngineArgs, SavedArg, StepArgs};
 use crate::config::{self, presets, ConfigSource, ModelConfig, Step};
 use crate::dtype::TrainDtype;
 use crate::error::{Error, Result, EXIT_CHECK_FAILED, EXIT_OK};
@@ -105,7 +105,7 @@ pub fn resolve_engine(
             "flash",
         ),
         (a.amp, "--amp", "true"),
-        (a.saved == Some(train::SavedSet::Fused), "--saved", "fused"),
+        (a.saved == Some(SavedArg::Fused), "--saved", "fused"),
         (
             optimizer == Some(train::Optimizer::Sgd),
             "--optimizer",
@@ -143,7 +143,10 @@ pub fn resolve_engine(
         },
         amp: a.amp.then(|| step.dtype.candle()),
         optimizer,
-        saved: a.saved.unwrap_or(train::SavedSet::Transformers),
+        saved: match a.saved {
+            Some(SavedArg::Fused) => train::SavedSet::Fused,
+            _ => train::SavedSet::Transformers,
+        },
     };
     // The lean step's memory model is written for f32 weights (and AMP once implemented); pure
     // half precision runs through candle's autograd, whose replay models bf16's widened matmuls.
