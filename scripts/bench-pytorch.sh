@@ -31,6 +31,9 @@ CASES=(
   "llama-d512.json 4 256 --checkpoint blocks | --checkpointing"
   "gpt2-d384.json 4 256 --attention eager | --attn eager"
   "llama-d512.json 4 256 --attention eager | --attn eager"
+  "gpt2-d512.json 4 128 | "
+  "llama-d640-tied.json 2 384 | "
+  "llama-d640-tied.json 2 384 --checkpoint blocks | --checkpointing"
 )
 
 mib() { awk -v b="$1" 'BEGIN { printf "%.1f", b / 1048576 }'; }

@@ -213,6 +213,15 @@ pub enum AttentionArg {
     Eager,
 }
 
+/// What the lean step's forward keeps for backward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SavedArg {
+    /// What PyTorch keeps for HF transformers' modules (composed ops' intermediates included).
+    Transformers,
+    /// Only what fused kernels read back (llm.c's set).
+    Fused,
+}
+
 /// The training step's knobs, shared by estimate, verify and sweep.
 #[derive(Debug, Args, Clone, Default)]
 pub struct EngineArgs {
@@ -229,6 +238,11 @@ pub struct EngineArgs {
     /// states; matmuls and activations in --dtype (bf16 or f16). Lean engine.
     #[arg(long)]
     pub amp: bool,
+    /// What the forward keeps (lean engine): transformers (default: what PyTorch keeps for HF
+    /// transformers' modules, composed GELU and RMSNorm intermediates and the loss's f32
+    /// log-probabilities included) or fused (only what fused kernels read back, as llm.c).
+    #[arg(long, value_enum)]
+    pub saved: Option<SavedArg>,
 }
 
 #[derive(Debug, Args)]

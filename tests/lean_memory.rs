@@ -6,12 +6,15 @@
 //! overlap with another test's allocations.
 
 use candle_core::{DType, Device, Tensor};
+use truesize::config::GeluForm;
 use truesize::config::{Arch, Attention as AttnKind, Dims, ModelConfig, Step};
 use truesize::dtype::TrainDtype;
 use truesize::measure::alloc::CountingAlloc;
 use truesize::measure::run::probe_for;
 use truesize::model::build;
-use truesize::train::{self, memory, Attention, Checkpoint, LeanModel, LeanOptions, Optimizer};
+use truesize::train::{
+    self, memory, Attention, Checkpoint, LeanModel, LeanOptions, Optimizer, SavedSet,
+};
 
 #[global_allocator]
 static ALLOC: CountingAlloc = CountingAlloc;
@@ -137,6 +140,19 @@ fn predicted_peak_matches_the_counting_allocator() {
         optimizer: Some(Optimizer::Sgd),
         ..plain
     };
+    // The minimal set fused kernels read back, beside HF transformers' (the default).
+    let fused = LeanOptions {
+        saved: SavedSet::Fused,
+        ..plain
+    };
+    let fused_ckpt = LeanOptions {
+        checkpoint: Checkpoint::Blocks,
+        ..fused
+    };
+    let mut gpt2_fast = cfg(Arch::Gpt2, 1000, 64, 2, 4, 4, 256);
+    gpt2_fast.gelu = GeluForm::Fast;
+    let mut gpt2_fused_gelu = gpt2_fast.clone();
+    gpt2_fused_gelu.gelu = GeluForm::Fused;
     let cases = vec![
         Case {
             cfg: gpt2.clone(),
@@ -212,6 +228,48 @@ fn predicted_peak_matches_the_counting_allocator() {
         },
         Case {
             cfg: moe.clone(),
+            b: 4,
+            t: 64,
+            opts: plain,
+        },
+        Case {
+            cfg: moe.clone(),
+            b: 2,
+            t: 64,
+            opts: fused,
+        },
+        Case {
+            cfg: gpt2.clone(),
+            b: 4,
+            t: 128,
+            opts: fused,
+        },
+        Case {
+            cfg: gpt2_untied.clone(),
+            b: 2,
+            t: 128,
+            opts: fused_ckpt,
+        },
+        Case {
+            cfg: llama.clone(),
+            b: 4,
+            t: 128,
+            opts: fused,
+        },
+        Case {
+            cfg: qwen.clone(),
+            b: 2,
+            t: 128,
+            opts: fused,
+        },
+        Case {
+            cfg: gpt2_fast,
+            b: 4,
+            t: 64,
+            opts: plain,
+        },
+        Case {
+            cfg: gpt2_fused_gelu,
             b: 4,
             t: 64,
             opts: plain,

@@ -1,7 +1,7 @@
 //! Helpers the command files share. Imports nothing from the command files, so no command
 //! depends on another.
 
-use crate::cli::{AttentionArg, CheckpointArg, ConfigArgs, EngineArgs, StepArgs};
+use crate::cli::{AttentionArg, CheckpointArg, ConfigArgs, EngineArgs, SavedArg, StepArgs};
 use crate::config::{self, presets, ConfigSource, ModelConfig, Step};
 use crate::dtype::TrainDtype;
 use crate::error::{Error, Result, EXIT_CHECK_FAILED, EXIT_OK};
@@ -105,6 +105,7 @@ pub fn resolve_engine(
             "flash",
         ),
         (a.amp, "--amp", "true"),
+        (a.saved == Some(SavedArg::Fused), "--saved", "fused"),
         (
             optimizer == Some(train::Optimizer::Sgd),
             "--optimizer",
@@ -142,6 +143,10 @@ pub fn resolve_engine(
         },
         amp: a.amp.then(|| step.dtype.candle()),
         optimizer,
+        saved: match a.saved {
+            Some(SavedArg::Fused) => train::SavedSet::Fused,
+            _ => train::SavedSet::Transformers,
+        },
     };
     // The lean step's memory model is written for f32 weights (and AMP once implemented); pure
     // half precision runs through candle's autograd, whose replay models bf16's widened matmuls.
@@ -199,13 +204,14 @@ pub fn base_report(
                 .saturating_sub(sm.gradients_bytes),
         )
     });
-    let (checkpoint, attention, amp) = match engine {
+    let (checkpoint, attention, amp, saved) = match engine {
         Engine::Lean(o) => (
             Some(o.checkpoint),
             Some(o.attention),
             o.amp.map(|d| format!("{d:?}").to_lowercase()),
+            Some(o.saved),
         ),
-        Engine::Autograd => (None, None, None),
+        Engine::Autograd => (None, None, None, None),
     };
     let activation = (*engine == Engine::Autograd).then(|| activations::model(cfg, p.total, step));
     Ok(Report {
@@ -219,6 +225,7 @@ pub fn base_report(
             checkpoint,
             attention,
             amp,
+            saved,
             device: None,
             tolerance: None,
             repeat: None,

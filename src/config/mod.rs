@@ -126,6 +126,19 @@ pub enum MlpKind {
     GeGlu,
 }
 
+/// How HF computes the tanh GELU. The value is the same; what PyTorch's autograd keeps for
+/// backward is not (see `train::SavedSet`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GeluForm {
+    /// `gelu_new` (GPT-2's default): `NewGELUActivation`, composed from elementwise ops.
+    New,
+    /// `gelu_fast`: `FastGELUActivation`, composed from elementwise ops.
+    Fast,
+    /// `gelu_pytorch_tanh`: PyTorch's one fused op.
+    Fused,
+}
+
 /// A factor on the token embedding's output.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -216,6 +229,8 @@ pub struct ModelConfig {
     pub norm: NormKind,
     pub norm_placement: NormPlacement,
     pub mlp: MlpKind,
+    /// How HF computes the (tanh) GELU of a GELU or GeGLU MLP.
+    pub gelu: GeluForm,
     pub embedding_scale: EmbeddingScale,
     /// An RMSNorm over head_dim on every query and key head, before RoPE (Qwen3, Gemma 3): two
     /// weights of head_dim per layer (`q_norm`, `k_norm`), shared by all heads.
@@ -299,6 +314,7 @@ impl ModelConfig {
             },
             norm_placement: NormPlacement::Pre,
             mlp: if gpt2 { MlpKind::Gelu } else { MlpKind::SwiGlu },
+            gelu: if gpt2 { GeluForm::New } else { GeluForm::Fused },
             embedding_scale: EmbeddingScale::None,
             qk_norm: false,
             attn_scalar: d.head_dim as f64,

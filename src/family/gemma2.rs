@@ -61,6 +61,10 @@ pub(super) fn gemma_switches(
         "truesize's Gemma implements GeGLU with the tanh GELU (gelu_pytorch_tanh) only",
     )?;
     gemma_layout(cfg);
+    cfg.gelu = super::gpt2::gelu_form(
+        o.str_opt("hidden_activation")?
+            .unwrap_or("gelu_pytorch_tanh"),
+    );
     cfg.bias = o.bool_or("attention_bias", false)?;
     cfg.attn_scalar = o
         .positive_opt("query_pre_attn_scalar")?

@@ -37,7 +37,8 @@ impl Family for Gpt2 {
         if n_head == 0 {
             return Err(Error::field(src, "n_head", 0, "must be > 0"));
         }
-        if let Some(act) = o.str_opt("activation_function")? {
+        let act = o.str_opt("activation_function")?;
+        if let Some(act) = act {
             if !matches!(act, "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast") {
                 return Err(Error::field(
                     src,
@@ -60,6 +61,7 @@ impl Family for Gpt2 {
             intermediate_size: o.usize_or("n_inner", n_embd.saturating_mul(4))?,
         };
         let mut cfg = ModelConfig::plain(src, Arch::Gpt2, "gpt2", dims);
+        cfg.gelu = gelu_form(act.unwrap_or("gelu_new"));
         cfg.tie_embeddings = o.bool_or("tie_word_embeddings", true)?;
         cfg.norm_eps = o.f64_opt("layer_norm_epsilon")?.unwrap_or(1e-5);
         Ok(cfg)
@@ -281,5 +283,15 @@ impl Family for Gpt2 {
         } else {
             Vec::new()
         }
+    }
+}
+
+/// How HF computes the activation it names (what PyTorch keeps for backward differs).
+pub(super) fn gelu_form(hf_name: &str) -> crate::config::GeluForm {
+    use crate::config::GeluForm;
+    match hf_name {
+        "gelu_new" => GeluForm::New,
+        "gelu_fast" => GeluForm::Fast,
+        _ => GeluForm::Fused,
     }
 }

@@ -99,6 +99,9 @@ pub struct RunInfo {
     /// Mixed precision's compute dtype (AMP), when used.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub amp: Option<String>,
+    /// What the lean step's forward keeps: "transformers" or "fused".
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub saved: Option<crate::train::SavedSet>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub device: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]

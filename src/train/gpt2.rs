@@ -8,8 +8,8 @@ use super::layers::{
     attn_bwd, attn_fwd, AttnSaved, Grads, Lin, Norm, NormKind, NormStats, Params, WeightLayout,
 };
 use super::step::Net;
-use super::LeanOptions;
-use crate::config::ModelConfig;
+use super::{kept, LeanOptions, SavedSet};
+use crate::config::{GeluForm, ModelConfig};
 use candle_core::{DType, Result, Tensor};
 
 struct Block {
@@ -29,8 +29,11 @@ pub(crate) struct Saved {
     /// c_attn's input.
     ln1: Tensor,
     /// Attention's inputs `[B, T, H, hd]`, output (c_proj's input) and lse or probabilities.
+    /// k is a copy of its columns (`SavedSet::Fused`) or read again from the whole qkv
+    /// projection, which HF's sdpa keeps alive through its view of k.
     q: Tensor,
-    k: Tensor,
+    k: Option<Tensor>,
+    qkv: Option<Tensor>,
     v: Tensor,
     o: Tensor,
     attn: AttnSaved,
@@ -43,6 +46,8 @@ pub(crate) struct Saved {
     h: Tensor,
     /// The MLP projection's input `[N, ff]`.
     g: Tensor,
+    /// The composed GELU's intermediates PyTorch keeps (`kept::gelu_intermediates`).
+    gelu_kept: Vec<Tensor>,
 }
 
 pub(crate) struct Gpt2 {
@@ -56,6 +61,7 @@ pub(crate) struct Gpt2 {
     /// Residual width; the attention width is n_head · hd (narrower under tensor parallelism).
     d: usize,
     hd: usize,
+    gelu: GeluForm,
 }
 
 const WTE: &str = "transformer.wte.weight";
@@ -93,6 +99,7 @@ impl Gpt2 {
             n_head: cfg.n_head,
             d: cfg.n_embd,
             hd: cfg.head_dim,
+            gelu: cfg.gelu,
         })
     }
 
@@ -172,14 +179,28 @@ impl Net for Gpt2 {
                 .reshape((b, t, h, hd))
         };
         let (q, k_, v) = (part(0)?, part(1)?, part(2)?);
-        drop(qkv);
+        let qkv = match opts.saved {
+            SavedSet::Fused => {
+                drop(qkv);
+                None
+            }
+            SavedSet::Transformers => Some(qkv),
+        };
         let (o, attn) = attn_fwd(&q, &k_, &v, &self.spec(), opts.attention)?;
+        let k_ = match opts.saved {
+            SavedSet::Fused => Some(k_),
+            SavedSet::Transformers => None,
+        };
         let o = o.reshape((b * t, d))?;
         let a = blk.attn_proj.fwd(&o)?;
         let x1 = (x + a)?;
         let (ln2, st2) = blk.ln_2.fwd(&x1)?;
         let hpre = blk.c_fc.fwd(&ln2)?;
         let g = k::gelu_tanh_fwd(&hpre)?;
+        let gelu_kept = match opts.saved {
+            SavedSet::Transformers => kept::gelu_intermediates(&hpre, self.gelu)?,
+            SavedSet::Fused => Vec::new(),
+        };
         let m = blk.mlp_proj.fwd(&g)?;
         let y = (&x1 + m)?;
         let saved = Saved {
@@ -188,6 +209,7 @@ impl Net for Gpt2 {
             ln1,
             q,
             k: k_,
+            qkv,
             v,
             o,
             attn,
@@ -196,6 +218,7 @@ impl Net for Gpt2 {
             ln2,
             h: hpre,
             g,
+            gelu_kept,
         };
         Ok((y, saved))
     }
@@ -216,7 +239,7 @@ impl Net for Gpt2 {
         let dg = blk.mlp_proj.bwd(&s.g, &dy, grads, None)?;
         drop(s.g);
         let dh = k::gelu_tanh_bwd(&s.h, &dg)?;
-        drop((dg, s.h));
+        drop((dg, s.h, s.gelu_kept));
         let dln2 = blk.c_fc.bwd(&s.ln2, &dh, grads, None)?;
         drop((dh, s.ln2));
         let dn2 = blk.ln_2.bwd(&dln2, &s.x1, &s.st2, grads)?;
@@ -228,16 +251,21 @@ impl Net for Gpt2 {
             .attn_proj
             .bwd(&s.o, &dx1, grads, None)?
             .reshape((b, t, h, hd))?;
+        let k_ = match (s.k, &s.qkv) {
+            (Some(k_), _) => k_,
+            (None, Some(qkv)) => qkv.narrow(1, d, d)?.contiguous()?.reshape((b, t, h, hd))?,
+            (None, None) => candle_core::bail!("block {i} kept neither k nor qkv"),
+        };
         let (dq, dk, dv) = attn_bwd(
             &s.q,
-            &s.k,
+            &k_,
             &s.v,
             &s.o.reshape((b, t, h, hd))?,
             &s.attn,
             &d_o,
             &self.spec(),
         )?;
-        drop((d_o, s.q, s.k, s.v, s.o, s.attn));
+        drop((d_o, s.q, k_, s.qkv, s.v, s.o, s.attn));
         let n = b * t;
         // [N, 3d]: the three gradients side by side, as c_attn produced q | k | v
         let dqkv = Tensor::cat(

@@ -5,7 +5,7 @@
 use super::inplace;
 use super::k;
 use super::parallel::{role_of, Collective, Role};
-use crate::train::Attention;
+use crate::train::{Attention, SavedSet};
 use candle_core::{DType, Result, Tensor};
 use candle_nn::VarMap;
 use std::collections::BTreeMap;
@@ -63,7 +63,21 @@ impl Params {
 
 /// Each parameter's gradient, accumulated in place into the first contribution's buffer.
 #[derive(Default)]
-pub(crate) struct Grads(pub(crate) BTreeMap<String, Tensor>);
+pub(crate) struct Grads(
+    pub(crate) BTreeMap<String, Tensor>,
+    pub(crate) EmbeddingGrad,
+);
+
+/// How an embedding's gradient is formed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) enum EmbeddingGrad {
+    /// Rows added in place into the one gradient buffer (a tied head's too).
+    #[default]
+    InPlace,
+    /// As PyTorch does: `embedding_dense_backward` writes a whole `[V, C]` gradient, and a
+    /// tied weight's existing gradient (the head's) is summed with it into a new buffer.
+    Dense,
+}
 
 impl Grads {
     pub(crate) fn add(&mut self, name: &str, g: Tensor) -> Result<()> {
@@ -88,9 +102,16 @@ impl Grads {
         dy: &Tensor,
         skip: Option<u32>,
     ) -> Result<()> {
-        let acc = match self.0.remove(name) {
-            Some(acc) => acc,
-            None => weight.zeros_like()?,
+        let acc = match (self.0.remove(name), self.1) {
+            (Some(acc), EmbeddingGrad::InPlace) => acc,
+            (None, _) => weight.zeros_like()?,
+            (Some(acc), EmbeddingGrad::Dense) => {
+                let dense = inplace::index_add_rows(weight.zeros_like()?, ids, dy, skip)?;
+                let sum = (&acc + &dense)?;
+                drop((acc, dense));
+                self.0.insert(name.to_string(), sum);
+                return Ok(());
+            }
         };
         let acc = inplace::index_add_rows(acc, ids, dy, skip)?;
         self.0.insert(name.to_string(), acc);
@@ -219,10 +240,14 @@ pub(crate) struct Norm {
     b_name: String,
 }
 
-/// What a norm's backward needs besides its input: per-row statistics (f32).
+/// What a norm's backward needs besides its input: per-row statistics (f32); and, when the
+/// step keeps what HF's modules keep, an RMSNorm's normalized input (released with the stats).
 pub(crate) struct NormStats {
     mean: Option<Tensor>,
     rstd: Tensor,
+    /// Held for its memory only: the fused backward recomputes x̂ from x and rstd.
+    #[allow(dead_code)]
+    xhat: Option<Tensor>,
 }
 
 impl Norm {
@@ -247,6 +272,12 @@ impl Norm {
 
     /// x `[N, C]` -> (y `[N, C]`, statistics).
     pub(crate) fn fwd(&self, x: &Tensor) -> Result<(Tensor, NormStats)> {
+        self.fwd_keeping(x, SavedSet::Fused)
+    }
+
+    /// `fwd`, keeping what `saved` asks: HF's RMSNorm is composed (x · rsqrt(mean(x²) + eps),
+    /// then w · x̂), so PyTorch keeps x̂ for the weight's gradient; LayerNorm is one fused op.
+    pub(crate) fn fwd_keeping(&self, x: &Tensor, saved: SavedSet) -> Result<(Tensor, NormStats)> {
         match self.kind {
             NormKind::Layer => {
                 let (y, mean, rstd) =
@@ -256,12 +287,24 @@ impl Norm {
                     NormStats {
                         mean: Some(mean),
                         rstd,
+                        xhat: None,
                     },
                 ))
             }
             NormKind::Rms { offset } => {
                 let (y, rstd) = k::rms_norm_fwd(x, Some(&self.w), self.eps, offset)?;
-                Ok((y, NormStats { mean: None, rstd }))
+                let xhat = match saved {
+                    SavedSet::Transformers => Some(super::kept::rms_normalized(x, &rstd)?),
+                    SavedSet::Fused => None,
+                };
+                Ok((
+                    y,
+                    NormStats {
+                        mean: None,
+                        rstd,
+                        xhat,
+                    },
+                ))
             }
         }
     }

@@ -9,7 +9,7 @@ use super::layers::{
     attn_bwd, attn_fwd, AttnSaved, Grads, Lin, Norm, NormKind, NormStats, Params, WeightLayout,
 };
 use super::step::Net;
-use super::LeanOptions;
+use super::{LeanOptions, SavedSet};
 use crate::config::{ExpertNames, MlpKind, ModelConfig, NormKind as CfgNorm};
 use candle_core::{DType, Device, Result, Tensor, D};
 
@@ -28,6 +28,10 @@ struct MlpSaved {
     gate: Tensor,
     up: Tensor,
     h: Tensor,
+    /// act(gate), which HF's `act_fn(gate) * up` makes PyTorch keep for up's gradient (held
+    /// for its memory: the fused backward recomputes it), and the MLP's input when it is a
+    /// gathered copy (an expert's tokens), which HF's gate/up maps keep.
+    kept: Vec<Tensor>,
 }
 
 impl GatedMlp {
@@ -47,19 +51,23 @@ impl GatedMlp {
         })
     }
 
-    fn fwd(&self, x: &Tensor) -> Result<(Tensor, MlpSaved)> {
+    fn fwd(&self, x: &Tensor, saved: SavedSet) -> Result<(Tensor, MlpSaved)> {
         let gate = self.gate.fwd(x)?;
         let up = self.up.fwd(x)?;
         let h = k::gated_fwd(&gate, &up, self.act)?;
+        let kept = match saved {
+            SavedSet::Transformers => vec![k::activation(&gate, self.act)?],
+            SavedSet::Fused => Vec::new(),
+        };
         let y = self.down.fwd(&h)?;
-        Ok((y, MlpSaved { gate, up, h }))
+        Ok((y, MlpSaved { gate, up, h, kept }))
     }
 
     fn bwd(&self, x: &Tensor, s: MlpSaved, dy: &Tensor, grads: &mut Grads) -> Result<Tensor> {
         let dh = self.down.bwd(&s.h, dy, grads, None)?;
         drop(s.h);
         let (dgate, dup) = k::gated_bwd(&s.gate, &s.up, &dh, self.act)?;
-        drop((dh, s.gate, s.up));
+        drop((dh, s.gate, s.up, s.kept));
         let dx = self.gate.bwd(x, &dgate, grads, None)?;
         drop(dgate);
         self.up.bwd(x, &dup, grads, Some(dx))
@@ -99,7 +107,7 @@ struct MoeSaved {
 }
 
 impl Moe {
-    fn fwd(&self, x: &Tensor) -> Result<(Tensor, MoeSaved)> {
+    fn fwd(&self, x: &Tensor, saved: SavedSet) -> Result<(Tensor, MoeSaved)> {
         let (n, d) = x.dims2()?;
         let n_exp = self.experts.len();
         let logits = self.router.fwd(x)?.to_dtype(DType::F32)?;
@@ -140,8 +148,12 @@ impl Moe {
             let weight = Tensor::from_vec(std::mem::take(&mut weight_of[e]), (n_e, 1), x.device())?
                 .to_dtype(x.dtype())?;
             let xe = x.index_select(&idx, 0)?;
-            let (y, mlp) = expert.fwd(&xe)?;
-            drop(xe);
+            let (y, mut mlp) = expert.fwd(&xe, saved)?;
+            if saved == SavedSet::Transformers {
+                mlp.kept.push(xe);
+            } else {
+                drop(xe);
+            }
             out = inplace::index_add_rows(out, &idx, &y.broadcast_mul(&weight)?, None)?;
             experts.push(Some(ExpertSaved {
                 idx,
@@ -402,7 +414,7 @@ impl Net for Llama {
         let l = &self.layers[i];
         let (h, hkv, hd) = (self.cfg.n_head, self.cfg.n_kv_head, self.cfg.head_dim);
         let (cos, sin) = rope_of(l, ctx);
-        let (h1, st1) = l.input_norm.fwd(x)?;
+        let (h1, st1) = l.input_norm.fwd_keeping(x, opts.saved)?;
         // [N, n·hd] -> [B, T, n, hd], rotated
         let q = k::rope_fwd(&l.q.fwd(&h1)?.reshape((b, t, h, hd))?, cos, sin)?;
         let k_ = k::rope_fwd(&l.k.fwd(&h1)?.reshape((b, t, hkv, hd))?, cos, sin)?;
@@ -411,14 +423,14 @@ impl Net for Llama {
         let o = o.reshape((b * t, h * hd))?;
         let a = l.o.fwd(&o)?;
         let x1 = (x + a)?;
-        let (h2, st2) = l.post_norm.fwd(&x1)?;
+        let (h2, st2) = l.post_norm.fwd_keeping(&x1, opts.saved)?;
         let (m, ffn) = match &l.ffn {
             Ffn::Mlp(mlp) => {
-                let (m, s) = mlp.fwd(&h2)?;
+                let (m, s) = mlp.fwd(&h2, opts.saved)?;
                 (m, FfnSaved::Mlp(s))
             }
             Ffn::Moe(moe) => {
-                let (m, s) = moe.fwd(&h2)?;
+                let (m, s) = moe.fwd(&h2, opts.saved)?;
                 (m, FfnSaved::Moe(s))
             }
         };

@@ -9,8 +9,8 @@
 //! one block and repeated: the step's peak is either in the first backward block (most saved
 //! tensors still alive) or the last one (most gradients already allocated), or at the head.
 
-use super::{Attention, Checkpoint, LeanOptions, Optimizer};
-use crate::config::{Arch, ModelConfig, Step};
+use super::{Attention, Checkpoint, LeanOptions, Optimizer, SavedSet};
+use crate::config::{Arch, GeluForm, ModelConfig, NormKind, Step};
 use crate::model::build::VARMAP_BYTES_PER_TENSOR;
 use serde::Serialize;
 
@@ -224,20 +224,41 @@ fn block_saved(cfg: &ModelConfig, x: &Dims, opts: &LeanOptions) -> Vec<(&'static
         Attention::Flash => ("attention lse [B, H, T] f32", x.lse()),
         Attention::Eager => ("attention probabilities [B, H, T, T]", x.probs()),
     };
+    let hf = opts.saved == SavedSet::Transformers;
     match cfg.arch {
-        Arch::Gpt2 => vec![
-            ("block input x (ln_1's input) [N, d]", x.nd()),
-            ("ln_1 mean, rstd [N] f32", 2 * x.n * STAT),
-            ("ln_1 output (c_attn's input) [N, d]", x.nd()),
-            ("q, k, v [B, T, H, hd]", 3 * x.q()),
-            ("attention output (c_proj's input) [N, H·hd]", x.q()),
-            attn,
-            ("x + attention (ln_2's input) [N, d]", x.nd()),
-            ("ln_2 mean, rstd [N] f32", 2 * x.n * STAT),
-            ("ln_2 output (c_fc's input) [N, d]", x.nd()),
-            ("GELU input [N, ff]", x.nff()),
-            ("GELU output (c_proj's input) [N, ff]", x.nff()),
-        ],
+        Arch::Gpt2 => {
+            let mut v = vec![
+                ("block input x (ln_1's input) [N, d]", x.nd()),
+                ("ln_1 mean, rstd [N] f32", 2 * x.n * STAT),
+                ("ln_1 output (c_attn's input) [N, d]", x.nd()),
+            ];
+            if hf {
+                v.push(("q, v [B, T, H, hd]", 2 * x.q()));
+                v.push((
+                    "qkv projection (sdpa's view of k keeps it) [N, 3·H·hd]",
+                    3 * x.q(),
+                ));
+            } else {
+                v.push(("q, k, v [B, T, H, hd]", 3 * x.q()));
+            }
+            v.extend([
+                ("attention output (c_proj's input) [N, H·hd]", x.q()),
+                attn,
+                ("x + attention (ln_2's input) [N, d]", x.nd()),
+                ("ln_2 mean, rstd [N] f32", 2 * x.n * STAT),
+                ("ln_2 output (c_fc's input) [N, d]", x.nd()),
+                ("GELU input [N, ff]", x.nff()),
+                ("GELU output (c_proj's input) [N, ff]", x.nff()),
+            ]);
+            let parts = gelu_parts(cfg, opts);
+            if parts > 0 {
+                v.push((
+                    "composed GELU's intermediates (tanh, ½x, 1 + tanh…) [N, ff] each",
+                    parts * x.nff(),
+                ));
+            }
+            v
+        }
         Arch::Llama => {
             let mut v = vec![
                 ("block input x (input_layernorm's input) [N, d]", x.nd()),
@@ -254,7 +275,13 @@ fn block_saved(cfg: &ModelConfig, x: &Dims, opts: &LeanOptions) -> Vec<(&'static
                 ("post_attention_layernorm rstd [N] f32", x.n * STAT),
                 ("post_attention_layernorm output (MLP input) [N, d]", x.nd()),
             ];
-            v.extend(ffn_saved(cfg, x));
+            if hf {
+                v.push((
+                    "both norms' normalized input x̂ [N, d] f32 each",
+                    2 * x.n * x.d * STAT,
+                ));
+            }
+            v.extend(ffn_saved(cfg, x, opts));
             v
         }
     }
@@ -262,11 +289,12 @@ fn block_saved(cfg: &ModelConfig, x: &Dims, opts: &LeanOptions) -> Vec<(&'static
 
 /// The feed-forward's saved tensors beyond its input. MoE: every token goes to k experts, so the
 /// experts' saved rows add up to N·k whatever the routing.
-fn ffn_saved(cfg: &ModelConfig, x: &Dims) -> Vec<(&'static str, u64)> {
+fn ffn_saved(cfg: &ModelConfig, x: &Dims, opts: &LeanOptions) -> Vec<(&'static str, u64)> {
+    let hf = opts.saved == SavedSet::Transformers;
     if cfg.is_moe() {
         let routed = x.n * cfg.n_experts_per_tok as u64;
         let ffm = cfg.moe_intermediate_size as u64;
-        vec![
+        let mut v = vec![
             (
                 "router probabilities [N, E] f32",
                 x.n * cfg.n_experts as u64 * STAT,
@@ -283,21 +311,46 @@ fn ffn_saved(cfg: &ModelConfig, x: &Dims) -> Vec<(&'static str, u64)> {
                 routed * ffm * x.e,
             ),
             ("experts' outputs [N·k, d]", routed * x.d * x.e),
-        ]
+        ];
+        if hf {
+            v.push(("experts' act(gate) [N·k, ff_e]", routed * ffm * x.e));
+            v.push(("experts' gathered inputs [N·k, d]", routed * x.d * x.e));
+        }
+        v
     } else {
-        vec![
+        let mut v = vec![
             ("gate and up (activation inputs) [N, ff]", 2 * x.nff()),
             ("gated product (down_proj's input) [N, ff]", x.nff()),
-        ]
+        ];
+        if hf {
+            v.push(("act(gate) (act_fn(gate) · up keeps it) [N, ff]", x.nff()));
+        }
+        v
     }
 }
 
+/// Tensors the composed GELU makes PyTorch keep beside its input (`train::kept`).
+fn gelu_parts(cfg: &ModelConfig, opts: &LeanOptions) -> u64 {
+    match (opts.saved, cfg.gelu) {
+        (SavedSet::Fused, _) | (_, GeluForm::Fused) => 0,
+        (SavedSet::Transformers, GeluForm::New) => 3,
+        (SavedSet::Transformers, GeluForm::Fast) => 6,
+    }
+}
+
+/// Whether the step keeps each RMSNorm's x̂ (HF's composed RMSNorm).
+fn keeps_xhat(cfg: &ModelConfig, opts: &LeanOptions) -> bool {
+    opts.saved == SavedSet::Transformers && cfg.norm != NormKind::LayerNorm
+}
+
 /// Tensors per block in `block_saved` (each with a header).
-fn block_saved_tensors(cfg: &ModelConfig) -> u64 {
+fn block_saved_tensors(cfg: &ModelConfig, opts: &LeanOptions) -> u64 {
+    let hf = u64::from(opts.saved == SavedSet::Transformers);
     match cfg.arch {
-        Arch::Gpt2 => 14,
-        Arch::Llama if cfg.is_moe() => 11 + 1 + 4 * cfg.n_experts as u64,
-        Arch::Llama => 13,
+        // Transformers: qkv kept instead of the k copy.
+        Arch::Gpt2 => 14 + gelu_parts(cfg, opts),
+        Arch::Llama if cfg.is_moe() => 11 + 1 + (4 + 2 * hf) * cfg.n_experts as u64 + 2 * hf,
+        Arch::Llama => 13 + 3 * hf,
     }
 }
 
@@ -328,8 +381,13 @@ fn block_forward(cfg: &ModelConfig, x: &Dims, opts: &LeanOptions) -> (u64, i128)
             for _ in 0..3 {
                 l.alloc(x.q()); // q, k, v copied out of qkv
             }
-            l.free(3 * x.q());
+            if opts.saved == SavedSet::Fused {
+                l.free(3 * x.q());
+            }
             attn_out(&mut l);
+            if opts.saved == SavedSet::Transformers {
+                l.free(x.q()); // the k copy (qkv stays)
+            }
             l.mm(n, d, qd, false, false, e); // c_proj output
             x.all_reduce(&mut l);
             l.alloc(x.nd()); // x1
@@ -339,6 +397,9 @@ fn block_forward(cfg: &ModelConfig, x: &Dims, opts: &LeanOptions) -> (u64, i128)
             l.alloc(n * STAT);
             l.mm(n, x.ff, d, false, false, e); // c_fc output (GELU input)
             l.alloc(x.nff()); // GELU output
+            for _ in 0..gelu_parts(cfg, opts) {
+                l.alloc(x.nff());
+            }
             l.mm(n, d, x.ff, false, false, e); // c_proj output
             x.all_reduce(&mut l);
             l.alloc(x.nd()); // y
@@ -349,6 +410,9 @@ fn block_forward(cfg: &ModelConfig, x: &Dims, opts: &LeanOptions) -> (u64, i128)
             let (qd, kvd) = (x.h * x.hd, x.hkv * x.hd);
             l.alloc(x.nd()); // input_layernorm output
             l.alloc(n * STAT);
+            if keeps_xhat(cfg, opts) {
+                l.alloc(n * d * STAT);
+            }
             l.mm(n, qd, d, false, true, e); // q before RoPE
             l.alloc(x.q()); // q after
             l.free(x.q());
@@ -363,7 +427,10 @@ fn block_forward(cfg: &ModelConfig, x: &Dims, opts: &LeanOptions) -> (u64, i128)
             l.free(x.nd());
             l.alloc(x.nd()); // post_attention_layernorm output
             l.alloc(n * STAT);
-            ffn_forward(cfg, x, &mut l);
+            if keeps_xhat(cfg, opts) {
+                l.alloc(n * d * STAT);
+            }
+            ffn_forward(cfg, x, opts, &mut l);
             l.alloc(x.nd()); // y
             l.free(x.nd());
         }
@@ -372,12 +439,16 @@ fn block_forward(cfg: &ModelConfig, x: &Dims, opts: &LeanOptions) -> (u64, i128)
 }
 
 /// The feed-forward's forward, ending with its output `[N, d]` allocated.
-fn ffn_forward(cfg: &ModelConfig, x: &Dims, l: &mut Ledger) {
+fn ffn_forward(cfg: &ModelConfig, x: &Dims, opts: &LeanOptions, l: &mut Ledger) {
     let (n, d, e) = (x.n, x.d, x.e);
+    let hf = opts.saved == SavedSet::Transformers;
     if !cfg.is_moe() {
         l.mm(n, x.ff, d, false, true, e); // gate
         l.mm(n, x.ff, d, false, true, e); // up
         l.alloc(x.nff()); // gated product
+        if hf {
+            l.alloc(x.nff()); // act(gate)
+        }
         l.mm(n, d, x.ff, false, true, e); // down output
         x.all_reduce(l);
         return;
@@ -398,8 +469,13 @@ fn ffn_forward(cfg: &ModelConfig, x: &Dims, l: &mut Ledger) {
         l.mm(ne, ffm, d, false, true, e);
         l.mm(ne, ffm, d, false, true, e);
         l.alloc(ne * ffm * e);
+        if hf {
+            l.alloc(ne * ffm * e); // act(gate)
+        }
         l.mm(ne, d, ffm, false, true, e); // expert output
-        l.free(ne * d * e); // gathered rows
+        if !hf {
+            l.free(ne * d * e); // gathered rows (kept by HF's expert maps)
+        }
         l.scratch(ne * d * e); // weighted output
     }
 }
@@ -434,6 +510,9 @@ fn block_backward(cfg: &ModelConfig, x: &Dims, opts: &LeanOptions) -> (u64, i128
             l.alloc(x.nff()); // dh
             l.free(x.nff()); // dg
             l.free(x.nff()); // h
+            for _ in 0..gelu_parts(cfg, opts) {
+                l.free(x.nff());
+            }
             l.mm(d, ff, n, true, false, e); // c_fc dW
             bias(&mut l, b, ff);
             l.mm(n, d, ff, false, true, e); // dln2
@@ -451,9 +530,16 @@ fn block_backward(cfg: &ModelConfig, x: &Dims, opts: &LeanOptions) -> (u64, i128
             l.mm(qd, d, n, true, false, e); // attention c_proj dW
             bias(&mut l, b, d);
             l.mm(n, qd, d, false, true, e); // d_o
+            let hf = opts.saved == SavedSet::Transformers;
+            if hf {
+                l.alloc(x.q()); // k copied out of qkv
+            }
             attn_bwd(&mut l, x.q(), x.q());
             l.free(x.q()); // d_o
             l.free(4 * x.q()); // q, k, v, o
+            if hf {
+                l.free(3 * x.q()); // qkv
+            }
             free_attn(&mut l, x, opts);
             l.alloc(3 * x.q()); // dqkv
             l.free(3 * x.q()); // dq, dk, dv
@@ -475,13 +561,21 @@ fn block_backward(cfg: &ModelConfig, x: &Dims, opts: &LeanOptions) -> (u64, i128
             // nn.Linear [out, in]: dW = dyᵀ @ x, dx = dy @ W
             let (qd, kvd) = (cfg.q_dim() as u64, cfg.kv_dim() as u64);
             let qkv_b = cfg.has_qkv_bias();
-            ffn_backward(cfg, x, &mut l);
+            let xhat = if keeps_xhat(cfg, opts) {
+                n * d * STAT
+            } else {
+                0
+            };
+            ffn_backward(cfg, x, opts, &mut l);
             l.free(x.nd()); // h2
             l.alloc(x.nd()); // post norm dx
             l.alloc(d * e);
             l.free(x.nd()); // dh2
             l.free(x.nd()); // x1
             l.free(n * STAT);
+            if xhat > 0 {
+                l.free(xhat);
+            }
             l.free(x.nd()); // added into dy
             l.mm(d, qd, n, true, false, e); // o_proj dW
             bias(&mut l, cfg.bias, d);
@@ -518,6 +612,9 @@ fn block_backward(cfg: &ModelConfig, x: &Dims, opts: &LeanOptions) -> (u64, i128
             l.free(x.nd()); // dh1
             l.free(x.nd()); // x
             l.free(n * STAT);
+            if xhat > 0 {
+                l.free(xhat);
+            }
             l.free(x.nd()); // added into dx1
         }
     }
@@ -532,8 +629,9 @@ fn free_attn(l: &mut Ledger, x: &Dims, opts: &LeanOptions) {
 }
 
 /// The feed-forward's backward from dy to dh2 (its input's gradient) allocated.
-fn ffn_backward(cfg: &ModelConfig, x: &Dims, l: &mut Ledger) {
+fn ffn_backward(cfg: &ModelConfig, x: &Dims, opts: &LeanOptions, l: &mut Ledger) {
     let (n, d, e) = (x.n, x.d, x.e);
+    let hf = opts.saved == SavedSet::Transformers;
     if !cfg.is_moe() {
         let ff = x.ff;
         let b = |l: &mut Ledger, w: u64| {
@@ -549,6 +647,9 @@ fn ffn_backward(cfg: &ModelConfig, x: &Dims, l: &mut Ledger) {
         l.alloc(x.nff()); // dup
         l.free(x.nff()); // dh
         l.free(2 * x.nff()); // gate, up
+        if hf {
+            l.free(x.nff()); // act(gate)
+        }
         l.mm(ff, d, n, true, false, e); // gate dW
         b(l, ff);
         l.mm(n, d, ff, false, false, e); // dx
@@ -578,6 +679,10 @@ fn ffn_backward(cfg: &ModelConfig, x: &Dims, l: &mut Ledger) {
         l.alloc(2 * ne * ffm * e); // dgate, dup
         l.free(ne * ffm * e); // dh
         l.free(2 * ne * ffm * e); // gate, up
+        if hf {
+            l.free(ne * ffm * e); // act(gate)
+            l.free(ne * d * e); // the input gathered in forward
+        }
         l.mm(ffm, d, ne, true, false, e); // gate dW
         l.mm(ne, d, ffm, false, false, e); // dx
         l.free(ne * ffm * e); // dgate
@@ -656,7 +761,7 @@ pub fn block_saved_bytes(cfg: &ModelConfig, step: Step, opts: &LeanOptions) -> u
         .iter()
         .map(|(_, v)| v)
         .sum::<u64>()
-        + block_saved_tensors(cfg) * TENSOR_OVERHEAD_BYTES
+        + block_saved_tensors(cfg, opts) * TENSOR_OVERHEAD_BYTES
 }
 
 fn dims(cfg: &ModelConfig, step: Step, tp: bool) -> Dims {
@@ -702,7 +807,7 @@ pub fn predict_rank(
     // --- what the forward keeps
     let per_block: Vec<(&str, u64)> = block_saved(cfg, &x, opts);
     let block_bytes: u64 = per_block.iter().map(|(_, v)| v).sum::<u64>()
-        + block_saved_tensors(cfg) * TENSOR_OVERHEAD_BYTES;
+        + block_saved_tensors(cfg, opts) * TENSOR_OVERHEAD_BYTES;
     let kept_block = match opts.checkpoint {
         Checkpoint::None => block_bytes,
         Checkpoint::Blocks => x.nd() + TENSOR_OVERHEAD_BYTES,
@@ -727,8 +832,20 @@ pub fn predict_rank(
             }
         }
     };
+    let hf = opts.saved == SavedSet::Transformers;
+    let final_xhat = if keeps_xhat(cfg, opts) {
+        x.n * x.d * STAT + TENSOR_OVERHEAD_BYTES
+    } else {
+        0
+    };
+    let logp = if hf {
+        x.n * x.v * STAT + TENSOR_OVERHEAD_BYTES
+    } else {
+        0
+    };
     let head_saved = [
         ("final norm input [N, d]", x.nd() + TENSOR_OVERHEAD_BYTES),
+        ("final norm x̂ [N, d] f32", final_xhat),
         (
             "final norm statistics [N] f32",
             stats_f + TENSOR_OVERHEAD_BYTES,
@@ -738,14 +855,16 @@ pub fn predict_rank(
             x.nd() + TENSOR_OVERHEAD_BYTES,
         ),
         ("logits [N, V]", x.n * x.v * e + TENSOR_OVERHEAD_BYTES),
+        ("log-probabilities [N, V] f32", logp),
         ("loss lse [N] f32", x.n * STAT + TENSOR_OVERHEAD_BYTES),
         ("targets [N] u32", x.n * 4 + TENSOR_OVERHEAD_BYTES),
         ("RoPE cos/sin tables", rope),
     ];
+    // A stage without the head keeps only the RoPE tables of this list (the last entry).
     let head_saved: &[(&str, u64)] = if part.last {
         &head_saved
     } else {
-        &head_saved[6..]
+        &head_saved[head_saved.len() - 1..]
     };
     for (name, v) in head_saved {
         terms.push((name.to_string(), *v));
@@ -763,7 +882,7 @@ pub fn predict_rank(
         weights + rope + x.nd() + TENSOR_OVERHEAD_BYTES + layers.saturating_sub(1) * kept_block;
     let in_last_block = before_last + blk_fwd_peak;
     // The logits' matmul (xf @ Wᵀ) packs its panels while the rest of the saved set exists.
-    let logits_mm = weights + saved - (x.n * STAT + TENSOR_OVERHEAD_BYTES) - (x.n * 4)
+    let logits_mm = weights + saved - logp - (x.n * STAT + TENSOR_OVERHEAD_BYTES) - (x.n * 4)
         + gemm_scratch(x.n, x.v, x.d, false, true, e);
     let at_loss = if part.last {
         (weights + saved + (b * t * 4 + b * 24)).max(logits_mm) // host copy of the ids
@@ -776,11 +895,17 @@ pub fn predict_rank(
 
     // --- backward: the head, then each block, then the embedding
     let mut l = Ledger::at(weights + saved);
-    l.free(x.n * STAT); // loss lse (logits become their gradient in place)
+    if hf {
+        l.alloc(x.n * x.v * STAT); // the log-probabilities' gradient
+        l.alloc(x.n * x.v * e); // the logits' gradient, a new buffer
+        l.free(x.n * x.v * STAT);
+        l.free(x.n * x.v * STAT); // log-probabilities
+    }
+    l.free(x.n * STAT); // loss lse (Fused: logits become their gradient in place)
     l.mm(x.v, x.d, x.n, true, false, e); // head dW = dlogitsᵀ @ xf
     l.free(x.nd()); // head input
     l.mm(x.n, x.d, x.v, false, false, e); // dxf = dlogits @ W
-    l.free(x.n * x.v * e); // dlogits
+    l.free(x.n * x.v * e); // dlogits (Transformers: the logits stay until the step ends)
     l.alloc(x.nd()); // final norm dx
     l.alloc(x.d * e);
     if cfg.arch == Arch::Gpt2 && cfg.bias {
@@ -789,6 +914,9 @@ pub fn predict_rank(
     l.free(x.nd()); // dxf
     l.free(x.nd()); // final norm input
     l.free(stats_f);
+    if final_xhat > 0 {
+        l.free(final_xhat - TENSOR_OVERHEAD_BYTES);
+    }
     let (head_peak, at_first_block) = if part.last {
         (l.peak as u64, l.cur.max(0) as u64)
     } else {
@@ -831,9 +959,16 @@ pub fn predict_rank(
         }
     }
     l.scratch(x.n * 4);
+    let vd = x.v * x.d * e;
     if !cfg.tie_embeddings || !part.last {
         // Without the head here, the tied embedding's gradient starts at the embedding too.
-        l.alloc(x.v * x.d * e);
+        l.alloc(vd);
+    } else if hf {
+        // PyTorch: the dense embedding gradient, then head + embedding into a new buffer.
+        l.alloc(vd);
+        l.alloc(vd);
+        l.free(vd);
+        l.free(vd);
     }
     let embed_peak = if part.first { l.peak as u64 } else { 0 };
     let backward_peak = head_peak.max(first).max(last).max(embed_peak);

@@ -42,6 +42,7 @@
 
 mod gpt2;
 mod inplace;
+mod kept;
 pub mod kernels;
 mod layers;
 mod llama;
@@ -80,6 +81,22 @@ pub enum Attention {
     Eager,
 }
 
+/// Which tensors the forward keeps beyond what the fused backward reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum SavedSet {
+    /// What PyTorch's autograd keeps for HF transformers' modules, op by op: the composed GELU's
+    /// intermediates (`gelu_new`: tanh, ½x and 1 + tanh), each RMSNorm's normalized input, the
+    /// gated MLP's activation output, GPT-2's whole qkv projection (sdpa keeps a view of it), the
+    /// f32 log-probabilities of the loss and, in backward, their gradient beside the logits'
+    /// gradient, with the logits alive until the step ends (`out = model(ids, labels=ids);
+    /// out.loss.backward()` holds them). The default: people size for HF training.
+    Transformers,
+    /// Only what fused kernels read back (llm.c's set): the loss's gradient is written over the
+    /// logits, no intermediate of an elementwise op is kept.
+    Fused,
+}
+
 /// The optimizer step after backward, holding memory as PyTorch's foreach implementations do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -100,6 +117,7 @@ pub struct LeanOptions {
     #[serde(serialize_with = "dtype_name")]
     pub amp: Option<candle_core::DType>,
     pub optimizer: Option<Optimizer>,
+    pub saved: SavedSet,
 }
 
 fn dtype_name<S: serde::Serializer>(
@@ -119,6 +137,7 @@ impl Default for LeanOptions {
             attention: Attention::Flash,
             amp: None,
             optimizer: None,
+            saved: SavedSet::Transformers,
         }
     }
 }

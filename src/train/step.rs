@@ -3,9 +3,9 @@
 //! backward in reverse, each block's saved tensors dropped as soon as its gradients are done.
 
 use super::k;
-use super::layers::{Grads, Norm};
+use super::layers::{EmbeddingGrad, Grads, Norm};
 use super::parallel::Parallel;
-use super::{Checkpoint, LeanOptions};
+use super::{kept, Checkpoint, LeanOptions, SavedSet};
 use candle_core::{DType, Result, Tensor};
 
 /// A family's network as the lean step drives it.
@@ -135,7 +135,10 @@ pub(crate) fn stage_step<N: Net>(
         x = y;
     }
     let mut grads = Grads::default();
-    let mut kept_targets = None;
+    if opts.saved == SavedSet::Transformers {
+        grads.1 = EmbeddingGrad::Dense;
+    }
+    let mut kept_tail = None;
     let (loss, mut dx) = match &part.next {
         Some(next) => {
             next.send(&x)?;
@@ -144,9 +147,10 @@ pub(crate) fn stage_step<N: Net>(
             (None, next.recv(rows_d)?)
         }
         None => {
-            let (loss, dx, targets) = head_step(net, ids, x, &mut grads, forward_done)?;
-            // The targets live until the step ends, as the memory model counts them.
-            kept_targets = Some(targets);
+            let (loss, dx, tail) = head_step(net, ids, x, opts, &mut grads, forward_done)?;
+            // The targets (and, keeping what HF keeps, the logits) live until the step ends,
+            // as the memory model counts them.
+            kept_tail = Some(tail);
             (Some(loss), dx)
         }
     };
@@ -164,31 +168,51 @@ pub(crate) fn stage_step<N: Net>(
         None => net.embed_bwd(ids, dx, &mut grads)?,
         Some(prev) => prev.send(&dx)?,
     }
-    drop(kept_targets);
+    drop(kept_tail);
     Ok((loss, grads))
 }
 
 /// The final norm, the head and the loss on the last block's output `x`, then their backward:
-/// the loss, d(x) and the targets.
+/// the loss, d(x), and what must outlive the step's backward: the targets and, with
+/// `SavedSet::Transformers`, the logits (the model's output holds them).
+#[allow(clippy::type_complexity)]
 fn head_step<N: Net>(
     net: &N,
     ids: &Tensor,
     x: Tensor,
+    opts: &LeanOptions,
     grads: &mut Grads,
     forward_done: &mut dyn FnMut() -> Result<()>,
-) -> Result<(f64, Tensor, Tensor)> {
+) -> Result<(f64, Tensor, (Tensor, Option<Tensor>))> {
     let (b, t) = ids.dims2()?;
-    let (xf, stats) = net.final_norm().fwd(&x)?;
+    let (xf, stats) = net.final_norm().fwd_keeping(&x, opts.saved)?;
     let (head, head_name) = net.head();
     // [N, d] @ [d, V] -> [N, V]
     let logits = xf.matmul(&head.t()?)?;
     let targets = targets(ids)?;
     let (loss, lse) = k::cross_entropy_fwd(&logits, &targets)?;
+    // HF's loss: log_softmax(logits.float()) keeps its output for nll_loss's backward.
+    let logp = match opts.saved {
+        SavedSet::Transformers => Some(kept::log_probs(&logits, &lse)?),
+        SavedSet::Fused => None,
+    };
     forward_done()?;
 
     // --- backward
     let rows = b * (t - 1);
-    let dlogits = k::cross_entropy_bwd(logits, &targets, &lse, 1.0 / rows as f64)?;
+    let scale = 1.0 / rows as f64;
+    let (dlogits, held_logits) = match logp {
+        None => (k::cross_entropy_bwd(logits, &targets, &lse, scale)?, None),
+        Some(logp) => {
+            // nll_loss's backward writes the log-probabilities' gradient, log_softmax's the
+            // logits' into a new buffer; then both saved inputs go. The logits themselves
+            // stay: the model's output holds them until the step ends.
+            let dlogp = kept::nll_grad(&targets, logits.dim(1)?, scale)?;
+            let dlogits = k::cross_entropy_bwd(logits.copy()?, &targets, &lse, scale)?;
+            drop((dlogp, logp));
+            (dlogits, Some(logits))
+        }
+    };
     drop(lse);
     // [V, N] @ [N, d] -> [V, d]
     grads.add(head_name, dlogits.t()?.matmul(&xf)?)?;
@@ -197,5 +221,5 @@ fn head_step<N: Net>(
     drop(dlogits);
     let dx = net.final_norm().bwd(&dxf, &x, &stats, grads)?;
     drop((dxf, x, stats));
-    Ok((loss, dx, targets))
+    Ok((loss, dx, (targets, held_logits)))
 }

@@ -93,6 +93,11 @@ pub fn gated_bwd(
     Ok(((dh * up)?.mul(&da)?, (dh * a)?))
 }
 
+/// act(x) alone (candle's op: one output buffer).
+pub fn activation(x: &Tensor, act: GateAct) -> Result<Tensor> {
+    activate(x, act)
+}
+
 fn activate(x: &Tensor, act: GateAct) -> Result<Tensor> {
     match act {
         GateAct::Silu => x.silu(),

@@ -19,7 +19,7 @@ mod norm;
 mod rope;
 mod simd;
 
-pub use act::{gated_bwd, gated_fwd, gelu_tanh_bwd, gelu_tanh_fwd, GateAct};
+pub use act::{activation, gated_bwd, gated_fwd, gelu_tanh_bwd, gelu_tanh_fwd, GateAct};
 pub use attention::{
     attention_bwd, attention_eager_bwd, attention_eager_fwd, attention_fwd, AttnSpec,
 };

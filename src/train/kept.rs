@@ -1,0 +1,185 @@
+//! The tensors PyTorch's autograd keeps for HF transformers' modules beyond what the fused
+//! backward reads (`SavedSet::Transformers`), computed as those modules compute them.
+//!
+//! HF builds several ops from elementwise pieces, and autograd saves every piece a later
+//! backward multiplies by: `NewGELUActivation` is ½x·(1 + tanh(√(2/π)(x + 0.044715x³))), so
+//! the tanh output and both factors of the last product are saved beside x; RMSNorm multiplies
+//! the weight by the normalized input, so x̂ is saved; a gated MLP multiplies act(gate) by up, so
+//! act(gate) is saved; the loss runs `log_softmax` in f32 and saves its output, then its
+//! backward holds the gradient of the log-probabilities and that of the logits at once. (Counted
+//! with `torch.autograd.graph.saved_tensors_hooks` on HF transformers 5.24 / PyTorch 2.15:
+//! the saved set plus the logits plus two [N, V] gradients equals the measured step peak.)
+//!
+//! The lean step keeps these tensors as long as PyTorch does and frees each where PyTorch's
+//! backward releases it; its fused backward recomputes what it needs from the minimal set
+//! instead of reading them, which is cheaper than reading a second [N, ff] buffer.
+
+use candle_core::{DType, Device, Result, Tensor, D};
+use rayon::prelude::*;
+
+use crate::config::GeluForm;
+
+const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+const GELU_A: f32 = 0.044_715;
+/// Elements a rayon task takes at least.
+const CHUNK: usize = 16 * 1024;
+
+/// Tensors `[..]` shaped like the GELU input that autograd saves besides the input itself:
+/// `gelu_new` 3 (tanh u, ½x, 1 + tanh u), `gelu_fast` 6 (0.044715x, x·√(2/π),
+/// 1 + 0.044715x², tanh, ½x, 1 + tanh), PyTorch's fused tanh GELU none.
+pub(crate) fn gelu_intermediates(x: &Tensor, form: GeluForm) -> Result<Vec<Tensor>> {
+    match form {
+        GeluForm::Fused => Ok(Vec::new()),
+        GeluForm::New => parts(x, |x| {
+            let t = (SQRT_2_OVER_PI * (x + GELU_A * x * x * x)).tanh();
+            [t, 0.5 * x, 1.0 + t]
+        }),
+        GeluForm::Fast => parts(x, |x| {
+            let c2 = GELU_A * x;
+            let c1 = x * SQRT_2_OVER_PI;
+            let c3 = 1.0 + c2 * x;
+            let t = (c1 * c3).tanh();
+            [c2, c1, c3, t, 0.5 * x, 1.0 + t]
+        }),
+    }
+}
+
+/// Every output of `f` over the elements of x, each in its own tensor: one pass on the CPU for
+/// contiguous f32, candle's elementwise ops otherwise (the same values through the host).
+fn parts<const K: usize>(x: &Tensor, f: fn(f32) -> [f32; K]) -> Result<Vec<Tensor>> {
+    let n = x.elem_count();
+    let host = x.to_dtype(DType::F32)?.flatten_all()?;
+    let fused = x.dtype() == DType::F32 && x.device().is_cpu() && x.is_contiguous();
+    let mut outs: Vec<Vec<f32>> = (0..K).map(|_| vec![0f32; n]).collect();
+    {
+        let src = if fused {
+            None
+        } else {
+            Some(host.to_vec1::<f32>()?)
+        };
+        let (guard, layout) = host.storage_and_layout();
+        let xs: &[f32] = match (&src, &*guard) {
+            (Some(v), _) => v,
+            (None, candle_core::Storage::Cpu(cpu)) => {
+                let (a, b) = layout
+                    .contiguous_offsets()
+                    .ok_or_else(|| candle_core::Error::Msg("GELU input not contiguous".into()))?;
+                &cpu.as_slice::<f32>()?[a..b]
+            }
+            (None, _) => candle_core::bail!("GELU intermediates: host tensor not on the CPU"),
+        };
+        let mut slices: Vec<&mut [f32]> = outs.iter_mut().map(|v| v.as_mut_slice()).collect();
+        // Split every output into the same chunks, then run each chunk on its own task.
+        let mut chunks: Vec<Vec<&mut [f32]>> = Vec::new();
+        while !slices.is_empty() && !slices[0].is_empty() {
+            let take = CHUNK.min(slices[0].len());
+            let mut row = Vec::with_capacity(K);
+            let mut rest = Vec::with_capacity(K);
+            for s in slices {
+                let (head, tail) = s.split_at_mut(take);
+                row.push(head);
+                rest.push(tail);
+            }
+            chunks.push(row);
+            slices = rest;
+        }
+        chunks
+            .into_par_iter()
+            .zip(xs.par_chunks(CHUNK))
+            .for_each(|(mut outs, xs)| {
+                for (i, &x) in xs.iter().enumerate() {
+                    for (o, v) in outs.iter_mut().zip(f(x)) {
+                        o[i] = v;
+                    }
+                }
+            });
+    }
+    let device = x.device();
+    outs.into_iter()
+        .map(|v| {
+            Tensor::from_vec(v, x.shape(), &Device::Cpu)?
+                .to_dtype(x.dtype())?
+                .to_device(device)
+        })
+        .collect()
+}
+
+/// RMSNorm's normalized input x̂ = x · rstd (f32, as HF computes the norm in f32).
+pub(crate) fn rms_normalized(x: &Tensor, rstd: &Tensor) -> Result<Tensor> {
+    x.to_dtype(DType::F32)?
+        .broadcast_mul(&rstd.unsqueeze(D::Minus1)?)
+}
+
+/// `log_softmax(logits.float())`: the loss's saved output `[N, V]` f32, from the rows' lse.
+pub(crate) fn log_probs(logits: &Tensor, lse: &Tensor) -> Result<Tensor> {
+    logits
+        .to_dtype(DType::F32)?
+        .broadcast_sub(&lse.unsqueeze(1)?)
+}
+
+/// `nll_loss`'s backward: the gradient of the log-probabilities `[N, V]` f32, −scale at each
+/// counted row's target and 0 elsewhere.
+pub(crate) fn nll_grad(targets: &Tensor, v: usize, scale: f64) -> Result<Tensor> {
+    let tg = targets.to_vec1::<u32>()?;
+    let n = tg.len();
+    let mut g = vec![0f32; n * v];
+    for (row, &t) in tg.iter().enumerate() {
+        if t != super::k::IGNORE_INDEX {
+            g[row * v + t as usize] = -scale as f32;
+        }
+    }
+    Tensor::from_vec(g, (n, v), &Device::Cpu)?.to_device(targets.device())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gelu_new_parts_rebuild_the_activation() {
+        let x = Tensor::arange(-40f32, 40.0, &Device::Cpu)
+            .unwrap()
+            .affine(0.1, 0.0)
+            .unwrap();
+        let p = gelu_intermediates(&x, GeluForm::New).unwrap();
+        assert_eq!(p.len(), 3);
+        // y = a · b, and b = 1 + t
+        let y = (&p[1] * &p[2]).unwrap();
+        let want = super::super::k::gelu_tanh_fwd(&x).unwrap();
+        let err = (y - want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(err < 1e-5, "{err}");
+        let fast = gelu_intermediates(&x, GeluForm::Fast).unwrap();
+        let y = (&fast[4] * &fast[5]).unwrap();
+        let want = super::super::k::gelu_tanh_fwd(&x).unwrap();
+        let err = (y - want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(err < 1e-5, "{err}");
+    }
+
+    #[test]
+    fn nll_grad_marks_targets() {
+        let t = Tensor::new(&[2u32, super::super::k::IGNORE_INDEX, 0], &Device::Cpu).unwrap();
+        let g = nll_grad(&t, 4, 0.5).unwrap().to_vec2::<f32>().unwrap();
+        assert_eq!(
+            g,
+            vec![
+                vec![0.0, 0.0, -0.5, 0.0],
+                vec![0.0; 4],
+                vec![-0.5, 0.0, 0.0, 0.0]
+            ]
+        );
+    }
+}
