@@ -1,6 +1,7 @@
 //! The proof that the networks are genuine: HF-made checkpoints (tests/fixtures/*) loaded into
 //! our models reproduce HF's logits, loss and every parameter's gradient norm; and the tensors the
-//! networks hold agree with the closed-form parameter count to the parameter.
+//! networks hold agree with the closed-form parameter count to the parameter. The lean step runs
+//! every fixture too, to the same loss and gradient norms.
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarMap;
@@ -10,6 +11,7 @@ use truesize::config::{self, ConfigSource, Llama3RopeScaling, ModelConfig, RopeS
 use truesize::estimate::params::estimate;
 use truesize::measure::reference::{self, max_rel_error};
 use truesize::model::{build, next_token_loss};
+use truesize::train::{self, LeanModel, LeanOptions};
 
 const LOGITS_TOL: f64 = 1e-4;
 const LOSS_TOL: f64 = 1e-5;
@@ -136,6 +138,22 @@ fn fixtures_reproduce_hf_logits_loss_and_gradients() {
             worst.1,
             vars.len()
         );
+
+        // The lean step (verify's default engine) runs every fixture: same loss and gradients.
+        let opts = LeanOptions::default();
+        train::supported(&cfg, &opts).unwrap_or_else(|why| panic!("{name}: {why}"));
+        let lean = LeanModel::from_varmap(&cfg, &loaded.varmap).unwrap();
+        let (lean_loss, lean_grads) = lean.loss_and_grads(&refr.input_ids, &opts).unwrap();
+        let e = rel(lean_loss, refr.loss.unwrap());
+        assert!(e <= LOSS_TOL, "{name}: lean loss {lean_loss} error {e:e}");
+        assert_eq!(lean_grads.len(), want.len(), "{name}: lean gradient count");
+        for (pname, expected) in want {
+            let e = rel(l2(&lean_grads[pname]), *expected);
+            assert!(
+                e <= GRAD_NORM_TOL,
+                "{name}: lean grad norm of {pname} off by {e:e}"
+            );
+        }
     }
 }
 

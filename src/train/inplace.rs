@@ -11,7 +11,9 @@
 //! Only call them on tensors the step allocated itself: a buffer shared with another tensor (a
 //! weight, a saved activation) would change under its other owner.
 
-use candle_core::{CpuStorage, DType, InplaceOp2, Layout, Result, Tensor, WithDType, D};
+use candle_core::{
+    CpuStorage, DType, InplaceOp1, InplaceOp2, Layout, Result, Tensor, WithDType, D,
+};
 
 /// `dst += src` (same shape). Returns the accumulated tensor (`dst` itself on the fast path).
 pub fn add(dst: Tensor, src: &Tensor) -> Result<Tensor> {
@@ -25,6 +27,16 @@ pub fn add(dst: Tensor, src: &Tensor) -> Result<Tensor> {
         return Ok(dst);
     }
     &dst + src
+}
+
+/// `dst *= s`, with `s` rounded to dst's dtype first (as a scalar tensor of that dtype would be).
+pub fn scale(dst: Tensor, s: f64) -> Result<Tensor> {
+    if fast(&dst, &dst) {
+        dst.inplace_op1(&Scale { s })?;
+        return Ok(dst);
+    }
+    let st = Tensor::new(s, dst.device())?.to_dtype(dst.dtype())?;
+    dst.broadcast_mul(&st)
 }
 
 /// `y[n, :] += b` for every row of `y` `[N, C]`, `b` `[C]`.
@@ -122,6 +134,33 @@ impl InplaceOp2 for AddRows {
             (CpuStorage::F16(d), CpuStorage::F16(s)) => add_rows(&mut d[r1], &s[r2], self.row),
             (CpuStorage::F64(d), CpuStorage::F64(s)) => add_rows(&mut d[r1], &s[r2], self.row),
             _ => candle_core::bail!("lean-add-rows: dtype mismatch"),
+        }
+        Ok(())
+    }
+}
+
+struct Scale {
+    s: f64,
+}
+
+fn scale_slice<T: WithDType>(d: &mut [T], s: f64) {
+    let s = T::from_f64(s);
+    d.iter_mut().for_each(|x| *x *= s);
+}
+
+impl InplaceOp1 for Scale {
+    fn name(&self) -> &'static str {
+        "lean-scale"
+    }
+
+    fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout) -> Result<()> {
+        let r = range(l1)?;
+        match s1 {
+            CpuStorage::F32(d) => scale_slice(&mut d[r], self.s),
+            CpuStorage::BF16(d) => scale_slice(&mut d[r], self.s),
+            CpuStorage::F16(d) => scale_slice(&mut d[r], self.s),
+            CpuStorage::F64(d) => scale_slice(&mut d[r], self.s),
+            _ => candle_core::bail!("lean-scale: not a float tensor"),
         }
         Ok(())
     }

@@ -10,7 +10,7 @@
 //! tensors still alive) or the last one (most gradients already allocated), or at the head.
 
 use super::{Attention, Checkpoint, LeanOptions, Optimizer};
-use crate::config::{Arch, ModelConfig, Step};
+use crate::config::{Arch, ModelConfig, NormPlacement, Step, Storage};
 use crate::model::build::VARMAP_BYTES_PER_TENSOR;
 use serde::Serialize;
 
@@ -228,22 +228,63 @@ fn block_saved(cfg: &ModelConfig, x: &Dims, opts: &LeanOptions) -> Vec<(&'static
             ("GELU output (c_proj's input) [N, ff]", x.nff()),
         ],
         Arch::Llama => {
+            let sandwich = cfg.norm_placement == NormPlacement::Sandwich;
             let mut v = vec![
                 ("block input x (input_layernorm's input) [N, d]", x.nd()),
                 ("input_layernorm rstd [N] f32", x.n * STAT),
                 ("input_layernorm output (q/k/v input) [N, d]", x.nd()),
+            ];
+            if cfg.qk_norm {
+                v.extend([
+                    ("q_norm input (q_proj's output) [N, H·hd]", x.q()),
+                    ("q_norm rstd [N·H] f32", x.n * x.h * STAT),
+                    ("k_norm input (k_proj's output) [N, Hkv·hd]", x.kv()),
+                    ("k_norm rstd [N·Hkv] f32", x.n * x.hkv * STAT),
+                ]);
+            }
+            v.extend([
                 ("q after RoPE [B, T, H, hd]", x.q()),
                 ("k after RoPE, v [B, T, Hkv, hd]", 2 * x.kv()),
                 ("attention output (o_proj's input) [N, H·hd]", x.q()),
                 attn,
-                (
-                    "x + attention (post_attention_layernorm's input) [N, d]",
-                    x.nd(),
-                ),
-                ("post_attention_layernorm rstd [N] f32", x.n * STAT),
-                ("post_attention_layernorm output (MLP input) [N, d]", x.nd()),
-            ];
+            ]);
+            if sandwich {
+                v.extend([
+                    (
+                        "o_proj output (post_attention_layernorm's input) [N, d]",
+                        x.nd(),
+                    ),
+                    ("post_attention_layernorm rstd [N] f32", x.n * STAT),
+                    (
+                        "x + attention (pre_feedforward_layernorm's input) [N, d]",
+                        x.nd(),
+                    ),
+                    ("pre_feedforward_layernorm rstd [N] f32", x.n * STAT),
+                    (
+                        "pre_feedforward_layernorm output (MLP input) [N, d]",
+                        x.nd(),
+                    ),
+                ]);
+            } else {
+                v.extend([
+                    (
+                        "x + attention (post_attention_layernorm's input) [N, d]",
+                        x.nd(),
+                    ),
+                    ("post_attention_layernorm rstd [N] f32", x.n * STAT),
+                    ("post_attention_layernorm output (MLP input) [N, d]", x.nd()),
+                ]);
+            }
             v.extend(ffn_saved(cfg, x));
+            if sandwich {
+                v.extend([
+                    (
+                        "MLP output (post_feedforward_layernorm's input) [N, d]",
+                        x.nd(),
+                    ),
+                    ("post_feedforward_layernorm rstd [N] f32", x.n * STAT),
+                ]);
+            }
             v
         }
     }
@@ -281,12 +322,15 @@ fn ffn_saved(cfg: &ModelConfig, x: &Dims) -> Vec<(&'static str, u64)> {
     }
 }
 
-/// Tensors per block in `block_saved` (each with a header).
+/// Tensors per block in `block_saved` (each with a header): q/k norms add their inputs and
+/// rstds, sandwich norms the two sublayer outputs and their rstds.
 fn block_saved_tensors(cfg: &ModelConfig) -> u64 {
+    let switches =
+        4 * u64::from(cfg.qk_norm) + 4 * u64::from(cfg.norm_placement == NormPlacement::Sandwich);
     match cfg.arch {
         Arch::Gpt2 => 14,
-        Arch::Llama if cfg.is_moe() => 11 + 1 + 4 * cfg.n_experts as u64,
-        Arch::Llama => 13,
+        Arch::Llama if cfg.is_moe() => 11 + 1 + 4 * cfg.n_experts as u64 + switches,
+        Arch::Llama => 13 + switches,
     }
 }
 
@@ -333,22 +377,49 @@ fn block_forward(cfg: &ModelConfig, x: &Dims, opts: &LeanOptions) -> (u64, i128)
         Arch::Llama => {
             // nn.Linear weights [out, in]: x @ Wᵀ
             let (qd, kvd) = (x.h * x.hd, x.hkv * x.hd);
+            let sandwich = cfg.norm_placement == NormPlacement::Sandwich;
             l.alloc(x.nd()); // input_layernorm output
             l.alloc(n * STAT);
-            l.mm(n, qd, d, false, true, e); // q before RoPE
-            l.alloc(x.q()); // q after
-            l.free(x.q());
-            l.mm(n, kvd, d, false, true, e);
-            l.alloc(x.kv());
-            l.free(x.kv());
-            l.mm(n, kvd, d, false, true, e); // v
+            match cfg.qkv_storage {
+                Storage::Separate => {
+                    l.mm(n, qd, d, false, true, e); // q before RoPE
+                    l.mm(n, kvd, d, false, true, e);
+                    l.mm(n, kvd, d, false, true, e); // v
+                }
+                Storage::Fused => {
+                    l.mm(n, qd + 2 * kvd, d, false, true, e); // qkv
+                    l.alloc(x.q()); // q, k, v copied out of qkv
+                    l.alloc(x.kv());
+                    l.alloc(x.kv());
+                    l.free(x.q() + 2 * x.kv());
+                }
+            }
+            for (width, heads) in [(x.q(), x.h), (x.kv(), x.hkv)] {
+                if cfg.qk_norm {
+                    l.alloc(width); // normalised heads (the projection's output is kept)
+                    l.alloc(n * heads * STAT);
+                }
+                l.alloc(width); // after RoPE
+                l.free(width); // before
+            }
             attn_out(&mut l);
             l.mm(n, d, qd, false, true, e); // o_proj output
-            l.alloc(x.nd()); // x1
-            l.free(x.nd());
-            l.alloc(x.nd()); // post_attention_layernorm output
+            if sandwich {
+                l.alloc(x.nd()); // post_attention_layernorm output
+                l.alloc(n * STAT);
+                l.alloc(x.nd()); // x1
+                l.free(x.nd());
+            } else {
+                l.alloc(x.nd()); // x1
+                l.free(x.nd());
+            }
+            l.alloc(x.nd()); // the MLP's pre-norm output
             l.alloc(n * STAT);
             ffn_forward(cfg, x, &mut l);
+            if sandwich {
+                l.alloc(x.nd()); // post_feedforward_layernorm output
+                l.alloc(n * STAT);
+            }
             l.alloc(x.nd()); // y
             l.free(x.nd());
         }
@@ -360,8 +431,18 @@ fn block_forward(cfg: &ModelConfig, x: &Dims, opts: &LeanOptions) -> (u64, i128)
 fn ffn_forward(cfg: &ModelConfig, x: &Dims, l: &mut Ledger) {
     let (n, d, e) = (x.n, x.d, x.e);
     if !cfg.is_moe() {
-        l.mm(n, x.ff, d, false, true, e); // gate
-        l.mm(n, x.ff, d, false, true, e); // up
+        match cfg.gate_up_storage {
+            Storage::Separate => {
+                l.mm(n, x.ff, d, false, true, e); // gate
+                l.mm(n, x.ff, d, false, true, e); // up
+            }
+            Storage::Fused => {
+                l.mm(n, 2 * x.ff, d, false, true, e); // gate | up
+                l.alloc(x.nff()); // gate, up copied out
+                l.alloc(x.nff());
+                l.free(2 * x.nff());
+            }
+        }
         l.alloc(x.nff()); // gated product
         l.mm(n, d, x.ff, false, true, e); // down output
         return;
@@ -456,42 +537,86 @@ fn block_backward(cfg: &ModelConfig, x: &Dims, opts: &LeanOptions) -> (u64, i128
             // nn.Linear [out, in]: dW = dyᵀ @ x, dx = dy @ W
             let (qd, kvd) = (cfg.q_dim() as u64, cfg.kv_dim() as u64);
             let qkv_b = cfg.has_qkv_bias();
+            let sandwich = cfg.norm_placement == NormPlacement::Sandwich;
+            // A norm's backward: its dx and dw, then its saved input and rstd freed.
+            let norm_bwd = |l: &mut Ledger, width: u64, c: u64, rows: u64| {
+                l.alloc(width);
+                l.alloc(c * e);
+                l.free(width);
+                l.free(rows * STAT);
+            };
+            if sandwich {
+                norm_bwd(&mut l, x.nd(), d, n); // post_feedforward_layernorm: dm
+            }
             ffn_backward(cfg, x, &mut l);
+            if sandwich {
+                l.free(x.nd()); // dm
+            }
             l.free(x.nd()); // h2
-            l.alloc(x.nd()); // post norm dx
+            l.alloc(x.nd()); // the MLP's pre-norm dx
             l.alloc(d * e);
             l.free(x.nd()); // dh2
             l.free(x.nd()); // x1
             l.free(n * STAT);
             l.free(x.nd()); // added into dy
+            if sandwich {
+                norm_bwd(&mut l, x.nd(), d, n); // post_attention_layernorm: da
+            }
             l.mm(d, qd, n, true, false, e); // o_proj dW
             bias(&mut l, cfg.bias, d);
             l.mm(n, qd, d, false, false, e); // d_o
+            if sandwich {
+                l.free(x.nd()); // da
+            }
             attn_bwd(&mut l, x.q(), x.kv());
             l.free(x.q()); // d_o
             l.free(2 * x.q() + 2 * x.kv()); // q, k, v, o
             free_attn(&mut l, x, opts);
-            // dq through RoPE, then q_proj (its dx starts dh1)
-            l.alloc(x.q());
-            l.free(x.q());
-            l.mm(qd, d, n, true, false, e);
-            bias(&mut l, qkv_b, qd);
-            l.mm(n, d, qd, false, false, e);
-            l.free(x.q());
-            // dk through RoPE, then k_proj (dx added into dh1)
-            l.alloc(x.kv());
-            l.free(x.kv());
-            l.mm(kvd, d, n, true, false, e);
-            bias(&mut l, qkv_b, kvd);
-            l.mm(n, d, kvd, false, false, e);
-            l.free(x.nd());
-            l.free(x.kv());
-            // v_proj
-            l.mm(kvd, d, n, true, false, e);
-            bias(&mut l, qkv_b, kvd);
-            l.mm(n, d, kvd, false, false, e);
-            l.free(x.nd());
-            l.free(x.kv()); // dv
+            // through RoPE (and the q/k norm: its dx, dw, then the gradient it came from and
+            // its saved input and rstd freed)
+            let unrotate = |l: &mut Ledger, width: u64, heads: u64| {
+                l.alloc(width);
+                l.free(width);
+                if cfg.qk_norm {
+                    l.alloc(width);
+                    l.alloc(x.hd * e);
+                    l.free(2 * width);
+                    l.free(n * heads * STAT);
+                }
+            };
+            unrotate(&mut l, x.q(), x.h);
+            match cfg.qkv_storage {
+                Storage::Separate => {
+                    // q_proj (its dx starts dh1)
+                    l.mm(qd, d, n, true, false, e);
+                    bias(&mut l, qkv_b, qd);
+                    l.mm(n, d, qd, false, false, e);
+                    l.free(x.q());
+                    // k_proj (dx added into dh1)
+                    unrotate(&mut l, x.kv(), x.hkv);
+                    l.mm(kvd, d, n, true, false, e);
+                    bias(&mut l, qkv_b, kvd);
+                    l.mm(n, d, kvd, false, false, e);
+                    l.free(x.nd());
+                    l.free(x.kv());
+                    // v_proj
+                    l.mm(kvd, d, n, true, false, e);
+                    bias(&mut l, qkv_b, kvd);
+                    l.mm(n, d, kvd, false, false, e);
+                    l.free(x.nd());
+                    l.free(x.kv()); // dv
+                }
+                Storage::Fused => {
+                    unrotate(&mut l, x.kv(), x.hkv);
+                    let w = qd + 2 * kvd;
+                    l.alloc(n * w * e); // dqkv
+                    l.free(x.q() + 2 * x.kv());
+                    l.mm(w, d, n, true, false, e);
+                    bias(&mut l, qkv_b, w);
+                    l.mm(n, d, w, false, false, e);
+                    l.free(n * w * e);
+                }
+            }
             l.free(x.nd()); // h1
             l.alloc(x.nd()); // input norm dx
             l.alloc(d * e);
@@ -529,15 +654,27 @@ fn ffn_backward(cfg: &ModelConfig, x: &Dims, l: &mut Ledger) {
         l.alloc(x.nff()); // dup
         l.free(x.nff()); // dh
         l.free(2 * x.nff()); // gate, up
-        l.mm(ff, d, n, true, false, e); // gate dW
-        b(l, ff);
-        l.mm(n, d, ff, false, false, e); // dx
-        l.free(x.nff()); // dgate
-        l.mm(ff, d, n, true, false, e); // up dW
-        b(l, ff);
-        l.mm(n, d, ff, false, false, e);
-        l.free(x.nd()); // added
-        l.free(x.nff()); // dup
+        match cfg.gate_up_storage {
+            Storage::Separate => {
+                l.mm(ff, d, n, true, false, e); // gate dW
+                b(l, ff);
+                l.mm(n, d, ff, false, false, e); // dx
+                l.free(x.nff()); // dgate
+                l.mm(ff, d, n, true, false, e); // up dW
+                b(l, ff);
+                l.mm(n, d, ff, false, false, e);
+                l.free(x.nd()); // added
+                l.free(x.nff()); // dup
+            }
+            Storage::Fused => {
+                l.alloc(2 * x.nff()); // dgate | dup
+                l.free(2 * x.nff());
+                l.mm(2 * ff, d, n, true, false, e); // gate_up dW
+                b(l, 2 * ff);
+                l.mm(n, d, 2 * ff, false, false, e); // dx
+                l.free(2 * x.nff());
+            }
+        }
         return;
     }
     let (k, ec) = (cfg.n_experts_per_tok as u64, cfg.n_experts as u64);

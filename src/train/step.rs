@@ -42,6 +42,10 @@ pub(crate) trait Net {
     fn final_norm(&self) -> &Norm;
     /// The head `[V, d]` and the name its gradient goes to.
     fn head(&self) -> (&Tensor, &str);
+    /// c of a soft-cap c·tanh(z/c) on the logits (Gemma 2), or None.
+    fn final_softcap(&self) -> Option<f64> {
+        None
+    }
 }
 
 /// What the forward kept of one block.
@@ -76,7 +80,12 @@ pub(crate) fn logits<N: Net>(net: &N, ids: &Tensor) -> Result<Tensor> {
     let (xf, _) = net.final_norm().fwd(&x)?;
     let (head, _) = net.head();
     let v = head.dim(0)?;
-    xf.matmul(&head.t()?)?.reshape((b, t, v))
+    let logits = xf.matmul(&head.t()?)?;
+    let logits = match net.final_softcap() {
+        Some(c) => k::softcap_fwd(logits, c)?,
+        None => logits,
+    };
+    logits.reshape((b, t, v))
 }
 
 /// Forward, loss and backward: the mean next-token loss and every parameter's gradient.
@@ -112,13 +121,24 @@ pub(crate) fn loss_and_grads<N: Net>(
     let (head, head_name) = net.head();
     // [N, d] @ [d, V] -> [N, V]
     let logits = xf.matmul(&head.t()?)?;
+    // Capped in place: the loss's backward reads the capped logits for the cap's derivative too.
+    let logits = match net.final_softcap() {
+        Some(c) => k::softcap_fwd(logits, c)?,
+        None => logits,
+    };
     let targets = targets(ids)?;
     let (loss, lse) = k::cross_entropy_fwd(&logits, &targets)?;
     forward_done()?;
 
     // --- backward
     let rows = b * (t - 1);
-    let dlogits = k::cross_entropy_bwd(logits, &targets, &lse, 1.0 / rows as f64)?;
+    let dlogits = k::cross_entropy_bwd(
+        logits,
+        &targets,
+        &lse,
+        1.0 / rows as f64,
+        net.final_softcap(),
+    )?;
     drop(lse);
     let mut grads = Grads::default();
     // [V, N] @ [N, d] -> [V, d]
