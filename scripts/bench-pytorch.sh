@@ -31,6 +31,10 @@ CASES=(
   "llama-d512.json 4 256 --checkpoint blocks | --checkpointing"
   "gpt2-d384.json 4 256 --attention eager | --attn eager"
   "llama-d512.json 4 256 --attention eager | --attn eager"
+  "qwen3-d512.json 4 256 | "
+  "qwen3-moe-d256.json 4 256 | "
+  "gemma2-d512.json 4 256 --attention eager | --attn eager"
+  "phi3-d512.json 4 256 | "
 )
 
 mib() { awk -v b="$1" 'BEGIN { printf "%.1f", b / 1048576 }'; }
