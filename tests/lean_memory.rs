@@ -136,6 +136,10 @@ fn predicted_peak_matches_the_counting_allocator() {
     qwen3_moe.moe_intermediate_size = 96;
     qwen3_moe.expert_names = ExpertNames::Qwen;
     qwen3_moe.tie_embeddings = false;
+    // Qwen3-MoE's mlp_only_layers: dense and sparse blocks in one model.
+    let mut qwen3_moe_mixed = qwen3_moe.clone();
+    qwen3_moe_mixed.set_depth(3);
+    qwen3_moe_mixed.moe_dense_layers = vec![0, 2];
     let mut gemma = cfg(Arch::Llama, 2500, 128, 3, 4, 2, 384);
     gemma.head_dim = 48;
     gemma.rotary_dim = 48;
@@ -163,6 +167,7 @@ fn predicted_peak_matches_the_counting_allocator() {
     for (c, what) in [
         (&mut qwen3, "Qwen3-like (q/k norms)"),
         (&mut qwen3_moe, "Qwen3-MoE-like (q/k norms, experts)"),
+        (&mut qwen3_moe_mixed, "Qwen3-MoE-like, layers 0 and 2 dense"),
         (
             &mut gemma,
             "Gemma-like (sandwich, q/k norms, √d, soft-caps)",
@@ -282,6 +287,18 @@ fn predicted_peak_matches_the_counting_allocator() {
             b: 4,
             t: 64,
             opts: plain,
+        },
+        Case {
+            cfg: qwen3_moe_mixed.clone(),
+            b: 4,
+            t: 64,
+            opts: plain,
+        },
+        Case {
+            cfg: qwen3_moe_mixed.clone(),
+            b: 2,
+            t: 96,
+            opts: ckpt,
         },
         Case {
             cfg: gemma.clone(),

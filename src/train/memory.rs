@@ -5,9 +5,11 @@
 //! All bytes are above the pre-build baseline, as the measurement reports them. N = batch·seq
 //! rows, e = the dtype's element size; statistics (mean, rstd, log-sum-exp) are f32.
 //!
-//! The forward and backward of a block are the same for every block, so the walk is done for
-//! one block and repeated: the step's peak is either in the first backward block (most saved
-//! tensors still alive) or the last one (most gradients already allocated), or at the head.
+//! Blocks differ only in their feed-forward (dense, or a mixture of experts where a config mixes
+//! the two), so each kind is walked once and the step adds them up layer by layer: the forward's
+//! level rises by each block's saved set, the backward's falls by it and rises by its gradients;
+//! the step's peak is inside one of the blocks (with most saved tensors still alive, or most
+//! gradients already allocated), or at the loss, the head or the embedding.
 
 use super::{Attention, Checkpoint, LeanOptions, Optimizer};
 use crate::config::{Arch, ModelConfig, NormPlacement, Step, Storage};
@@ -150,7 +152,8 @@ fn gemm_scratch(m: u64, n: u64, k: u64, lhs_t: bool, rhs_t: bool, e: u64) -> u64
     }
 }
 
-/// Sizes of one step.
+/// Sizes of one step, and the kind of block being walked.
+#[derive(Clone)]
 struct Dims {
     n: u64,
     b: u64,
@@ -163,6 +166,9 @@ struct Dims {
     v: u64,
     e: u64,
     threads: u64,
+    /// The block's feed-forward is a mixture of experts (layers may differ: Qwen-MoE's
+    /// `mlp_only_layers`, `decoder_sparse_step`).
+    moe: bool,
 }
 
 impl Dims {
@@ -293,7 +299,7 @@ fn block_saved(cfg: &ModelConfig, x: &Dims, opts: &LeanOptions) -> Vec<(&'static
 /// The feed-forward's saved tensors beyond its input. MoE: every token goes to k experts, so the
 /// experts' saved rows add up to N·k whatever the routing.
 fn ffn_saved(cfg: &ModelConfig, x: &Dims) -> Vec<(&'static str, u64)> {
-    if cfg.is_moe() {
+    if x.moe {
         let routed = x.n * cfg.n_experts_per_tok as u64;
         let ffm = cfg.moe_intermediate_size as u64;
         vec![
@@ -324,12 +330,12 @@ fn ffn_saved(cfg: &ModelConfig, x: &Dims) -> Vec<(&'static str, u64)> {
 
 /// Tensors per block in `block_saved` (each with a header): q/k norms add their inputs and
 /// rstds, sandwich norms the two sublayer outputs and their rstds.
-fn block_saved_tensors(cfg: &ModelConfig) -> u64 {
+fn block_saved_tensors(cfg: &ModelConfig, x: &Dims) -> u64 {
     let switches =
         4 * u64::from(cfg.qk_norm) + 4 * u64::from(cfg.norm_placement == NormPlacement::Sandwich);
     match cfg.arch {
         Arch::Gpt2 => 14,
-        Arch::Llama if cfg.is_moe() => 11 + 1 + 4 * cfg.n_experts as u64 + switches,
+        Arch::Llama if x.moe => 11 + 1 + 4 * cfg.n_experts as u64 + switches,
         Arch::Llama => 13 + switches,
     }
 }
@@ -430,7 +436,7 @@ fn block_forward(cfg: &ModelConfig, x: &Dims, opts: &LeanOptions) -> (u64, i128)
 /// The feed-forward's forward, ending with its output `[N, d]` allocated.
 fn ffn_forward(cfg: &ModelConfig, x: &Dims, l: &mut Ledger) {
     let (n, d, e) = (x.n, x.d, x.e);
-    if !cfg.is_moe() {
+    if !x.moe {
         match cfg.gate_up_storage {
             Storage::Separate => {
                 l.mm(n, x.ff, d, false, true, e); // gate
@@ -639,7 +645,7 @@ fn free_attn(l: &mut Ledger, x: &Dims, opts: &LeanOptions) {
 /// The feed-forward's backward from dy to dh2 (its input's gradient) allocated.
 fn ffn_backward(cfg: &ModelConfig, x: &Dims, l: &mut Ledger) {
     let (n, d, e) = (x.n, x.d, x.e);
-    if !cfg.is_moe() {
+    if !x.moe {
         let ff = x.ff;
         let b = |l: &mut Ledger, w: u64| {
             if cfg.mlp_bias {
@@ -716,6 +722,52 @@ fn ffn_backward(cfg: &ModelConfig, x: &Dims, l: &mut Ledger) {
     l.free(n * ec * STAT); // probabilities
 }
 
+/// One kind of block (dense or mixture of experts) under the step's options: what it keeps and
+/// its walks, each relative to the level it starts from.
+struct BlockKind {
+    saved: Vec<(&'static str, u64)>,
+    /// What the forward keeps of it (its saved set with headers, or its input when
+    /// checkpointed).
+    kept: u64,
+    fwd_peak: u64,
+    bwd_peak: u64,
+    bwd_net: i128,
+    /// With checkpointing its forward runs again before its backward (its saved set reappears;
+    /// the recomputed output is dropped at once).
+    recompute_peak: u64,
+    recompute_net: i128,
+}
+
+impl BlockKind {
+    fn new(cfg: &ModelConfig, x: &Dims, opts: &LeanOptions) -> BlockKind {
+        let saved = block_saved(cfg, x, opts);
+        let bytes = saved.iter().map(|(_, v)| v).sum::<u64>()
+            + block_saved_tensors(cfg, x) * TENSOR_OVERHEAD_BYTES;
+        let input = x.nd() + TENSOR_OVERHEAD_BYTES;
+        let (fwd_peak, _) = block_forward(cfg, x, opts);
+        let (bwd_peak, bwd_net) = block_backward(cfg, x, opts);
+        let (kept, recompute_peak, recompute_net) = match opts.checkpoint {
+            Checkpoint::None => (bytes, 0, 0),
+            Checkpoint::Blocks => (input, fwd_peak, bytes as i128 - input as i128),
+        };
+        BlockKind {
+            saved,
+            kept,
+            fwd_peak,
+            bwd_peak,
+            bwd_net,
+            recompute_peak,
+            recompute_net,
+        }
+    }
+
+    /// Peak of its backward (recompute included) from `level`.
+    fn bwd_peak_from(&self, level: u64) -> u64 {
+        let after_recompute = (level as i128 + self.recompute_net).max(0) as u64;
+        (level + self.recompute_peak).max(after_recompute + self.bwd_peak)
+    }
+}
+
 /// Parameters and parameter tensors of the model.
 fn param_counts(cfg: &ModelConfig) -> (u64, u64) {
     match crate::model::build::shapes_only(cfg, candle_core::DType::F32) {
@@ -741,22 +793,50 @@ pub fn predict(cfg: &ModelConfig, step: Step, opts: &LeanOptions) -> LeanPredict
         v: cfg.vocab_size as u64,
         e,
         threads: rayon::current_num_threads() as u64,
+        moe: false,
     };
     let layers = cfg.n_layer as u64;
     let mut terms: Vec<(String, u64)> = Vec::new();
     let weights = params * e + n_tensors * (VARMAP_BYTES_PER_TENSOR + LEAN_BYTES_PER_TENSOR);
     terms.push(("weights".into(), weights));
 
-    // --- what the forward keeps
-    let per_block: Vec<(&str, u64)> = block_saved(cfg, &x, opts);
-    let block_bytes: u64 = per_block.iter().map(|(_, v)| v).sum::<u64>()
-        + block_saved_tensors(cfg) * TENSOR_OVERHEAD_BYTES;
-    let kept_block = match opts.checkpoint {
-        Checkpoint::None => block_bytes,
-        Checkpoint::Blocks => x.nd() + TENSOR_OVERHEAD_BYTES,
-    };
-    for (name, v) in &per_block {
-        terms.push((format!("per block: {name}"), *v));
+    // --- what the forward keeps, per kind of block
+    let dense = BlockKind::new(
+        cfg,
+        &Dims {
+            moe: false,
+            ..x.clone()
+        },
+        opts,
+    );
+    let sparse = cfg.is_moe().then(|| {
+        BlockKind::new(
+            cfg,
+            &Dims {
+                moe: true,
+                ..x.clone()
+            },
+            opts,
+        )
+    });
+    let kinds: Vec<&BlockKind> = (0..cfg.n_layer)
+        .map(|i| match &sparse {
+            Some(s) if cfg.layer_is_moe(i) => s,
+            _ => &dense,
+        })
+        .collect();
+    let n_sparse = cfg.moe_layer_count() as u64;
+    for (kind, count, label) in [
+        (Some(&dense), layers - n_sparse, "per dense block"),
+        (sparse.as_ref(), n_sparse, "per MoE block"),
+    ] {
+        let Some(kind) = kind.filter(|_| count > 0) else {
+            continue;
+        };
+        let label = if count == layers { "per block" } else { label };
+        for (name, v) in &kind.saved {
+            terms.push((format!("{label}: {name}"), *v));
+        }
     }
     let stats_f = match cfg.arch {
         Arch::Gpt2 => 2 * x.n * STAT,
@@ -794,23 +874,26 @@ pub fn predict(cfg: &ModelConfig, step: Step, opts: &LeanOptions) -> LeanPredict
         terms.push((name.to_string(), v));
     }
     let head_bytes: u64 = head_saved.iter().map(|(_, v)| v).sum();
-    let saved = layers * kept_block + head_bytes;
+    let blocks_kept: u64 = kinds.iter().map(|k| k.kept).sum();
+    let saved = blocks_kept + head_bytes;
     terms.push((
-        format!("saved: {layers} blocks × {kept_block} + head/loss"),
+        format!("saved: {layers} blocks ({blocks_kept}) + head/loss"),
         saved,
     ));
 
-    // --- forward peak: inside the last block, or at the loss
-    let (blk_fwd_peak, _) = block_forward(cfg, &x, opts);
-    let before_last =
-        weights + rope + x.nd() + TENSOR_OVERHEAD_BYTES + layers.saturating_sub(1) * kept_block;
-    let in_last_block = before_last + blk_fwd_peak;
+    // --- forward peak: inside a block (each above the blocks before it), or at the loss
+    let mut level = weights + rope + x.nd() + TENSOR_OVERHEAD_BYTES;
+    let mut in_blocks = level;
+    for k in &kinds {
+        in_blocks = in_blocks.max(level + k.fwd_peak);
+        level += k.kept;
+    }
     // The logits' matmul (xf @ Wᵀ) packs its panels while the rest of the saved set exists.
     let logits_mm = weights + saved - (x.n * STAT + TENSOR_OVERHEAD_BYTES) - (x.n * 4)
         + gemm_scratch(x.n, x.v, x.d, false, true, e);
     let at_loss = (weights + saved + (b * t * 4 + b * 24)).max(logits_mm); // host copy of the ids
-    let forward_peak = in_last_block.max(at_loss);
-    terms.push(("forward peak: in the last block".into(), in_last_block));
+    let forward_peak = in_blocks.max(at_loss);
+    terms.push(("forward peak: in the blocks".into(), in_blocks));
     terms.push(("forward peak: at the loss".into(), at_loss));
 
     // --- backward: the head, then each block, then the embedding
@@ -830,28 +913,14 @@ pub fn predict(cfg: &ModelConfig, step: Step, opts: &LeanOptions) -> LeanPredict
     l.free(stats_f);
     let head_peak = l.peak as u64;
     let at_first_block = l.cur.max(0) as u64;
-    let (blk_bwd_peak, blk_bwd_net) = block_backward(cfg, &x, opts);
-    // With checkpointing the block's forward runs again first (its saved set reappears).
-    let (recompute_peak, recompute_net) = match opts.checkpoint {
-        Checkpoint::None => (0, 0i128),
-        Checkpoint::Blocks => {
-            let (p, _) = block_forward(cfg, &x, opts);
-            // the recomputed output is dropped at once; the saved set stays
-            (
-                p,
-                (block_bytes as i128) - (x.nd() + TENSOR_OVERHEAD_BYTES) as i128,
-            )
-        }
-    };
-    let block_peak = |level: u64| -> u64 {
-        let after_recompute = (level as i128 + recompute_net).max(0) as u64;
-        (level + recompute_peak).max(after_recompute + blk_bwd_peak)
-    };
-    let first = block_peak(at_first_block);
-    let net = recompute_net + blk_bwd_net;
-    let last_level = (at_first_block as i128 + net * (layers as i128 - 1)).max(0) as u64;
-    let last = block_peak(last_level);
-    let after_blocks = (at_first_block as i128 + net * layers as i128).max(0) as u64;
+    // Each block from the last: its saved set freed, its gradients added.
+    let mut level = at_first_block as i128;
+    let mut in_blocks_bwd = 0;
+    for k in kinds.iter().rev() {
+        in_blocks_bwd = in_blocks_bwd.max(k.bwd_peak_from(level.max(0) as u64));
+        level += k.recompute_net + k.bwd_net;
+    }
+    let after_blocks = level.max(0) as u64;
     // The embedding's gradient: GPT-2's positions (padded to block_size) and tokens.
     let mut l = Ledger::at(after_blocks);
     if cfg.arch == Arch::Gpt2 {
@@ -869,10 +938,9 @@ pub fn predict(cfg: &ModelConfig, step: Step, opts: &LeanOptions) -> LeanPredict
         l.alloc(x.v * x.d * e);
     }
     let embed_peak = l.peak as u64;
-    let backward_peak = head_peak.max(first).max(last).max(embed_peak);
+    let backward_peak = head_peak.max(in_blocks_bwd).max(embed_peak);
     terms.push(("backward peak: at the head".into(), head_peak));
-    terms.push(("backward peak: in the first block".into(), first));
-    terms.push(("backward peak: in the last block".into(), last));
+    terms.push(("backward peak: in the blocks".into(), in_blocks_bwd));
     terms.push(("backward peak: at the embedding".into(), embed_peak));
 
     let gradients = params * e + n_tensors * TENSOR_OVERHEAD_BYTES;
