@@ -34,6 +34,7 @@ CASES=(
   "qwen3-d512.json 4 256 | "
   "qwen3-moe-d256.json 4 256 | "
   "gemma2-d512.json 4 256 --attention eager | --attn eager"
+  "gemma3-d512.json 4 256 | "
   "phi3-d512.json 4 256 | "
 )
 
