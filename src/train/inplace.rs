@@ -243,6 +243,21 @@ mod tests {
         let want = dst.index_add(&ids, &a, 0)?;
         let got = index_add_rows(dst.copy()?, &ids, &a, None)?;
         assert_eq!(got.to_vec2::<f32>()?, want.to_vec2::<f32>()?);
+        // The scale rounded to the dtype first, as a scalar tensor of that dtype multiplies.
+        let s = (12f64).sqrt() as f32 as f64;
+        for dt in [DType::F32, DType::BF16] {
+            let x = a.to_dtype(dt)?;
+            let want = x.broadcast_mul(&Tensor::new(s as f32, &dev)?.to_dtype(dt)?)?;
+            let got = scale(x.copy()?, s)?;
+            let strided = scale(x.t()?, s)?.t()?;
+            for g in [got, strided] {
+                let d = (g.to_dtype(DType::F32)? - want.to_dtype(DType::F32)?)?
+                    .abs()?
+                    .max_all()?
+                    .to_scalar::<f32>()?;
+                assert_eq!(d, 0.0, "{dt:?}");
+            }
+        }
         // Row 1 skipped: only the other ids land.
         let got = index_add_rows(dst.copy()?, &ids, &a, Some(1))?.to_vec2::<f32>()?;
         assert_eq!(got[1], dst.to_vec2::<f32>()?[1]);
