@@ -1,6 +1,7 @@
 //! The proof that the networks are genuine: HF-made checkpoints (tests/fixtures/*) loaded into
 //! our models reproduce HF's logits, loss and every parameter's gradient norm; and the tensors the
-//! networks hold agree with the closed-form parameter count to the parameter.
+//! networks hold agree with the closed-form parameter count to the parameter. The lean step runs
+//! every fixture too, to the same loss and gradient norms.
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarMap;
@@ -10,6 +11,7 @@ use truesize::config::{self, ConfigSource, Llama3RopeScaling, ModelConfig, RopeS
 use truesize::estimate::params::estimate;
 use truesize::measure::reference::{self, max_rel_error};
 use truesize::model::{build, next_token_loss};
+use truesize::train::{self, LeanModel, LeanOptions};
 
 const LOGITS_TOL: f64 = 1e-4;
 const LOSS_TOL: f64 = 1e-5;
@@ -30,6 +32,16 @@ fn fixture_dirs() -> Vec<PathBuf> {
 
 fn rel(a: f64, b: f64) -> f64 {
     (a - b).abs() / b.abs()
+}
+
+/// A gradient norm's error: relative, or absolute where HF's is exactly zero (an expert no token
+/// chose), so that 0/0 does not become a NaN that every comparison passes.
+fn norm_err(got: f64, want: f64) -> f64 {
+    if want == 0.0 {
+        got.abs()
+    } else {
+        rel(got, want)
+    }
 }
 
 fn l2(t: &Tensor) -> f64 {
@@ -115,7 +127,7 @@ fn fixtures_reproduce_hf_logits_loss_and_gradients() {
             let expected = *want
                 .get(pname)
                 .unwrap_or_else(|| panic!("{name}: HF reports no gradient for {pname}"));
-            let e = rel(l2(g), expected);
+            let e = norm_err(l2(g), expected);
             if e >= worst.0 {
                 worst = (e, pname.clone());
             }
@@ -136,6 +148,22 @@ fn fixtures_reproduce_hf_logits_loss_and_gradients() {
             worst.1,
             vars.len()
         );
+
+        // The lean step (verify's default engine) runs every fixture: same loss and gradients.
+        let opts = LeanOptions::default();
+        train::supported(&cfg, &opts).unwrap_or_else(|why| panic!("{name}: {why}"));
+        let lean = LeanModel::from_varmap(&cfg, &loaded.varmap).unwrap();
+        let (lean_loss, lean_grads) = lean.loss_and_grads(&refr.input_ids, &opts).unwrap();
+        let e = rel(lean_loss, refr.loss.unwrap());
+        assert!(e <= LOSS_TOL, "{name}: lean loss {lean_loss} error {e:e}");
+        assert_eq!(lean_grads.len(), want.len(), "{name}: lean gradient count");
+        for (pname, expected) in want {
+            let e = norm_err(l2(&lean_grads[pname]), *expected);
+            assert!(
+                e <= GRAD_NORM_TOL,
+                "{name}: lean grad norm of {pname} off by {e:e}"
+            );
+        }
     }
 }
 

@@ -1,13 +1,17 @@
 //! The lean step's closed-form memory (`train::memory::predict`) against the counting allocator,
-//! over a grid of GPT-2 and Llama-family configs, batches, sequence lengths and options: the
-//! peak within ±2%, and each phase's reading beside its prediction.
+//! over a grid of GPT-2 and Llama-family configs (Qwen3's q/k norms, Gemma's sandwich norms,
+//! embedding scale and soft-caps, Phi-3's fused projections and partial rotary, with and without
+//! experts), batches, sequence lengths and options: the peak within ±2%, and each phase's
+//! reading beside its prediction.
 //!
 //! One test function: the allocator's counters are process-wide, so the measurements must not
 //! overlap with another test's allocations.
 
 use candle_core::{DType, Device, Tensor};
-use truesize::config::GeluForm;
-use truesize::config::{Arch, Attention as AttnKind, Dims, ModelConfig, Step};
+use truesize::config::{
+    Arch, Attention as AttnKind, Dims, EmbeddingScale, ExpertNames, GeluForm, MlpKind, ModelConfig,
+    NormKind, NormPlacement, Step, Storage,
+};
 use truesize::dtype::TrainDtype;
 use truesize::measure::alloc::CountingAlloc;
 use truesize::measure::run::probe_for;
@@ -123,6 +127,61 @@ fn predicted_peak_matches_the_counting_allocator() {
     let mut moe = cfg(Arch::Llama, 1500, 128, 2, 4, 2, 256);
     moe.n_experts = 4;
     moe.n_experts_per_tok = 2;
+    let mut qwen3 = cfg(Arch::Llama, 3000, 128, 2, 8, 4, 320);
+    qwen3.head_dim = 24;
+    qwen3.rotary_dim = 24;
+    qwen3.qk_norm = true;
+    qwen3.tie_embeddings = true;
+    let mut qwen3_moe = qwen3.clone();
+    qwen3_moe.n_experts = 6;
+    qwen3_moe.n_experts_per_tok = 2;
+    qwen3_moe.moe_intermediate_size = 96;
+    qwen3_moe.expert_names = ExpertNames::Qwen;
+    qwen3_moe.tie_embeddings = false;
+    // Qwen3-MoE's mlp_only_layers: dense and sparse blocks in one model.
+    let mut qwen3_moe_mixed = qwen3_moe.clone();
+    qwen3_moe_mixed.set_depth(3);
+    qwen3_moe_mixed.moe_dense_layers = vec![0, 2];
+    let mut gemma = cfg(Arch::Llama, 2500, 128, 3, 4, 2, 384);
+    gemma.head_dim = 48;
+    gemma.rotary_dim = 48;
+    gemma.norm = NormKind::RmsOnePlus;
+    gemma.norm_placement = NormPlacement::Sandwich;
+    gemma.mlp = MlpKind::GeGlu;
+    gemma.embedding_scale = EmbeddingScale::SqrtHidden;
+    gemma.attn_scalar = 40.0;
+    gemma.attn_softcap = Some(50.0);
+    gemma.final_softcap = Some(30.0);
+    gemma.qk_norm = true;
+    gemma.layer_attention = vec![
+        AttnKind::Sliding { window: 32 },
+        AttnKind::Sliding { window: 32 },
+        AttnKind::Full,
+    ];
+    gemma.rope_per_layer_type = true;
+    gemma.rope_local_theta = 10_000.0;
+    gemma.tie_embeddings = true;
+    let mut phi3 = cfg(Arch::Llama, 2000, 128, 2, 4, 2, 352);
+    phi3.qkv_storage = Storage::Fused;
+    phi3.gate_up_storage = Storage::Fused;
+    phi3.rotary_dim = 16;
+    phi3.tie_embeddings = false;
+    for (c, what) in [
+        (&mut qwen3, "Qwen3-like (q/k norms)"),
+        (&mut qwen3_moe, "Qwen3-MoE-like (q/k norms, experts)"),
+        (&mut qwen3_moe_mixed, "Qwen3-MoE-like, layers 0 and 2 dense"),
+        (
+            &mut gemma,
+            "Gemma-like (sandwich, q/k norms, √d, soft-caps)",
+        ),
+        (
+            &mut phi3,
+            "Phi-3-like (fused qkv / gate_up, partial rotary)",
+        ),
+    ] {
+        c.name = format!("{what} {}", c.name);
+        c.validate().unwrap();
+    }
     let plain = LeanOptions::default();
     let ckpt = LeanOptions {
         checkpoint: Checkpoint::Blocks,
@@ -233,6 +292,60 @@ fn predicted_peak_matches_the_counting_allocator() {
             opts: plain,
         },
         Case {
+            cfg: qwen3.clone(),
+            b: 2,
+            t: 128,
+            opts: plain,
+        },
+        Case {
+            cfg: qwen3_moe.clone(),
+            b: 4,
+            t: 64,
+            opts: plain,
+        },
+        Case {
+            cfg: qwen3_moe_mixed.clone(),
+            b: 4,
+            t: 64,
+            opts: plain,
+        },
+        Case {
+            cfg: qwen3_moe_mixed.clone(),
+            b: 2,
+            t: 96,
+            opts: ckpt,
+        },
+        Case {
+            cfg: gemma.clone(),
+            b: 2,
+            t: 128,
+            opts: plain,
+        },
+        Case {
+            cfg: gemma.clone(),
+            b: 2,
+            t: 192,
+            opts: ckpt,
+        },
+        Case {
+            cfg: gemma.clone(),
+            b: 1,
+            t: 96,
+            opts: eager,
+        },
+        Case {
+            cfg: phi3.clone(),
+            b: 3,
+            t: 96,
+            opts: plain,
+        },
+        Case {
+            cfg: phi3.clone(),
+            b: 2,
+            t: 64,
+            opts: adamw,
+        },
+        Case {
             cfg: moe.clone(),
             b: 2,
             t: 64,
@@ -260,6 +373,18 @@ fn predicted_peak_matches_the_counting_allocator() {
             cfg: qwen.clone(),
             b: 2,
             t: 128,
+            opts: fused,
+        },
+        Case {
+            cfg: gemma.clone(),
+            b: 2,
+            t: 96,
+            opts: fused,
+        },
+        Case {
+            cfg: phi3.clone(),
+            b: 2,
+            t: 64,
             opts: fused,
         },
         Case {

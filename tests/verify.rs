@@ -63,7 +63,9 @@ fn baby_gpt_default_passes_with_census_equal_to_estimate() {
 }
 
 /// Every folder under tests/fixtures is a reference checkpoint: loading it and running its
-/// inputs must reproduce HF's logits, loss and gradient norms. New folders are picked up.
+/// inputs must reproduce HF's logits, loss and gradient norms, through the lean step (every
+/// family's switches are implemented there: no fallback to candle's autograd). New folders are
+/// picked up.
 #[test]
 fn every_fixture_matches_its_reference() {
     let mut n = 0;
@@ -76,6 +78,9 @@ fn every_fixture_matches_its_reference() {
         let d = dir.to_str().unwrap();
         let (code, j) = verify_json(&["--model", d, "--reference", d]);
         assert_eq!(code, 0, "{d}: {:?}", failed_checks(&j));
+        assert_eq!(j["run"]["engine"], "lean", "{d}: notes {}", j["notes"]);
+        let notes = j["notes"].to_string();
+        assert!(!notes.contains("lean step cannot"), "{d}: {notes}");
         let names: Vec<&str> = j["checks"]
             .as_array()
             .unwrap()

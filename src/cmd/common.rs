@@ -85,8 +85,9 @@ impl Engine {
 }
 
 /// The engine the flags ask for, validated against the config and the step. The lean engine is
-/// the default; a config using a switch it does not implement falls back to candle's autograd
-/// with the reason returned as a note, unless a lean-only flag was given (then exit 2).
+/// the default; a step it cannot run (pure half-precision weights, or whatever
+/// `train::supported` refuses) falls back to candle's autograd with the reason returned as a
+/// note, unless a lean-only flag was given (then exit 2).
 pub fn resolve_engine(
     cfg: &ModelConfig,
     step: Step,

@@ -11,7 +11,9 @@
 //! Only call them on tensors the step allocated itself: a buffer shared with another tensor (a
 //! weight, a saved activation) would change under its other owner.
 
-use candle_core::{CpuStorage, DType, InplaceOp2, Layout, Result, Tensor, WithDType, D};
+use candle_core::{
+    CpuStorage, DType, InplaceOp1, InplaceOp2, Layout, Result, Tensor, WithDType, D,
+};
 
 /// `dst += src` (same shape). Returns the accumulated tensor (`dst` itself on the fast path).
 pub fn add(dst: Tensor, src: &Tensor) -> Result<Tensor> {
@@ -25,6 +27,16 @@ pub fn add(dst: Tensor, src: &Tensor) -> Result<Tensor> {
         return Ok(dst);
     }
     &dst + src
+}
+
+/// `dst *= s`, with `s` rounded to dst's dtype first (as a scalar tensor of that dtype would be).
+pub fn scale(dst: Tensor, s: f64) -> Result<Tensor> {
+    if fast(&dst, &dst) {
+        dst.inplace_op1(&Scale { s })?;
+        return Ok(dst);
+    }
+    let st = Tensor::new(s, dst.device())?.to_dtype(dst.dtype())?;
+    dst.broadcast_mul(&st)
 }
 
 /// `y[n, :] += b` for every row of `y` `[N, C]`, `b` `[C]`.
@@ -127,6 +139,33 @@ impl InplaceOp2 for AddRows {
     }
 }
 
+struct Scale {
+    s: f64,
+}
+
+fn scale_slice<T: WithDType>(d: &mut [T], s: f64) {
+    let s = T::from_f64(s);
+    d.iter_mut().for_each(|x| *x *= s);
+}
+
+impl InplaceOp1 for Scale {
+    fn name(&self) -> &'static str {
+        "lean-scale"
+    }
+
+    fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout) -> Result<()> {
+        let r = range(l1)?;
+        match s1 {
+            CpuStorage::F32(d) => scale_slice(&mut d[r], self.s),
+            CpuStorage::BF16(d) => scale_slice(&mut d[r], self.s),
+            CpuStorage::F16(d) => scale_slice(&mut d[r], self.s),
+            CpuStorage::F64(d) => scale_slice(&mut d[r], self.s),
+            _ => candle_core::bail!("lean-scale: not a float tensor"),
+        }
+        Ok(())
+    }
+}
+
 struct IndexAddRows {
     ids: Vec<u32>,
     skip: Option<u32>,
@@ -204,6 +243,21 @@ mod tests {
         let want = dst.index_add(&ids, &a, 0)?;
         let got = index_add_rows(dst.copy()?, &ids, &a, None)?;
         assert_eq!(got.to_vec2::<f32>()?, want.to_vec2::<f32>()?);
+        // The scale rounded to the dtype first, as a scalar tensor of that dtype multiplies.
+        let s = (12f64).sqrt() as f32 as f64;
+        for dt in [DType::F32, DType::BF16] {
+            let x = a.to_dtype(dt)?;
+            let want = x.broadcast_mul(&Tensor::new(s as f32, &dev)?.to_dtype(dt)?)?;
+            let got = scale(x.copy()?, s)?;
+            let strided = scale(x.t()?, s)?.t()?;
+            for g in [got, strided] {
+                let d = (g.to_dtype(DType::F32)? - want.to_dtype(DType::F32)?)?
+                    .abs()?
+                    .max_all()?
+                    .to_scalar::<f32>()?;
+                assert_eq!(d, 0.0, "{dt:?}");
+            }
+        }
         // Row 1 skipped: only the other ids land.
         let got = index_add_rows(dst.copy()?, &ids, &a, Some(1))?.to_vec2::<f32>()?;
         assert_eq!(got[1], dst.to_vec2::<f32>()?[1]);

@@ -117,6 +117,11 @@ pub(crate) fn log_probs(logits: &Tensor, lse: &Tensor) -> Result<Tensor> {
         .broadcast_sub(&lse.unsqueeze(1)?)
 }
 
+/// tanh(x / c) of the capped logits c · tanh(x / c): what HF's final soft-cap keeps `[N, V]`.
+pub(crate) fn softcap_tanh(capped: &Tensor, c: f64) -> Result<Tensor> {
+    capped.affine(1.0 / c, 0.0)
+}
+
 /// `nll_loss`'s backward: the gradient of the log-probabilities `[N, V]` f32, −scale at each
 /// counted row's target and 0 elsewhere.
 pub(crate) fn nll_grad(targets: &Tensor, v: usize, scale: f64) -> Result<Tensor> {

@@ -1,7 +1,16 @@
 //! The Llama skeleton's layer for the lean step, the maths of `model::llama` with an explicit
-//! backward: RMSNorm, rotate-half RoPE (with the model's scaling tables), grouped-query attention
-//! with optional q/k/v bias and per-layer sliding windows, SwiGLU / GeGLU MLP or a routed mixture
-//! of experts (Mixtral, Qwen-MoE), tied or untied head, padding row without gradient.
+//! backward: RMSNorm, rotate-half RoPE (with the model's scaling tables, on all or part of each
+//! head), grouped-query attention with optional q/k/v bias and per-layer sliding windows, SwiGLU /
+//! GeGLU MLP or a routed mixture of experts (Mixtral, Qwen-MoE), tied or untied head, padding row
+//! without gradient; and the relatives' switches: q/k RMSNorm over head_dim (Qwen3, Gemma 3),
+//! sandwich norms and the √d embedding scale (Gemma), fused `qkv_proj` / `gate_up_proj` (Phi-3).
+//!
+//! A fused projection is one matmul into one [N, q+2kv] (or [N, 2ff]) buffer whose column blocks
+//! are copied out, so that every kernel downstream sees the same contiguous tensors as with
+//! separate maps; its backward concatenates the blocks' gradients and runs one map's backward, so
+//! the weight's gradient is one buffer under the checkpoint's one name. A q/k norm keeps its
+//! input (the projection's output) and per-head rstd, as PyTorch's RMSNorm does; the normalised
+//! heads are transient (RoPE's backward needs only the tables).
 
 use super::inplace;
 use super::k;
@@ -10,15 +19,22 @@ use super::layers::{
 };
 use super::step::Net;
 use super::{LeanOptions, SavedSet};
-use crate::config::{ExpertNames, MlpKind, ModelConfig, NormKind as CfgNorm};
+use crate::config::{
+    EmbeddingScale, ExpertNames, MlpKind, ModelConfig, NormKind as CfgNorm, NormPlacement, Storage,
+};
 use candle_core::{DType, Device, Result, Tensor, D};
 
 const EMBED: &str = "model.embed_tokens.weight";
 
+/// gate and up, stored separately or fused (Phi-3's `gate_up_proj`, rows gate | up).
+enum GateUp {
+    Separate { gate: Lin, up: Lin },
+    Fused { gate_up: Lin, width: usize },
+}
+
 /// gate, up and down of one gated MLP (or one expert).
 struct GatedMlp {
-    gate: Lin,
-    up: Lin,
+    gate_up: GateUp,
     down: Lin,
     act: k::GateAct,
 }
@@ -44,16 +60,45 @@ impl GatedMlp {
     ) -> Result<Self> {
         let lin = |n: &str| Lin::load(p, &format!("{prefix}.{n}"), bias, WeightLayout::OutIn);
         Ok(GatedMlp {
-            gate: lin(names[0])?,
-            up: lin(names[1])?,
+            gate_up: GateUp::Separate {
+                gate: lin(names[0])?,
+                up: lin(names[1])?,
+            },
             down: lin(names[2])?,
             act,
         })
     }
 
+    /// Phi-3's MLP: `gate_up_proj` (rows gate | up, `width` each) and `down_proj`.
+    fn load_fused(
+        p: &Params,
+        prefix: &str,
+        width: usize,
+        bias: bool,
+        act: k::GateAct,
+    ) -> Result<Self> {
+        let lin = |n: &str| Lin::load(p, &format!("{prefix}.{n}"), bias, WeightLayout::OutIn);
+        Ok(GatedMlp {
+            gate_up: GateUp::Fused {
+                gate_up: lin("gate_up_proj")?,
+                width,
+            },
+            down: lin("down_proj")?,
+            act,
+        })
+    }
+
     fn fwd(&self, x: &Tensor, saved: SavedSet) -> Result<(Tensor, MlpSaved)> {
-        let gate = self.gate.fwd(x)?;
-        let up = self.up.fwd(x)?;
+        let (gate, up) = match &self.gate_up {
+            GateUp::Separate { gate, up } => (gate.fwd(x)?, up.fwd(x)?),
+            GateUp::Fused { gate_up, width } => {
+                // [N, 2ff] -> gate, up [N, ff], each a contiguous copy of its columns
+                let gu = gate_up.fwd(x)?;
+                let gate = gu.narrow(1, 0, *width)?.contiguous()?;
+                let up = gu.narrow(1, *width, *width)?.contiguous()?;
+                (gate, up)
+            }
+        };
         let h = k::gated_fwd(&gate, &up, self.act)?;
         let kept = match saved {
             SavedSet::Transformers => vec![k::activation(&gate, self.act)?],
@@ -68,14 +113,28 @@ impl GatedMlp {
         drop(s.h);
         let (dgate, dup) = k::gated_bwd(&s.gate, &s.up, &dh, self.act)?;
         drop((dh, s.gate, s.up, s.kept));
-        let dx = self.gate.bwd(x, &dgate, grads, None)?;
-        drop(dgate);
-        self.up.bwd(x, &dup, grads, Some(dx))
+        match &self.gate_up {
+            GateUp::Separate { gate, up } => {
+                let dx = gate.bwd(x, &dgate, grads, None)?;
+                drop(dgate);
+                up.bwd(x, &dup, grads, Some(dx))
+            }
+            GateUp::Fused { gate_up, .. } => {
+                let dgu = Tensor::cat(&[&dgate, &dup], 1)?;
+                drop((dgate, dup));
+                gate_up.bwd(x, &dgu, grads, None)
+            }
+        }
     }
 
     fn zero_grads(&self, grads: &mut Grads) -> Result<()> {
-        self.gate.zero_grads(grads)?;
-        self.up.zero_grads(grads)?;
+        match &self.gate_up {
+            GateUp::Separate { gate, up } => {
+                gate.zero_grads(grads)?;
+                up.zero_grads(grads)?;
+            }
+            GateUp::Fused { gate_up, .. } => gate_up.zero_grads(grads)?,
+        }
         self.down.zero_grads(grads)
     }
 }
@@ -234,13 +293,47 @@ enum FfnSaved {
     Moe(MoeSaved),
 }
 
+/// q, k and v, stored separately or fused (Phi-3's `qkv_proj`, rows q | k | v).
+enum Qkv {
+    Separate { q: Lin, k: Lin, v: Lin },
+    Fused(Lin),
+}
+
+impl Qkv {
+    /// x `[N, d]` -> q `[N, q_dim]`, k and v `[N, kv_dim]`, each contiguous.
+    fn fwd(&self, x: &Tensor, qd: usize, kvd: usize) -> Result<(Tensor, Tensor, Tensor)> {
+        match self {
+            Qkv::Separate { q, k, v } => Ok((q.fwd(x)?, k.fwd(x)?, v.fwd(x)?)),
+            Qkv::Fused(p) => {
+                let qkv = p.fwd(x)?;
+                let part = |at: usize, w: usize| qkv.narrow(1, at, w)?.contiguous();
+                Ok((part(0, qd)?, part(qd, kvd)?, part(qd + kvd, kvd)?))
+            }
+        }
+    }
+}
+
+/// The norms after attention. Llama's `post_attention_layernorm` is the norm before the MLP;
+/// with Gemma's sandwich norms the same name normalises attention's output before the residual
+/// add, `pre_feedforward_layernorm` precedes the MLP and `post_feedforward_layernorm` normalises
+/// its output before the residual add.
+enum SubNorms {
+    Pre(Norm),
+    Sandwich {
+        post_attention: Norm,
+        pre_feedforward: Norm,
+        post_feedforward: Norm,
+    },
+}
+
 struct Layer {
     input_norm: Norm,
-    q: Lin,
-    k: Lin,
-    v: Lin,
+    qkv: Qkv,
+    /// RMSNorm over head_dim of each query / key head, before RoPE.
+    q_norm: Option<Norm>,
+    k_norm: Option<Norm>,
     o: Lin,
-    post_norm: Norm,
+    norms: SubNorms,
     ffn: Ffn,
     spec: k::AttnSpec,
     /// Whether this layer uses the local (sliding-window) RoPE tables.
@@ -252,17 +345,25 @@ pub(crate) struct Saved {
     st1: NormStats,
     /// The q/k/v maps' input.
     h1: Tensor,
+    /// q/k norms: their inputs `[N, n·hd]` (the projections' outputs) and per-head rstd.
+    q_pre: Option<(Tensor, NormStats)>,
+    k_pre: Option<(Tensor, NormStats)>,
     /// Attention's inputs after RoPE `[B, T, n, hd]`, its output `[N, H·hd]` (o_proj's input).
     q: Tensor,
     k: Tensor,
     v: Tensor,
     o: Tensor,
     attn: AttnSaved,
+    /// Sandwich norms: o_proj's output (post_attention_layernorm's input) and its rstd.
+    a: Option<(Tensor, NormStats)>,
+    /// x + attention: the MLP's pre-norm input.
     x1: Tensor,
     st2: NormStats,
     /// The MLP's (or router's and experts') input.
     h2: Tensor,
     ffn: FfnSaved,
+    /// Sandwich norms: the MLP's output (post_feedforward_layernorm's input) and its rstd.
+    m: Option<(Tensor, NormStats)>,
 }
 
 /// RoPE cos / sin `[T, rotary_dim / 2]` f32: global layers, and local ones when they differ.
@@ -274,6 +375,9 @@ pub(crate) struct Ctx {
 pub(crate) struct Llama {
     cfg: ModelConfig,
     embed: Tensor,
+    /// Gemma's √d on the embedding's output, rounded to f32 as HF rounds it to the activation
+    /// dtype (then to the dtype by the in-place scale).
+    embed_scale: Option<f64>,
     layers: Vec<Layer>,
     norm: Norm,
     head: Tensor,
@@ -297,13 +401,39 @@ impl Llama {
         for i in 0..cfg.n_layer {
             let l = format!("model.layers.{i}");
             let a = format!("{l}.self_attn");
-            let qkv = |n: &str| {
+            let qkv_lin = |n: &str| {
                 Lin::load(
                     p,
                     &format!("{a}.{n}"),
                     cfg.has_qkv_bias(),
                     WeightLayout::OutIn,
                 )
+            };
+            let qkv = match cfg.qkv_storage {
+                Storage::Separate => Qkv::Separate {
+                    q: qkv_lin("q_proj")?,
+                    k: qkv_lin("k_proj")?,
+                    v: qkv_lin("v_proj")?,
+                },
+                Storage::Fused => Qkv::Fused(qkv_lin("qkv_proj")?),
+            };
+            let (q_norm, k_norm) = if cfg.qk_norm {
+                (
+                    Some(norm(&format!("{a}.q_norm"))?),
+                    Some(norm(&format!("{a}.k_norm"))?),
+                )
+            } else {
+                (None, None)
+            };
+            let norms = match cfg.norm_placement {
+                NormPlacement::Pre => {
+                    SubNorms::Pre(norm(&format!("{l}.post_attention_layernorm"))?)
+                }
+                NormPlacement::Sandwich => SubNorms::Sandwich {
+                    post_attention: norm(&format!("{l}.post_attention_layernorm"))?,
+                    pre_feedforward: norm(&format!("{l}.pre_feedforward_layernorm"))?,
+                    post_feedforward: norm(&format!("{l}.post_feedforward_layernorm"))?,
+                },
             };
             let ffn = if cfg.layer_is_moe(i) {
                 let (prefix, names) = match cfg.expert_names {
@@ -320,21 +450,27 @@ impl Llama {
                     renormalize: cfg.moe_renormalize,
                 })
             } else {
-                Ffn::Mlp(GatedMlp::load(
-                    p,
-                    &format!("{l}.mlp"),
-                    ["gate_proj", "up_proj", "down_proj"],
-                    cfg.mlp_bias,
-                    act,
-                )?)
+                let prefix = format!("{l}.mlp");
+                Ffn::Mlp(match cfg.gate_up_storage {
+                    Storage::Separate => GatedMlp::load(
+                        p,
+                        &prefix,
+                        ["gate_proj", "up_proj", "down_proj"],
+                        cfg.mlp_bias,
+                        act,
+                    )?,
+                    Storage::Fused => {
+                        GatedMlp::load_fused(p, &prefix, cfg.intermediate_size, cfg.mlp_bias, act)?
+                    }
+                })
             };
             layers.push(Layer {
                 input_norm: norm(&format!("{l}.input_layernorm"))?,
-                q: qkv("q_proj")?,
-                k: qkv("k_proj")?,
-                v: qkv("v_proj")?,
+                qkv,
+                q_norm,
+                k_norm,
                 o: Lin::load(p, &format!("{a}.o_proj"), cfg.bias, WeightLayout::OutIn)?,
-                post_norm: norm(&format!("{l}.post_attention_layernorm"))?,
+                norms,
                 ffn,
                 spec: k::AttnSpec {
                     scale: 1.0 / cfg.attn_scalar.sqrt(),
@@ -352,6 +488,10 @@ impl Llama {
         Ok(Llama {
             cfg: cfg.clone(),
             embed: p.get(EMBED)?,
+            embed_scale: match cfg.embedding_scale {
+                EmbeddingScale::None => None,
+                EmbeddingScale::SqrtHidden => Some((cfg.n_embd as f64).sqrt() as f32 as f64),
+            },
             layers,
             norm: norm("model.norm")?,
             head: p.get(head_name)?,
@@ -396,10 +536,19 @@ impl Net for Llama {
     }
 
     fn embed(&self, ids: &Tensor) -> Result<Tensor> {
-        self.embed.index_select(&ids.flatten_all()?, 0)
+        let x = self.embed.index_select(&ids.flatten_all()?, 0)?;
+        match self.embed_scale {
+            Some(s) => inplace::scale(x, s),
+            None => Ok(x),
+        }
     }
 
     fn embed_bwd(&self, ids: &Tensor, dx: Tensor, grads: &mut Grads) -> Result<()> {
+        // The scale is on the rows' way out, so the rows' gradient is the scaled dx.
+        let dx = match self.embed_scale {
+            Some(s) => inplace::scale(dx, s)?,
+            None => dx,
+        };
         grads.add_rows(EMBED, &self.embed, ids, &dx, self.pad)
     }
 
@@ -413,17 +562,35 @@ impl Net for Llama {
     ) -> Result<(Tensor, Saved)> {
         let l = &self.layers[i];
         let (h, hkv, hd) = (self.cfg.n_head, self.cfg.n_kv_head, self.cfg.head_dim);
+        let n = b * t;
         let (cos, sin) = rope_of(l, ctx);
         let (h1, st1) = l.input_norm.fwd_keeping(x, opts.saved)?;
-        // [N, n·hd] -> [B, T, n, hd], rotated
-        let q = k::rope_fwd(&l.q.fwd(&h1)?.reshape((b, t, h, hd))?, cos, sin)?;
-        let k_ = k::rope_fwd(&l.k.fwd(&h1)?.reshape((b, t, hkv, hd))?, cos, sin)?;
-        let v = l.v.fwd(&h1)?.reshape((b, t, hkv, hd))?;
+        let (q_lin, k_lin, v_lin) = l.qkv.fwd(&h1, h * hd, hkv * hd)?;
+        // [N, n·hd] -> (norm over hd) -> [B, T, n, hd], rotated. (Each input is moved, so that
+        // the unrotated heads are freed here, not at the end of the block.)
+        let (qn, q_pre) = head_norm(l.q_norm.as_ref(), q_lin, (n, h, hd), opts.saved)?;
+        let q = k::rope_fwd(&qn.reshape((b, t, h, hd))?, cos, sin)?;
+        drop(qn);
+        let (kn, k_pre) = head_norm(l.k_norm.as_ref(), k_lin, (n, hkv, hd), opts.saved)?;
+        let k_ = k::rope_fwd(&kn.reshape((b, t, hkv, hd))?, cos, sin)?;
+        drop(kn);
+        let v = v_lin.reshape((b, t, hkv, hd))?;
+        drop(v_lin);
         let (o, attn) = attn_fwd(&q, &k_, &v, &l.spec, opts.attention)?;
-        let o = o.reshape((b * t, h * hd))?;
+        let o = o.reshape((n, h * hd))?;
         let a = l.o.fwd(&o)?;
-        let x1 = (x + a)?;
-        let (h2, st2) = l.post_norm.fwd_keeping(&x1, opts.saved)?;
+        let (x1, a, norm2) = match &l.norms {
+            SubNorms::Pre(post_attention) => ((x + a)?, None, post_attention),
+            SubNorms::Sandwich {
+                post_attention,
+                pre_feedforward,
+                ..
+            } => {
+                let (an, sta) = post_attention.fwd_keeping(&a, opts.saved)?;
+                ((x + an)?, Some((a, sta)), pre_feedforward)
+            }
+        };
+        let (h2, st2) = norm2.fwd_keeping(&x1, opts.saved)?;
         let (m, ffn) = match &l.ffn {
             Ffn::Mlp(mlp) => {
                 let (m, s) = mlp.fwd(&h2, opts.saved)?;
@@ -434,22 +601,34 @@ impl Net for Llama {
                 (m, FfnSaved::Moe(s))
             }
         };
-        let y = (&x1 + m)?;
+        let (y, m) = match &l.norms {
+            SubNorms::Pre(_) => ((&x1 + m)?, None),
+            SubNorms::Sandwich {
+                post_feedforward, ..
+            } => {
+                let (mn, stm) = post_feedforward.fwd_keeping(&m, opts.saved)?;
+                ((&x1 + mn)?, Some((m, stm)))
+            }
+        };
         Ok((
             y,
             Saved {
                 x: x.clone(),
                 st1,
                 h1,
+                q_pre,
+                k_pre,
                 q,
                 k: k_,
                 v,
                 o,
                 attn,
+                a,
                 x1,
                 st2,
                 h2,
                 ffn,
+                m,
             },
         ))
     }
@@ -467,17 +646,44 @@ impl Net for Llama {
         let (h, hkv, hd) = (self.cfg.n_head, self.cfg.n_kv_head, self.cfg.head_dim);
         let n = b * t;
         let (cos, sin) = rope_of(l, ctx);
+        let (norm2, sandwich) = match &l.norms {
+            SubNorms::Pre(post_attention) => (post_attention, None),
+            SubNorms::Sandwich {
+                post_attention,
+                pre_feedforward,
+                post_feedforward,
+            } => (pre_feedforward, Some((post_attention, post_feedforward))),
+        };
+        // y = x1 + post_feedforward(m) (sandwich) or x1 + m
+        let dm = match (sandwich, s.m) {
+            (Some((_, post_ff)), Some((m, stm))) => Some(post_ff.bwd(&dy, &m, &stm, grads)?),
+            (None, None) => None,
+            _ => candle_core::bail!("layer {i}: saved tensors of another norm placement"),
+        };
         let dh2 = match (&l.ffn, s.ffn) {
-            (Ffn::Mlp(mlp), FfnSaved::Mlp(ms)) => mlp.bwd(&s.h2, ms, &dy, grads)?,
-            (Ffn::Moe(moe), FfnSaved::Moe(ms)) => moe.bwd(&s.h2, ms, &dy, grads)?,
+            (Ffn::Mlp(mlp), FfnSaved::Mlp(ms)) => {
+                mlp.bwd(&s.h2, ms, dm.as_ref().unwrap_or(&dy), grads)?
+            }
+            (Ffn::Moe(moe), FfnSaved::Moe(ms)) => {
+                moe.bwd(&s.h2, ms, dm.as_ref().unwrap_or(&dy), grads)?
+            }
             _ => candle_core::bail!("layer {i}: saved tensors of another MLP kind"),
         };
-        drop(s.h2);
-        let dn2 = l.post_norm.bwd(&dh2, &s.x1, &s.st2, grads)?;
+        drop((dm, s.h2));
+        let dn2 = norm2.bwd(&dh2, &s.x1, &s.st2, grads)?;
         drop((dh2, s.x1, s.st2));
         let dx1 = inplace::add(dy, &dn2)?;
         drop(dn2);
-        let d_o = l.o.bwd(&s.o, &dx1, grads, None)?.reshape((b, t, h, hd))?;
+        // x1 = x + post_attention(a) (sandwich) or x + a
+        let da = match (sandwich, s.a) {
+            (Some((post_attn, _)), Some((a, sta))) => Some(post_attn.bwd(&dx1, &a, &sta, grads)?),
+            (None, None) => None,
+            _ => candle_core::bail!("layer {i}: saved tensors of another norm placement"),
+        };
+        let d_o =
+            l.o.bwd(&s.o, da.as_ref().unwrap_or(&dx1), grads, None)?
+                .reshape((b, t, h, hd))?;
+        drop(da);
         let (dq, dk, dv) = attn_bwd(
             &s.q,
             &s.k,
@@ -488,20 +694,44 @@ impl Net for Llama {
             &l.spec,
         )?;
         drop((d_o, s.q, s.k, s.v, s.o, s.attn));
-        let dq_pre = k::rope_bwd(&dq, cos, sin)?.reshape((n, h * hd))?;
+        let dq_pre = k::rope_bwd(&dq, cos, sin)?;
         drop(dq);
-        let dh1 = l.q.bwd(&s.h1, &dq_pre, grads, None)?;
-        drop(dq_pre);
-        let dk_pre = k::rope_bwd(&dk, cos, sin)?.reshape((n, hkv * hd))?;
-        drop(dk);
-        let dh1 = l.k.bwd(&s.h1, &dk_pre, grads, Some(dh1))?;
-        drop(dk_pre);
-        let dh1 =
-            l.v.bwd(&s.h1, &dv.reshape((n, hkv * hd))?, grads, Some(dh1))?;
-        drop((dv, s.h1));
-        let dn1 = l.input_norm.bwd(&dh1, &s.x, &s.st1, grads)?;
-        drop((dh1, s.x, s.st1));
-        inplace::add(dx1, &dn1)
+        let dq_pre = head_norm_bwd(l.q_norm.as_ref(), dq_pre, s.q_pre, n, h, hd, grads)?;
+        let dv_flat = dv.reshape((n, hkv * hd))?;
+        drop(dv);
+        match &l.qkv {
+            Qkv::Separate {
+                q,
+                k: kmap,
+                v: vmap,
+            } => {
+                let dh1 = q.bwd(&s.h1, &dq_pre, grads, None)?;
+                drop(dq_pre);
+                let dk_pre = k::rope_bwd(&dk, cos, sin)?;
+                drop(dk);
+                let dk_pre = head_norm_bwd(l.k_norm.as_ref(), dk_pre, s.k_pre, n, hkv, hd, grads)?;
+                let dh1 = kmap.bwd(&s.h1, &dk_pre, grads, Some(dh1))?;
+                drop(dk_pre);
+                let dh1 = vmap.bwd(&s.h1, &dv_flat, grads, Some(dh1))?;
+                drop((dv_flat, s.h1));
+                let dn1 = l.input_norm.bwd(&dh1, &s.x, &s.st1, grads)?;
+                drop((dh1, s.x, s.st1));
+                inplace::add(dx1, &dn1)
+            }
+            Qkv::Fused(qkv) => {
+                let dk_pre = k::rope_bwd(&dk, cos, sin)?;
+                drop(dk);
+                let dk_pre = head_norm_bwd(l.k_norm.as_ref(), dk_pre, s.k_pre, n, hkv, hd, grads)?;
+                // rows q | k | v of qkv_proj
+                let dqkv = Tensor::cat(&[&dq_pre, &dk_pre, &dv_flat], 1)?;
+                drop((dq_pre, dk_pre, dv_flat));
+                let dh1 = qkv.bwd(&s.h1, &dqkv, grads, None)?;
+                drop((dqkv, s.h1));
+                let dn1 = l.input_norm.bwd(&dh1, &s.x, &s.st1, grads)?;
+                drop((dh1, s.x, s.st1));
+                inplace::add(dx1, &dn1)
+            }
+        }
     }
 
     fn final_norm(&self) -> &Norm {
@@ -510,6 +740,53 @@ impl Net for Llama {
 
     fn head(&self) -> (&Tensor, &str) {
         (&self.head, &self.head_name)
+    }
+
+    fn final_softcap(&self) -> Option<f64> {
+        self.cfg.final_softcap
+    }
+}
+
+/// An optional RMSNorm over each head of y `[N, heads·hd]`: (the normalised heads `[N, heads·hd]`,
+/// what its backward needs: y itself and the per-head rstd).
+fn head_norm(
+    norm: Option<&Norm>,
+    y: Tensor,
+    (n, heads, hd): (usize, usize, usize),
+    saved: SavedSet,
+) -> Result<(Tensor, Option<(Tensor, NormStats)>)> {
+    match norm {
+        None => Ok((y, None)),
+        Some(nm) => {
+            // [N, heads·hd] -> [N·heads, hd]
+            let (yn, st) = nm.fwd_keeping(&y.reshape((n * heads, hd))?, saved)?;
+            Ok((yn.reshape((n, heads * hd))?, Some((y, st))))
+        }
+    }
+}
+
+/// d(norm input) `[N, heads·hd]` from d(norm output) `[B, T, heads, hd]` (or that gradient
+/// reshaped when the layer has no q/k norm).
+fn head_norm_bwd(
+    norm: Option<&Norm>,
+    dy: Tensor,
+    saved: Option<(Tensor, NormStats)>,
+    n: usize,
+    heads: usize,
+    hd: usize,
+    grads: &mut Grads,
+) -> Result<Tensor> {
+    match (norm, saved) {
+        (None, None) => dy.reshape((n, heads * hd)),
+        (Some(nm), Some((y, st))) => nm
+            .bwd(
+                &dy.reshape((n * heads, hd))?,
+                &y.reshape((n * heads, hd))?,
+                &st,
+                grads,
+            )?
+            .reshape((n, heads * hd)),
+        _ => candle_core::bail!("q/k norm saved tensors do not match the layer"),
     }
 }
 

@@ -5,12 +5,14 @@
 //! All bytes are above the pre-build baseline, as the measurement reports them. N = batch·seq
 //! rows, e = the dtype's element size; statistics (mean, rstd, log-sum-exp) are f32.
 //!
-//! The forward and backward of a block are the same for every block, so the walk is done for
-//! one block and repeated: the step's peak is either in the first backward block (most saved
-//! tensors still alive) or the last one (most gradients already allocated), or at the head.
+//! Blocks differ only in their feed-forward (dense, or a mixture of experts where a config mixes
+//! the two), so each kind is walked once and the step adds them up layer by layer: the forward's
+//! level rises by each block's saved set, the backward's falls by it and rises by its gradients;
+//! the step's peak is inside one of the blocks (with most saved tensors still alive, or most
+//! gradients already allocated), or at the loss, the head or the embedding.
 
 use super::{Attention, Checkpoint, LeanOptions, Optimizer, SavedSet};
-use crate::config::{Arch, GeluForm, ModelConfig, NormKind, Step};
+use crate::config::{Arch, GeluForm, ModelConfig, NormKind, NormPlacement, Step, Storage};
 use crate::model::build::VARMAP_BYTES_PER_TENSOR;
 use serde::Serialize;
 
@@ -150,7 +152,8 @@ fn gemm_scratch(m: u64, n: u64, k: u64, lhs_t: bool, rhs_t: bool, e: u64) -> u64
     }
 }
 
-/// Sizes of one step.
+/// Sizes of one step, and the kind of block being walked.
+#[derive(Clone)]
 struct Dims {
     n: u64,
     b: u64,
@@ -166,6 +169,9 @@ struct Dims {
     /// Tensor parallelism: row-parallel outputs and column-parallel input gradients are summed
     /// over the group into a fresh buffer (`parallel`).
     tp: bool,
+    /// The block's feed-forward is a mixture of experts (layers may differ: Qwen-MoE's
+    /// `mlp_only_layers`, `decoder_sparse_step`).
+    moe: bool,
 }
 
 impl Dims {
@@ -260,28 +266,76 @@ fn block_saved(cfg: &ModelConfig, x: &Dims, opts: &LeanOptions) -> Vec<(&'static
             v
         }
         Arch::Llama => {
+            let sandwich = cfg.norm_placement == NormPlacement::Sandwich;
             let mut v = vec![
                 ("block input x (input_layernorm's input) [N, d]", x.nd()),
                 ("input_layernorm rstd [N] f32", x.n * STAT),
                 ("input_layernorm output (q/k/v input) [N, d]", x.nd()),
+            ];
+            if cfg.qk_norm {
+                v.extend([
+                    ("q_norm input (q_proj's output) [N, H·hd]", x.q()),
+                    ("q_norm rstd [N·H] f32", x.n * x.h * STAT),
+                    ("k_norm input (k_proj's output) [N, Hkv·hd]", x.kv()),
+                    ("k_norm rstd [N·Hkv] f32", x.n * x.hkv * STAT),
+                ]);
+            }
+            v.extend([
                 ("q after RoPE [B, T, H, hd]", x.q()),
                 ("k after RoPE, v [B, T, Hkv, hd]", 2 * x.kv()),
                 ("attention output (o_proj's input) [N, H·hd]", x.q()),
                 attn,
-                (
-                    "x + attention (post_attention_layernorm's input) [N, d]",
-                    x.nd(),
-                ),
-                ("post_attention_layernorm rstd [N] f32", x.n * STAT),
-                ("post_attention_layernorm output (MLP input) [N, d]", x.nd()),
-            ];
+            ]);
+            if sandwich {
+                v.extend([
+                    (
+                        "o_proj output (post_attention_layernorm's input) [N, d]",
+                        x.nd(),
+                    ),
+                    ("post_attention_layernorm rstd [N] f32", x.n * STAT),
+                    (
+                        "x + attention (pre_feedforward_layernorm's input) [N, d]",
+                        x.nd(),
+                    ),
+                    ("pre_feedforward_layernorm rstd [N] f32", x.n * STAT),
+                    (
+                        "pre_feedforward_layernorm output (MLP input) [N, d]",
+                        x.nd(),
+                    ),
+                ]);
+            } else {
+                v.extend([
+                    (
+                        "x + attention (post_attention_layernorm's input) [N, d]",
+                        x.nd(),
+                    ),
+                    ("post_attention_layernorm rstd [N] f32", x.n * STAT),
+                    ("post_attention_layernorm output (MLP input) [N, d]", x.nd()),
+                ]);
+            }
             if hf {
+                let norms = if sandwich { 4 } else { 2 };
                 v.push((
-                    "both norms' normalized input x̂ [N, d] f32 each",
-                    2 * x.n * x.d * STAT,
+                    "each norm's normalized input x̂ [N, d] f32",
+                    norms * x.n * x.d * STAT,
                 ));
+                if cfg.qk_norm {
+                    v.push((
+                        "q/k norms' normalized input x̂ [N, (H + Hkv)·hd] f32",
+                        x.n * (x.h + x.hkv) * x.hd * STAT,
+                    ));
+                }
             }
             v.extend(ffn_saved(cfg, x, opts));
+            if sandwich {
+                v.extend([
+                    (
+                        "MLP output (post_feedforward_layernorm's input) [N, d]",
+                        x.nd(),
+                    ),
+                    ("post_feedforward_layernorm rstd [N] f32", x.n * STAT),
+                ]);
+            }
             v
         }
     }
@@ -291,7 +345,7 @@ fn block_saved(cfg: &ModelConfig, x: &Dims, opts: &LeanOptions) -> Vec<(&'static
 /// experts' saved rows add up to N·k whatever the routing.
 fn ffn_saved(cfg: &ModelConfig, x: &Dims, opts: &LeanOptions) -> Vec<(&'static str, u64)> {
     let hf = opts.saved == SavedSet::Transformers;
-    if cfg.is_moe() {
+    if x.moe {
         let routed = x.n * cfg.n_experts_per_tok as u64;
         let ffm = cfg.moe_intermediate_size as u64;
         let mut v = vec![
@@ -343,14 +397,23 @@ fn keeps_xhat(cfg: &ModelConfig, opts: &LeanOptions) -> bool {
     opts.saved == SavedSet::Transformers && cfg.norm != NormKind::LayerNorm
 }
 
-/// Tensors per block in `block_saved` (each with a header).
-fn block_saved_tensors(cfg: &ModelConfig, opts: &LeanOptions) -> u64 {
+/// Tensors per block in `block_saved` (each with a header): q/k norms add their inputs and
+/// rstds, sandwich norms the two sublayer outputs and their rstds; keeping what HF keeps adds
+/// each RMSNorm's x̂, act(gate) and, per expert, its act(gate) and gathered input.
+fn block_saved_tensors(cfg: &ModelConfig, x: &Dims, opts: &LeanOptions) -> u64 {
     let hf = u64::from(opts.saved == SavedSet::Transformers);
+    let sandwich = cfg.norm_placement == NormPlacement::Sandwich;
+    let switches = 4 * u64::from(cfg.qk_norm) + 4 * u64::from(sandwich);
+    let xhats = if keeps_xhat(cfg, opts) {
+        (if sandwich { 4 } else { 2 }) + 2 * u64::from(cfg.qk_norm)
+    } else {
+        0
+    };
     match cfg.arch {
         // Transformers: qkv kept instead of the k copy.
         Arch::Gpt2 => 14 + gelu_parts(cfg, opts),
-        Arch::Llama if cfg.is_moe() => 11 + 1 + (4 + 2 * hf) * cfg.n_experts as u64 + 2 * hf,
-        Arch::Llama => 13 + 3 * hf,
+        Arch::Llama if x.moe => 11 + 1 + (4 + 2 * hf) * cfg.n_experts as u64 + switches + xhats,
+        Arch::Llama => 13 + switches + xhats + hf,
     }
 }
 
@@ -408,29 +471,65 @@ fn block_forward(cfg: &ModelConfig, x: &Dims, opts: &LeanOptions) -> (u64, i128)
         Arch::Llama => {
             // nn.Linear weights [out, in]: x @ Wᵀ
             let (qd, kvd) = (x.h * x.hd, x.hkv * x.hd);
+            let sandwich = cfg.norm_placement == NormPlacement::Sandwich;
             l.alloc(x.nd()); // input_layernorm output
             l.alloc(n * STAT);
             if keeps_xhat(cfg, opts) {
                 l.alloc(n * d * STAT);
             }
-            l.mm(n, qd, d, false, true, e); // q before RoPE
-            l.alloc(x.q()); // q after
-            l.free(x.q());
-            l.mm(n, kvd, d, false, true, e);
-            l.alloc(x.kv());
-            l.free(x.kv());
-            l.mm(n, kvd, d, false, true, e); // v
+            match cfg.qkv_storage {
+                Storage::Separate => {
+                    l.mm(n, qd, d, false, true, e); // q before RoPE
+                    l.mm(n, kvd, d, false, true, e);
+                    l.mm(n, kvd, d, false, true, e); // v
+                }
+                Storage::Fused => {
+                    l.mm(n, qd + 2 * kvd, d, false, true, e); // qkv
+                    l.alloc(x.q()); // q, k, v copied out of qkv
+                    l.alloc(x.kv());
+                    l.alloc(x.kv());
+                    l.free(x.q() + 2 * x.kv());
+                }
+            }
+            for (width, heads) in [(x.q(), x.h), (x.kv(), x.hkv)] {
+                if cfg.qk_norm {
+                    l.alloc(width); // normalised heads (the projection's output is kept)
+                    l.alloc(n * heads * STAT);
+                    if keeps_xhat(cfg, opts) {
+                        l.alloc(width / e * STAT);
+                    }
+                }
+                l.alloc(width); // after RoPE
+                l.free(width); // before
+            }
             attn_out(&mut l);
             l.mm(n, d, qd, false, true, e); // o_proj output
             x.all_reduce(&mut l);
-            l.alloc(x.nd()); // x1
-            l.free(x.nd());
-            l.alloc(x.nd()); // post_attention_layernorm output
+            if sandwich {
+                l.alloc(x.nd()); // post_attention_layernorm output
+                l.alloc(n * STAT);
+                if keeps_xhat(cfg, opts) {
+                    l.alloc(n * d * STAT);
+                }
+                l.alloc(x.nd()); // x1
+                l.free(x.nd());
+            } else {
+                l.alloc(x.nd()); // x1
+                l.free(x.nd());
+            }
+            l.alloc(x.nd()); // the MLP's pre-norm output
             l.alloc(n * STAT);
             if keeps_xhat(cfg, opts) {
                 l.alloc(n * d * STAT);
             }
             ffn_forward(cfg, x, opts, &mut l);
+            if sandwich {
+                l.alloc(x.nd()); // post_feedforward_layernorm output
+                l.alloc(n * STAT);
+                if keeps_xhat(cfg, opts) {
+                    l.alloc(n * d * STAT);
+                }
+            }
             l.alloc(x.nd()); // y
             l.free(x.nd());
         }
@@ -442,9 +541,19 @@ fn block_forward(cfg: &ModelConfig, x: &Dims, opts: &LeanOptions) -> (u64, i128)
 fn ffn_forward(cfg: &ModelConfig, x: &Dims, opts: &LeanOptions, l: &mut Ledger) {
     let (n, d, e) = (x.n, x.d, x.e);
     let hf = opts.saved == SavedSet::Transformers;
-    if !cfg.is_moe() {
-        l.mm(n, x.ff, d, false, true, e); // gate
-        l.mm(n, x.ff, d, false, true, e); // up
+    if !x.moe {
+        match cfg.gate_up_storage {
+            Storage::Separate => {
+                l.mm(n, x.ff, d, false, true, e); // gate
+                l.mm(n, x.ff, d, false, true, e); // up
+            }
+            Storage::Fused => {
+                l.mm(n, 2 * x.ff, d, false, true, e); // gate | up
+                l.alloc(x.nff()); // gate, up copied out
+                l.alloc(x.nff());
+                l.free(2 * x.nff());
+            }
+        }
         l.alloc(x.nff()); // gated product
         if hf {
             l.alloc(x.nff()); // act(gate)
@@ -561,14 +670,31 @@ fn block_backward(cfg: &ModelConfig, x: &Dims, opts: &LeanOptions) -> (u64, i128
             // nn.Linear [out, in]: dW = dyᵀ @ x, dx = dy @ W
             let (qd, kvd) = (cfg.q_dim() as u64, cfg.kv_dim() as u64);
             let qkv_b = cfg.has_qkv_bias();
+            let sandwich = cfg.norm_placement == NormPlacement::Sandwich;
+            // A norm's backward: its dx and dw, then its saved input and rstd freed.
             let xhat = if keeps_xhat(cfg, opts) {
                 n * d * STAT
             } else {
                 0
             };
+            let norm_bwd = |l: &mut Ledger, width: u64, c: u64, rows: u64| {
+                l.alloc(width);
+                l.alloc(c * e);
+                l.free(width);
+                l.free(rows * STAT);
+                if xhat > 0 {
+                    l.free(width / e * STAT);
+                }
+            };
+            if sandwich {
+                norm_bwd(&mut l, x.nd(), d, n); // post_feedforward_layernorm: dm
+            }
             ffn_backward(cfg, x, opts, &mut l);
+            if sandwich {
+                l.free(x.nd()); // dm
+            }
             l.free(x.nd()); // h2
-            l.alloc(x.nd()); // post norm dx
+            l.alloc(x.nd()); // the MLP's pre-norm dx
             l.alloc(d * e);
             l.free(x.nd()); // dh2
             l.free(x.nd()); // x1
@@ -577,35 +703,69 @@ fn block_backward(cfg: &ModelConfig, x: &Dims, opts: &LeanOptions) -> (u64, i128
                 l.free(xhat);
             }
             l.free(x.nd()); // added into dy
+            if sandwich {
+                norm_bwd(&mut l, x.nd(), d, n); // post_attention_layernorm: da
+            }
             l.mm(d, qd, n, true, false, e); // o_proj dW
             bias(&mut l, cfg.bias, d);
             l.mm(n, qd, d, false, false, e); // d_o
+            if sandwich {
+                l.free(x.nd()); // da
+            }
             attn_bwd(&mut l, x.q(), x.kv());
             l.free(x.q()); // d_o
             l.free(2 * x.q() + 2 * x.kv()); // q, k, v, o
             free_attn(&mut l, x, opts);
-            // dq through RoPE, then q_proj (its dx starts dh1)
-            l.alloc(x.q());
-            l.free(x.q());
-            l.mm(qd, d, n, true, false, e);
-            bias(&mut l, qkv_b, qd);
-            l.mm(n, d, qd, false, false, e);
-            l.free(x.q());
-            // dk through RoPE, then k_proj (dx added into dh1)
-            l.alloc(x.kv());
-            l.free(x.kv());
-            l.mm(kvd, d, n, true, false, e);
-            bias(&mut l, qkv_b, kvd);
-            l.mm(n, d, kvd, false, false, e);
-            l.free(x.nd());
-            l.free(x.kv());
-            // v_proj
-            l.mm(kvd, d, n, true, false, e);
-            bias(&mut l, qkv_b, kvd);
-            l.mm(n, d, kvd, false, false, e);
-            l.free(x.nd());
-            x.all_reduce(&mut l);
-            l.free(x.kv()); // dv
+            // through RoPE (and the q/k norm: its dx, dw, then the gradient it came from and
+            // its saved input and rstd freed)
+            let unrotate = |l: &mut Ledger, width: u64, heads: u64| {
+                l.alloc(width);
+                l.free(width);
+                if cfg.qk_norm {
+                    l.alloc(width);
+                    l.alloc(x.hd * e);
+                    l.free(2 * width);
+                    l.free(n * heads * STAT);
+                    if keeps_xhat(cfg, opts) {
+                        l.free(width / e * STAT);
+                    }
+                }
+            };
+            unrotate(&mut l, x.q(), x.h);
+            match cfg.qkv_storage {
+                Storage::Separate => {
+                    // q_proj (its dx starts dh1)
+                    l.mm(qd, d, n, true, false, e);
+                    bias(&mut l, qkv_b, qd);
+                    l.mm(n, d, qd, false, false, e);
+                    l.free(x.q());
+                    // k_proj (dx added into dh1)
+                    unrotate(&mut l, x.kv(), x.hkv);
+                    l.mm(kvd, d, n, true, false, e);
+                    bias(&mut l, qkv_b, kvd);
+                    l.mm(n, d, kvd, false, false, e);
+                    l.free(x.nd());
+                    l.free(x.kv());
+                    // v_proj
+                    l.mm(kvd, d, n, true, false, e);
+                    bias(&mut l, qkv_b, kvd);
+                    l.mm(n, d, kvd, false, false, e);
+                    l.free(x.nd());
+                    x.all_reduce(&mut l);
+                    l.free(x.kv()); // dv
+                }
+                Storage::Fused => {
+                    unrotate(&mut l, x.kv(), x.hkv);
+                    let w = qd + 2 * kvd;
+                    l.alloc(n * w * e); // dqkv
+                    l.free(x.q() + 2 * x.kv());
+                    l.mm(w, d, n, true, false, e);
+                    bias(&mut l, qkv_b, w);
+                    l.mm(n, d, w, false, false, e);
+                    x.all_reduce(&mut l);
+                    l.free(n * w * e);
+                }
+            }
             l.free(x.nd()); // h1
             l.alloc(x.nd()); // input norm dx
             l.alloc(d * e);
@@ -632,7 +792,7 @@ fn free_attn(l: &mut Ledger, x: &Dims, opts: &LeanOptions) {
 fn ffn_backward(cfg: &ModelConfig, x: &Dims, opts: &LeanOptions, l: &mut Ledger) {
     let (n, d, e) = (x.n, x.d, x.e);
     let hf = opts.saved == SavedSet::Transformers;
-    if !cfg.is_moe() {
+    if !x.moe {
         let ff = x.ff;
         let b = |l: &mut Ledger, w: u64| {
             if cfg.mlp_bias {
@@ -650,16 +810,29 @@ fn ffn_backward(cfg: &ModelConfig, x: &Dims, opts: &LeanOptions, l: &mut Ledger)
         if hf {
             l.free(x.nff()); // act(gate)
         }
-        l.mm(ff, d, n, true, false, e); // gate dW
-        b(l, ff);
-        l.mm(n, d, ff, false, false, e); // dx
-        l.free(x.nff()); // dgate
-        l.mm(ff, d, n, true, false, e); // up dW
-        b(l, ff);
-        l.mm(n, d, ff, false, false, e);
-        l.free(x.nd()); // added
-        x.all_reduce(l);
-        l.free(x.nff()); // dup
+        match cfg.gate_up_storage {
+            Storage::Separate => {
+                l.mm(ff, d, n, true, false, e); // gate dW
+                b(l, ff);
+                l.mm(n, d, ff, false, false, e); // dx
+                l.free(x.nff()); // dgate
+                l.mm(ff, d, n, true, false, e); // up dW
+                b(l, ff);
+                l.mm(n, d, ff, false, false, e);
+                l.free(x.nd()); // added
+                x.all_reduce(l);
+                l.free(x.nff()); // dup
+            }
+            Storage::Fused => {
+                l.alloc(2 * x.nff()); // dgate | dup
+                l.free(2 * x.nff());
+                l.mm(2 * ff, d, n, true, false, e); // gate_up dW
+                b(l, 2 * ff);
+                l.mm(n, d, 2 * ff, false, false, e); // dx
+                x.all_reduce(l);
+                l.free(2 * x.nff());
+            }
+        }
         return;
     }
     let (k, ec) = (cfg.n_experts_per_tok as u64, cfg.n_experts as u64);
@@ -703,6 +876,52 @@ fn ffn_backward(cfg: &ModelConfig, x: &Dims, opts: &LeanOptions, l: &mut Ledger)
     l.free(x.nd());
     l.free(n * ec * e);
     l.free(n * ec * STAT); // probabilities
+}
+
+/// One kind of block (dense or mixture of experts) under the step's options: what it keeps and
+/// its walks, each relative to the level it starts from.
+struct BlockKind {
+    saved: Vec<(&'static str, u64)>,
+    /// What the forward keeps of it (its saved set with headers, or its input when
+    /// checkpointed).
+    kept: u64,
+    fwd_peak: u64,
+    bwd_peak: u64,
+    bwd_net: i128,
+    /// With checkpointing its forward runs again before its backward (its saved set reappears;
+    /// the recomputed output is dropped at once).
+    recompute_peak: u64,
+    recompute_net: i128,
+}
+
+impl BlockKind {
+    fn new(cfg: &ModelConfig, x: &Dims, opts: &LeanOptions) -> BlockKind {
+        let saved = block_saved(cfg, x, opts);
+        let bytes = saved.iter().map(|(_, v)| v).sum::<u64>()
+            + block_saved_tensors(cfg, x, opts) * TENSOR_OVERHEAD_BYTES;
+        let input = x.nd() + TENSOR_OVERHEAD_BYTES;
+        let (fwd_peak, _) = block_forward(cfg, x, opts);
+        let (bwd_peak, bwd_net) = block_backward(cfg, x, opts);
+        let (kept, recompute_peak, recompute_net) = match opts.checkpoint {
+            Checkpoint::None => (bytes, 0, 0),
+            Checkpoint::Blocks => (input, fwd_peak, bytes as i128 - input as i128),
+        };
+        BlockKind {
+            saved,
+            kept,
+            fwd_peak,
+            bwd_peak,
+            bwd_net,
+            recompute_peak,
+            recompute_net,
+        }
+    }
+
+    /// Peak of its backward (recompute included) from `level`.
+    fn bwd_peak_from(&self, level: u64) -> u64 {
+        let after_recompute = (level as i128 + self.recompute_net).max(0) as u64;
+        (level + self.recompute_peak).max(after_recompute + self.bwd_peak)
+    }
 }
 
 /// Parameters and parameter tensors of the model.
@@ -761,7 +980,7 @@ pub fn block_saved_bytes(cfg: &ModelConfig, step: Step, opts: &LeanOptions) -> u
         .iter()
         .map(|(_, v)| v)
         .sum::<u64>()
-        + block_saved_tensors(cfg, opts) * TENSOR_OVERHEAD_BYTES
+        + block_saved_tensors(cfg, &x, opts) * TENSOR_OVERHEAD_BYTES
 }
 
 fn dims(cfg: &ModelConfig, step: Step, tp: bool) -> Dims {
@@ -780,6 +999,7 @@ fn dims(cfg: &ModelConfig, step: Step, tp: bool) -> Dims {
         e,
         threads: rayon::current_num_threads() as u64,
         tp,
+        moe: false,
     }
 }
 
@@ -804,16 +1024,45 @@ pub fn predict_rank(
         params * e + n_tensors * (VARMAP_BYTES_PER_TENSOR + LEAN_BYTES_PER_TENSOR) + views;
     terms.push(("weights".into(), weights));
 
-    // --- what the forward keeps
-    let per_block: Vec<(&str, u64)> = block_saved(cfg, &x, opts);
-    let block_bytes: u64 = per_block.iter().map(|(_, v)| v).sum::<u64>()
-        + block_saved_tensors(cfg, opts) * TENSOR_OVERHEAD_BYTES;
-    let kept_block = match opts.checkpoint {
-        Checkpoint::None => block_bytes,
-        Checkpoint::Blocks => x.nd() + TENSOR_OVERHEAD_BYTES,
-    };
-    for (name, v) in &per_block {
-        terms.push((format!("per block: {name}"), *v));
+    // --- what the forward keeps, per kind of block (a stage's blocks are taken as the model's
+    // first `layers`: the lean step does not split a mixture of experts over stages)
+    let dense = BlockKind::new(
+        cfg,
+        &Dims {
+            moe: false,
+            ..x.clone()
+        },
+        opts,
+    );
+    let sparse = cfg.is_moe().then(|| {
+        BlockKind::new(
+            cfg,
+            &Dims {
+                moe: true,
+                ..x.clone()
+            },
+            opts,
+        )
+    });
+    let is_sparse = |i: usize| sparse.is_some() && cfg.layer_is_moe(i);
+    let kinds: Vec<&BlockKind> = (0..layers as usize)
+        .map(|i| match &sparse {
+            Some(s) if is_sparse(i) => s,
+            _ => &dense,
+        })
+        .collect();
+    let n_sparse = (0..layers as usize).filter(|&i| is_sparse(i)).count() as u64;
+    for (kind, count, label) in [
+        (Some(&dense), layers - n_sparse, "per dense block"),
+        (sparse.as_ref(), n_sparse, "per MoE block"),
+    ] {
+        let Some(kind) = kind.filter(|_| count > 0) else {
+            continue;
+        };
+        let label = if count == layers { "per block" } else { label };
+        for (name, v) in &kind.saved {
+            terms.push((format!("{label}: {name}"), *v));
+        }
     }
     let stats_f = match cfg.arch {
         Arch::Gpt2 => 2 * x.n * STAT,
@@ -870,17 +1119,20 @@ pub fn predict_rank(
         terms.push((name.to_string(), *v));
     }
     let head_bytes: u64 = head_saved.iter().map(|(_, v)| v).sum();
-    let saved = layers * kept_block + head_bytes;
+    let blocks_kept: u64 = kinds.iter().map(|k| k.kept).sum();
+    let saved = blocks_kept + head_bytes;
     terms.push((
-        format!("saved: {layers} blocks × {kept_block} + head/loss"),
+        format!("saved: {layers} blocks ({blocks_kept}) + head/loss"),
         saved,
     ));
 
-    // --- forward peak: inside the last block, or at the loss
-    let (blk_fwd_peak, _) = block_forward(cfg, &x, opts);
-    let before_last =
-        weights + rope + x.nd() + TENSOR_OVERHEAD_BYTES + layers.saturating_sub(1) * kept_block;
-    let in_last_block = before_last + blk_fwd_peak;
+    // --- forward peak: inside a block (each above the blocks before it), or at the loss
+    let mut level = weights + rope + x.nd() + TENSOR_OVERHEAD_BYTES;
+    let mut in_blocks = level;
+    for k in &kinds {
+        in_blocks = in_blocks.max(level + k.fwd_peak);
+        level += k.kept;
+    }
     // The logits' matmul (xf @ Wᵀ) packs its panels while the rest of the saved set exists.
     let logits_mm = weights + saved - logp - (x.n * STAT + TENSOR_OVERHEAD_BYTES) - (x.n * 4)
         + gemm_scratch(x.n, x.v, x.d, false, true, e);
@@ -889,8 +1141,8 @@ pub fn predict_rank(
     } else {
         0
     };
-    let forward_peak = in_last_block.max(at_loss);
-    terms.push(("forward peak: in the last block".into(), in_last_block));
+    let forward_peak = in_blocks.max(at_loss);
+    terms.push(("forward peak: in the blocks".into(), in_blocks));
     terms.push(("forward peak: at the loss".into(), at_loss));
 
     // --- backward: the head, then each block, then the embedding
@@ -924,28 +1176,14 @@ pub fn predict_rank(
         let level = weights + saved + x.nd() + TENSOR_OVERHEAD_BYTES;
         (level, level)
     };
-    let (blk_bwd_peak, blk_bwd_net) = block_backward(cfg, &x, opts);
-    // With checkpointing the block's forward runs again first (its saved set reappears).
-    let (recompute_peak, recompute_net) = match opts.checkpoint {
-        Checkpoint::None => (0, 0i128),
-        Checkpoint::Blocks => {
-            let (p, _) = block_forward(cfg, &x, opts);
-            // the recomputed output is dropped at once; the saved set stays
-            (
-                p,
-                (block_bytes as i128) - (x.nd() + TENSOR_OVERHEAD_BYTES) as i128,
-            )
-        }
-    };
-    let block_peak = |level: u64| -> u64 {
-        let after_recompute = (level as i128 + recompute_net).max(0) as u64;
-        (level + recompute_peak).max(after_recompute + blk_bwd_peak)
-    };
-    let first = block_peak(at_first_block);
-    let net = recompute_net + blk_bwd_net;
-    let last_level = (at_first_block as i128 + net * (layers as i128 - 1)).max(0) as u64;
-    let last = block_peak(last_level);
-    let after_blocks = (at_first_block as i128 + net * layers as i128).max(0) as u64;
+    // Each block from the last: its saved set freed, its gradients added.
+    let mut level = at_first_block as i128;
+    let mut in_blocks_bwd = 0;
+    for k in kinds.iter().rev() {
+        in_blocks_bwd = in_blocks_bwd.max(k.bwd_peak_from(level.max(0) as u64));
+        level += k.recompute_net + k.bwd_net;
+    }
+    let after_blocks = level.max(0) as u64;
     // The embedding's gradient: GPT-2's positions (padded to block_size) and tokens.
     let mut l = Ledger::at(after_blocks);
     if cfg.arch == Arch::Gpt2 {
@@ -971,10 +1209,9 @@ pub fn predict_rank(
         l.free(vd);
     }
     let embed_peak = if part.first { l.peak as u64 } else { 0 };
-    let backward_peak = head_peak.max(first).max(last).max(embed_peak);
+    let backward_peak = head_peak.max(in_blocks_bwd).max(embed_peak);
     terms.push(("backward peak: at the head".into(), head_peak));
-    terms.push(("backward peak: in the first block".into(), first));
-    terms.push(("backward peak: in the last block".into(), last));
+    terms.push(("backward peak: in the blocks".into(), in_blocks_bwd));
     terms.push(("backward peak: at the embedding".into(), embed_peak));
 
     let gradients = params * e + n_tensors * TENSOR_OVERHEAD_BYTES;

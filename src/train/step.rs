@@ -45,6 +45,10 @@ pub(crate) trait Net {
     fn final_norm(&self) -> &Norm;
     /// The head `[V, d]` and the name its gradient goes to.
     fn head(&self) -> (&Tensor, &str);
+    /// c of a soft-cap c·tanh(z/c) on the logits (Gemma 2), or None.
+    fn final_softcap(&self) -> Option<f64> {
+        None
+    }
 }
 
 /// What the forward kept of one block.
@@ -79,7 +83,12 @@ pub(crate) fn logits<N: Net>(net: &N, ids: &Tensor) -> Result<Tensor> {
     let (xf, _) = net.final_norm().fwd(&x)?;
     let (head, _) = net.head();
     let v = head.dim(0)?;
-    xf.matmul(&head.t()?)?.reshape((b, t, v))
+    let logits = xf.matmul(&head.t()?)?;
+    let logits = match net.final_softcap() {
+        Some(c) => k::softcap_fwd(logits, c)?,
+        None => logits,
+    };
+    logits.reshape((b, t, v))
 }
 
 /// Forward, loss and backward: the mean next-token loss and every parameter's gradient.
@@ -189,6 +198,17 @@ fn head_step<N: Net>(
     let (head, head_name) = net.head();
     // [N, d] @ [d, V] -> [N, V]
     let logits = xf.matmul(&head.t()?)?;
+    // Capped in place: the loss's backward reads the capped logits for the cap's derivative too.
+    let cap = net.final_softcap();
+    let logits = match cap {
+        Some(c) => k::softcap_fwd(logits, c)?,
+        None => logits,
+    };
+    // HF caps as c · tanh(x / c): tanh keeps its output for its backward.
+    let cap_tanh = match (cap, opts.saved) {
+        (Some(c), SavedSet::Transformers) => Some(kept::softcap_tanh(&logits, c)?),
+        _ => None,
+    };
     let targets = targets(ids)?;
     let (loss, lse) = k::cross_entropy_fwd(&logits, &targets)?;
     // HF's loss: log_softmax(logits.float()) keeps its output for nll_loss's backward.
@@ -202,14 +222,17 @@ fn head_step<N: Net>(
     let rows = b * (t - 1);
     let scale = 1.0 / rows as f64;
     let (dlogits, held_logits) = match logp {
-        None => (k::cross_entropy_bwd(logits, &targets, &lse, scale)?, None),
+        None => (
+            k::cross_entropy_bwd(logits, &targets, &lse, scale, cap)?,
+            None,
+        ),
         Some(logp) => {
             // nll_loss's backward writes the log-probabilities' gradient, log_softmax's the
             // logits' into a new buffer; then both saved inputs go. The logits themselves
             // stay: the model's output holds them until the step ends.
             let dlogp = kept::nll_grad(&targets, logits.dim(1)?, scale)?;
-            let dlogits = k::cross_entropy_bwd(logits.copy()?, &targets, &lse, scale)?;
-            drop((dlogp, logp));
+            let dlogits = k::cross_entropy_bwd(logits.copy()?, &targets, &lse, scale, cap)?;
+            drop((dlogp, logp, cap_tanh));
             (dlogits, Some(logits))
         }
     };

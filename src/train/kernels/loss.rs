@@ -1,5 +1,10 @@
 //! Mean cross-entropy over rows, forward and backward. Logits [N, V] in any float dtype, the
 //! maths in f32; targets [N] u32, [`IGNORE_INDEX`] for rows that do not count (PyTorch's −100).
+//!
+//! Gemma 2's final soft-cap y = c·tanh(z/c) sits between the head and the loss. Its derivative
+//! 1 − tanh²(z/c) = 1 − (y/c)² needs only the capped logits, which the loss's backward is about to
+//! overwrite with their gradient: so the cap's backward is folded into the loss's (each element
+//! read once, before it is overwritten), and the step keeps no second [N, V] buffer for it.
 
 use candle_core::{CpuStorage, DType, Device, Layout, Result, Tensor, D};
 use rayon::prelude::*;
@@ -59,8 +64,45 @@ pub fn cross_entropy_fwd(logits: &Tensor, targets: &Tensor) -> Result<(f64, Tens
     Ok((total / counted as f64, lse))
 }
 
+/// z `[N, V]` -> c·tanh(z/c), as `(z / c).tanh() * c` in z's dtype. Takes z by value: on the
+/// fused path (CPU, f32, contiguous) the result is written over z's own buffer.
+pub fn softcap_fwd(z: Tensor, cap: f64) -> Result<Tensor> {
+    if z.dtype() == DType::F32 && z.device().is_cpu() && z.is_contiguous() {
+        z.inplace_op1(&Softcap { cap })?;
+        return Ok(z);
+    }
+    (z / cap)?.tanh()? * cap
+}
+
+struct Softcap {
+    cap: f64,
+}
+
+impl candle_core::InplaceOp1 for Softcap {
+    fn name(&self) -> &'static str {
+        "softcap"
+    }
+
+    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> Result<()> {
+        let CpuStorage::F32(data) = storage else {
+            candle_core::bail!("softcap: expected f32 storage")
+        };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("softcap: input must be contiguous")
+        };
+        // The same roundings as candle's `affine(1/c)`, `tanh`, `affine(c)` in f32.
+        let (inv, c) = ((1.0 / self.cap) as f32, self.cap as f32);
+        data[start..end]
+            .par_chunks_mut(4096)
+            .for_each(|ch| ch.iter_mut().for_each(|x| *x = (*x * inv).tanh() * c));
+        Ok(())
+    }
+}
+
 /// dlogits = (softmax(logits) − onehot(target)) · scale for counted rows, 0 for ignored ones, in
-/// logits' dtype (`scale` is 1/count for the mean loss).
+/// logits' dtype (`scale` is 1/count for the mean loss). With `softcap = Some(c)` the logits are
+/// the capped y = c·tanh(z/c) and the result is the gradient with respect to z: each element
+/// times 1 − (y/c)².
 ///
 /// Takes the logits by value: on the fused path (CPU, f32, contiguous) the gradient is written
 /// over the logits' own buffer and that same tensor is returned, so no [N, V] buffer is
@@ -71,6 +113,7 @@ pub fn cross_entropy_bwd(
     targets: &Tensor,
     lse: &Tensor,
     scale: f64,
+    softcap: Option<f64>,
 ) -> Result<Tensor> {
     let (n, v) = logits.dims2()?;
     let tg = targets_of(targets, n, v)?;
@@ -89,6 +132,7 @@ pub fn cross_entropy_bwd(
                 lse,
                 v,
                 scale: scale as f32,
+                inv_cap: softcap.map(|c| (1.0 / c) as f32),
             })?;
             return Ok(logits);
         }
@@ -100,9 +144,13 @@ pub fn cross_entropy_bwd(
     let onehot = classes
         .broadcast_eq(&safe.unsqueeze(1)?)?
         .to_dtype(DType::F32)?;
-    (p - onehot)?
-        .broadcast_mul(&(keep * scale)?.unsqueeze(1)?)?
-        .to_dtype(logits.dtype())
+    let d = (p - onehot)?.broadcast_mul(&(keep * scale)?.unsqueeze(1)?)?;
+    let d = match softcap {
+        // 1 − (y/c)²
+        Some(c) => (d * (l32 / c)?.sqr()?.affine(-1.0, 1.0)?)?,
+        None => d,
+    };
+    d.to_dtype(logits.dtype())
 }
 
 /// The targets on the host, each checked: < V or [`IGNORE_INDEX`].
@@ -143,6 +191,8 @@ struct CeBwd {
     lse: Vec<f32>,
     v: usize,
     scale: f32,
+    /// 1/c of a final soft-cap the logits went through.
+    inv_cap: Option<f32>,
 }
 
 impl candle_core::InplaceOp1 for CeBwd {
@@ -164,9 +214,19 @@ impl candle_core::InplaceOp1 for CeBwd {
             .for_each(|(row, (&t, &lse))| {
                 if t == IGNORE_INDEX {
                     row.fill(0.0);
-                } else {
-                    softmax_row_scaled(row, lse, self.scale);
-                    row[t as usize] -= self.scale;
+                    return;
+                }
+                let t = t as usize;
+                match self.inv_cap {
+                    None => {
+                        softmax_row_scaled(row, lse, self.scale);
+                        row[t] -= self.scale;
+                    }
+                    Some(inv) => {
+                        let yt = row[t] * inv;
+                        softmax_row_scaled_capped(row, lse, self.scale, inv);
+                        row[t] -= self.scale * (1.0 - yt * yt);
+                    }
                 }
             });
         Ok(())
@@ -194,6 +254,16 @@ multiversion! {
     fn softmax_row_scaled(x: &mut [f32], lse: f32, scale: f32) {
         for x in x.iter_mut() {
             *x = simd::exp(*x - lse) * scale;
+        }
+    }
+}
+
+multiversion! {
+    /// x ← e^{x − lse} · scale · (1 − (x · inv_cap)²), in place.
+    fn softmax_row_scaled_capped(x: &mut [f32], lse: f32, scale: f32, inv_cap: f32) {
+        for x in x.iter_mut() {
+            let y = *x * inv_cap;
+            *x = simd::exp(*x - lse) * scale * (1.0 - y * y);
         }
     }
 }
@@ -252,17 +322,57 @@ mod tests {
             close("lse", &lse, &lse_c, 1e-6);
 
             let scale = 1.0 / counted as f64;
-            let composed = cross_entropy_bwd(strided(&logits), &targets, &lse, scale).unwrap();
+            let composed =
+                cross_entropy_bwd(strided(&logits), &targets, &lse, scale, None).unwrap();
             close("dlogits composed", &composed, want, 1e-5);
             // The fused path writes over the buffer it is handed: give it a copy.
             let owned = logits.copy().unwrap();
-            let fused = cross_entropy_bwd(owned, &targets, &lse, scale).unwrap();
+            let fused = cross_entropy_bwd(owned, &targets, &lse, scale, None).unwrap();
             close("dlogits fused", &fused, want, 1e-5);
             for &i in &ignored {
                 let row = fused.get(i).unwrap().abs().unwrap().sum_all().unwrap();
                 assert_eq!(row.to_scalar::<f32>().unwrap(), 0.0);
             }
         }
+    }
+
+    #[test]
+    fn softcapped_loss_backward_matches_autograd() {
+        let (n, v, cap) = (9, 40, 3.0);
+        let z = rand(&[n, v], 8.0, 43).unwrap();
+        let tg: Vec<u32> = (0..n)
+            .map(|i| {
+                if i == 4 {
+                    IGNORE_INDEX
+                } else {
+                    (i * 13 % v) as u32
+                }
+            })
+            .collect();
+        let targets = Tensor::new(tg.clone(), &Device::Cpu).unwrap();
+        let zv = Var::from_tensor(&z).unwrap();
+        let y_ref = ((zv.as_tensor() / cap).unwrap().tanh().unwrap() * cap).unwrap();
+        let ls = candle_nn::ops::log_softmax(&y_ref, D::Minus1).unwrap();
+        let (safe, keep) = gather_plan(&tg, &Device::Cpu).unwrap();
+        let picked = ls
+            .gather(&safe.unsqueeze(1).unwrap(), 1)
+            .unwrap()
+            .squeeze(1)
+            .unwrap();
+        let loss = ((picked * keep).unwrap().sum_all().unwrap() * (-1.0 / (n - 1) as f64)).unwrap();
+        let g = loss.backward().unwrap();
+        let want = g.get(zv.as_tensor()).unwrap();
+
+        let y = softcap_fwd(z.copy().unwrap(), cap).unwrap();
+        close("capped fused", &y, &y_ref, 0.0);
+        let y_comp = softcap_fwd(strided(&z), cap).unwrap();
+        close("capped composed", &y_comp, &y_ref, 0.0);
+        let (_, lse) = cross_entropy_fwd(&y, &targets).unwrap();
+        let scale = 1.0 / (n - 1) as f64;
+        let composed = cross_entropy_bwd(strided(&y), &targets, &lse, scale, Some(cap)).unwrap();
+        close("dz composed", &composed, want, 1e-5);
+        let fused = cross_entropy_bwd(y, &targets, &lse, scale, Some(cap)).unwrap();
+        close("dz fused", &fused, want, 1e-5);
     }
 
     #[test]
@@ -273,7 +383,7 @@ mod tests {
         let (l16, lse16) = cross_entropy_fwd(&lb, &targets).unwrap();
         let (l32, _) = cross_entropy_fwd(&lb.to_dtype(DType::F32).unwrap(), &targets).unwrap();
         assert!((l16 - l32).abs() < 1e-5 * l32.abs(), "{l16} vs {l32}");
-        let d = cross_entropy_bwd(lb.clone(), &targets, &lse16, 0.2).unwrap();
+        let d = cross_entropy_bwd(lb.clone(), &targets, &lse16, 0.2, None).unwrap();
         assert_eq!(d.dtype(), DType::BF16);
     }
 

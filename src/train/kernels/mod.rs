@@ -24,7 +24,7 @@ pub use attention::{
     attention_bwd, attention_eager_bwd, attention_eager_fwd, attention_fwd, AttnSpec,
 };
 pub use embed::embedding_bwd;
-pub use loss::{cross_entropy_bwd, cross_entropy_fwd, IGNORE_INDEX};
+pub use loss::{cross_entropy_bwd, cross_entropy_fwd, softcap_fwd, IGNORE_INDEX};
 pub use norm::{layer_norm_bwd, layer_norm_fwd, rms_norm_bwd, rms_norm_fwd};
 pub use rope::{rope_bwd, rope_fwd};
 
@@ -275,7 +275,8 @@ mod timing {
         });
         both("cross_entropy_bwd [256,50257]", || {
             // The fused path overwrites its input: each run gets a fresh copy (timed too).
-            cross_entropy_bwd(logits.copy().unwrap(), &targets, &lse, 1.0 / t as f64).unwrap();
+            cross_entropy_bwd(logits.copy().unwrap(), &targets, &lse, 1.0 / t as f64, None)
+                .unwrap();
         });
         both("copy of the logits (in the line above)", || {
             logits.copy().unwrap();
