@@ -19,13 +19,10 @@ use truesize::train::{self, Attention, Checkpoint, LeanModel, LeanOptions};
 const GRAD_TOL: f64 = 1e-5;
 const LOSS_TOL: f64 = 1e-6;
 const LOGITS_TOL: f64 = 1e-5;
-/// Below this fraction of the largest gradient a parameter's gradient counts as zero. Sandwich
-/// norms widen the range at initialisation: a post-norm on a sublayer output of ~0.02 scale
-/// multiplies the gradients behind it by its rstd, so an analytically zero gradient (a renormalised
-/// top-1 router: 3.8e-9 of rounding in candle's autograd against a largest gradient of 1.2) or a
-/// small key gradient next to a post-normed one sat above 1e-4 of the largest yet below f32's
-/// resolution of it.
-const ZERO_GRAD: f64 = 1e-3;
+/// Below this fraction of the largest gradient a parameter's gradient counts as zero.
+const ZERO_GRAD: f64 = 1e-4;
+/// f32's resolution of a sum of gradient terms, relative to the largest gradient (8 ε_f32).
+const F32_NOISE: f64 = 1e-6;
 
 fn vars(varmap: &VarMap) -> BTreeMap<String, Var> {
     varmap
@@ -102,20 +99,58 @@ fn check(
         .map(|v| max_abs(store.get(v.as_tensor()).unwrap()))
         .fold(0.0, f64::max);
     let mut worst = (0.0f64, "");
+    let mut above = Vec::new();
     for (name, var) in &vars {
         let want = store.get(var.as_tensor()).unwrap();
         // A gradient that is zero in exact arithmetic (a key bias: softmax ignores a shift
         // common to a row) is rounding noise in both; it is held to the model's largest gradient.
         let scale = max_abs(want).max(ZERO_GRAD * largest);
         let e = max_abs(&(&grads[name] - want).unwrap()) / scale;
-        assert!(
-            e <= GRAD_TOL,
-            "{}: gradient of {name} off by {e:e} (its largest {:e}, the model's {largest:e})",
-            cfg.name,
-            max_abs(want)
-        );
-        if e >= worst.0 {
+        if e > GRAD_TOL {
+            above.push((name, e));
+        } else if e >= worst.0 {
             worst = (e, name);
+        }
+    }
+    if !above.is_empty() {
+        // Sandwich norms over a few channels can leave f32 with fewer digits than GRAD_TOL
+        // asks of two engines that round differently: then both are held to candle's autograd
+        // in f64 on the same weights, and the lean step must be at least as close to it as
+        // candle's own f32 autograd is (a Gemma-like MoE with d = 5 gave 1.7e-5 for candle's
+        // f32 and 9.3e-6 for the lean step). A gradient the f64 run also puts below ZERO_GRAD
+        // of the largest is zero in exact arithmetic (a renormalised top-1 router: its weight is
+        // 1 whatever the logits) and its value is f32 noise in both runs (the model routes in
+        // f32 whatever its dtype, as HF does): the lean step must call it zero too. A small
+        // gradient made of larger terms that nearly cancel (a key bias through a k norm: the
+        // softmax's shift invariance, broken only by the norm) is known only to f32's
+        // resolution of those terms: F32_NOISE of the largest gradient.
+        let truth = autograd_f64(cfg, &varmap, &input);
+        let f64_max = |t: &Tensor| max_abs(&t.to_dtype(DType::F32).unwrap());
+        let largest64 = truth.values().map(f64_max).fold(0.0, f64::max);
+        for (name, e) in above {
+            let t64 = &truth[name.as_str()];
+            let scale = f64_max(t64).max(ZERO_GRAD * largest64);
+            let off =
+                |g: &Tensor| f64_max(&(g.to_dtype(DType::F64).unwrap() - t64).unwrap()) / scale;
+            let (lean_e, candle_e) = (
+                off(&grads[name]),
+                off(store.get(vars[name].as_tensor()).unwrap()),
+            );
+            let zero = ZERO_GRAD * largest64;
+            let ok = if f64_max(t64) < zero {
+                f64_max(&grads[name]) < zero
+            } else {
+                lean_e <= GRAD_TOL.max(candle_e) || lean_e * scale <= F32_NOISE * largest64
+            };
+            assert!(
+                ok,
+                "{}: gradient of {name} off by {e:e} from candle's f32 autograd; from its f64 \
+                 autograd the lean step is {lean_e:e} off and candle's f32 {candle_e:e}",
+                cfg.name
+            );
+            if lean_e >= worst.0 {
+                worst = (lean_e, name);
+            }
         }
     }
     eprintln!(
@@ -123,6 +158,26 @@ fn check(
         cfg.name, worst.0, worst.1
     );
     grads
+}
+
+/// Every parameter's gradient from candle's autograd in f64, on `varmap`'s weights.
+fn autograd_f64(cfg: &ModelConfig, varmap: &VarMap, input: &Tensor) -> BTreeMap<String, Tensor> {
+    let (vm64, model64) = build::random(cfg, DType::F64, &Device::Cpu, 0).unwrap();
+    let weights = vars(varmap);
+    let vars64 = vars(&vm64);
+    for (name, v) in &vars64 {
+        v.set(&weights[name].as_tensor().to_dtype(DType::F64).unwrap())
+            .unwrap();
+    }
+    let logits = model64.forward(input).unwrap();
+    let store = next_token_loss(&logits, input).unwrap().backward().unwrap();
+    vars64
+        .into_iter()
+        .map(|(name, v)| {
+            let g = store.get(v.as_tensor()).unwrap().clone();
+            (name, g)
+        })
+        .collect()
 }
 
 fn dims(v: usize, d: usize, l: usize, h: usize, kv: usize, hd: usize, ff: usize) -> Dims {
@@ -293,9 +348,10 @@ fn llama_switches() -> impl Strategy<Value = LlamaSwitches> {
 
 fn llama(s: &LlamaSwitches) -> ModelConfig {
     let h = s.kv * s.group;
-    // A q/k norm over 2 channels maps each head onto a circle: a short key's rstd is large and
-    // amplifies rounding (1.05e-5 between the engines was found at head_dim 2), as a LayerNorm
-    // over 2 channels does for GPT-2's widths above.
+    // A q/k norm over 2 channels leaves one direction per head: the part of a key's gradient
+    // along it is what remains after the radial part cancels, and for a short key (large rstd)
+    // f32 keeps few digits of it (2.4e-5 between the lean step and f64, 1.7e-6 for candle's
+    // f32, on the embedding of a 2-layer Gemma-like config): q/k norms get 4 channels or more.
     let half_hd = if s.qk_norm {
         s.half_hd.max(2)
     } else {

@@ -266,7 +266,9 @@ impl Moe {
             let mut dp = vec![0f32; n_exp];
             if self.renormalize {
                 let sum: f32 = top.iter().map(|&e| p[e]).sum();
-                let dot: f32 = top.iter().map(|&e| dwr[e] * p[e] / sum).sum();
+                // Against the forward's own weights p/sum: a lone chosen expert's weight is then
+                // exactly 1 and its router gradient (zero in exact arithmetic) exactly 0.
+                let dot: f32 = top.iter().map(|&e| dwr[e] * (p[e] / sum)).sum();
                 for &e in top {
                     dp[e] = (dwr[e] - dot) / sum;
                 }
