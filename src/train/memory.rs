@@ -1092,6 +1092,12 @@ pub fn predict_rank(
     } else {
         0
     };
+    // HF's final soft-cap c · tanh(x / c) keeps tanh's output.
+    let cap_tanh = if hf && cfg.final_softcap.is_some() {
+        x.n * x.v * STAT + TENSOR_OVERHEAD_BYTES
+    } else {
+        0
+    };
     let head_saved = [
         ("final norm input [N, d]", x.nd() + TENSOR_OVERHEAD_BYTES),
         ("final norm x̂ [N, d] f32", final_xhat),
@@ -1104,6 +1110,7 @@ pub fn predict_rank(
             x.nd() + TENSOR_OVERHEAD_BYTES,
         ),
         ("logits [N, V]", x.n * x.v * e + TENSOR_OVERHEAD_BYTES),
+        ("final soft-cap's tanh [N, V] f32", cap_tanh),
         ("log-probabilities [N, V] f32", logp),
         ("loss lse [N] f32", x.n * STAT + TENSOR_OVERHEAD_BYTES),
         ("targets [N] u32", x.n * 4 + TENSOR_OVERHEAD_BYTES),
@@ -1134,8 +1141,13 @@ pub fn predict_rank(
         level += k.kept;
     }
     // The logits' matmul (xf @ Wᵀ) packs its panels while the rest of the saved set exists.
-    let logits_mm = weights + saved - logp - (x.n * STAT + TENSOR_OVERHEAD_BYTES) - (x.n * 4)
-        + gemm_scratch(x.n, x.v, x.d, false, true, e);
+    // (A stage without the head has none of these.)
+    let logits_mm = if part.last {
+        weights + saved - logp - cap_tanh - (x.n * STAT + TENSOR_OVERHEAD_BYTES) - (x.n * 4)
+            + gemm_scratch(x.n, x.v, x.d, false, true, e)
+    } else {
+        0
+    };
     let at_loss = if part.last {
         (weights + saved + (b * t * 4 + b * 24)).max(logits_mm) // host copy of the ids
     } else {
@@ -1152,6 +1164,9 @@ pub fn predict_rank(
         l.alloc(x.n * x.v * e); // the logits' gradient, a new buffer
         l.free(x.n * x.v * STAT);
         l.free(x.n * x.v * STAT); // log-probabilities
+        if cap_tanh > 0 {
+            l.free(cap_tanh - TENSOR_OVERHEAD_BYTES);
+        }
     }
     l.free(x.n * STAT); // loss lse (Fused: logits become their gradient in place)
     l.mm(x.v, x.d, x.n, true, false, e); // head dW = dlogitsᵀ @ xf
