@@ -302,14 +302,25 @@ enum Qkv {
 }
 
 impl Qkv {
-    /// x `[N, d]` -> q `[N, q_dim]`, k and v `[N, kv_dim]`, each contiguous.
-    fn fwd(&self, x: &Tensor, qd: usize, kvd: usize) -> Result<(Tensor, Tensor, Tensor)> {
+    /// x `[N, d]` -> q `[N, q_dim]`, k and v `[N, kv_dim]`, each contiguous; and, fused, the
+    /// whole projection `[N, q_dim + 2·kv_dim]` when `saved` keeps what HF keeps (its v is a
+    /// view of it, which sdpa holds for backward).
+    #[allow(clippy::type_complexity)]
+    fn fwd(
+        &self,
+        x: &Tensor,
+        qd: usize,
+        kvd: usize,
+        saved: SavedSet,
+    ) -> Result<(Tensor, Tensor, Tensor, Option<Tensor>)> {
         match self {
-            Qkv::Separate { q, k, v } => Ok((q.fwd(x)?, k.fwd(x)?, v.fwd(x)?)),
+            Qkv::Separate { q, k, v } => Ok((q.fwd(x)?, k.fwd(x)?, v.fwd(x)?, None)),
             Qkv::Fused(p) => {
                 let qkv = p.fwd(x)?;
                 let part = |at: usize, w: usize| qkv.narrow(1, at, w)?.contiguous();
-                Ok((part(0, qd)?, part(qd, kvd)?, part(qd + kvd, kvd)?))
+                let (q, k, v) = (part(0, qd)?, part(qd, kvd)?, part(qd + kvd, kvd)?);
+                let kept = (saved == SavedSet::Transformers).then_some(qkv);
+                Ok((q, k, v, kept))
             }
         }
     }
@@ -353,7 +364,8 @@ pub(crate) struct Saved {
     /// Attention's inputs after RoPE `[B, T, n, hd]`, its output `[N, H·hd]` (o_proj's input).
     q: Tensor,
     k: Tensor,
-    v: Tensor,
+    /// v, or (fused qkv keeping what HF keeps) the whole projection it is read again from.
+    v: std::result::Result<Tensor, Tensor>,
     o: Tensor,
     attn: AttnSaved,
     /// Sandwich norms: o_proj's output (post_attention_layernorm's input) and its rstd.
@@ -567,7 +579,7 @@ impl Net for Llama {
         let n = b * t;
         let (cos, sin) = rope_of(l, ctx);
         let (h1, st1) = l.input_norm.fwd_keeping(x, opts.saved)?;
-        let (q_lin, k_lin, v_lin) = l.qkv.fwd(&h1, h * hd, hkv * hd)?;
+        let (q_lin, k_lin, v_lin, qkv) = l.qkv.fwd(&h1, h * hd, hkv * hd, opts.saved)?;
         // [N, n·hd] -> (norm over hd) -> [B, T, n, hd], rotated. (Each input is moved, so that
         // the unrotated heads are freed here, not at the end of the block.)
         let (qn, q_pre) = head_norm(l.q_norm.as_ref(), q_lin, (n, h, hd), opts.saved)?;
@@ -579,6 +591,13 @@ impl Net for Llama {
         let v = v_lin.reshape((b, t, hkv, hd))?;
         drop(v_lin);
         let (o, attn) = attn_fwd(&q, &k_, &v, &l.spec, opts.attention)?;
+        let v = match qkv {
+            None => Ok(v),
+            Some(qkv) => {
+                drop(v);
+                Err(qkv)
+            }
+        };
         let o = o.reshape((n, h * hd))?;
         let a = l.o.fwd(&o)?;
         let (x1, a, norm2) = match &l.norms {
@@ -686,16 +705,25 @@ impl Net for Llama {
             l.o.bwd(&s.o, da.as_ref().unwrap_or(&dx1), grads, None)?
                 .reshape((b, t, h, hd))?;
         drop(da);
+        let (v, qkv) = match s.v {
+            Ok(v) => (v, None),
+            Err(qkv) => (
+                qkv.narrow(1, (h + hkv) * hd, hkv * hd)?
+                    .contiguous()?
+                    .reshape((b, t, hkv, hd))?,
+                Some(qkv),
+            ),
+        };
         let (dq, dk, dv) = attn_bwd(
             &s.q,
             &s.k,
-            &s.v,
+            &v,
             &s.o.reshape((b, t, h, hd))?,
             &s.attn,
             &d_o,
             &l.spec,
         )?;
-        drop((d_o, s.q, s.k, s.v, s.o, s.attn));
+        drop((d_o, s.q, s.k, v, qkv, s.o, s.attn));
         let dq_pre = k::rope_bwd(&dq, cos, sin)?;
         drop(dq);
         let dq_pre = head_norm_bwd(l.q_norm.as_ref(), dq_pre, s.q_pre, n, h, hd, grads)?;

@@ -283,6 +283,10 @@ fn block_saved(cfg: &ModelConfig, x: &Dims, opts: &LeanOptions) -> Vec<(&'static
             v.extend([
                 ("q after RoPE [B, T, H, hd]", x.q()),
                 ("k after RoPE, v [B, T, Hkv, hd]", 2 * x.kv()),
+                (
+                    "fused qkv projection, which v's view keeps (v not copied) [N, q + 2kv]",
+                    keeps_qkv(cfg, opts) * (x.q() + x.kv()),
+                ),
                 ("attention output (o_proj's input) [N, H·hd]", x.q()),
                 attn,
             ]);
@@ -392,6 +396,15 @@ fn gelu_parts(cfg: &ModelConfig, opts: &LeanOptions) -> u64 {
     }
 }
 
+/// 1 when the step keeps a fused qkv projection whole, as HF's sdpa does through v's view.
+fn keeps_qkv(cfg: &ModelConfig, opts: &LeanOptions) -> u64 {
+    u64::from(
+        opts.saved == SavedSet::Transformers
+            && cfg.arch == Arch::Llama
+            && cfg.qkv_storage == Storage::Fused,
+    )
+}
+
 /// Whether the step keeps each RMSNorm's x̂ (HF's composed RMSNorm).
 fn keeps_xhat(cfg: &ModelConfig, opts: &LeanOptions) -> bool {
     opts.saved == SavedSet::Transformers && cfg.norm != NormKind::LayerNorm
@@ -421,6 +434,7 @@ fn block_saved_tensors(cfg: &ModelConfig, x: &Dims, opts: &LeanOptions) -> u64 {
 fn block_forward(cfg: &ModelConfig, x: &Dims, opts: &LeanOptions) -> (u64, i128) {
     let mut l = Ledger::at(0);
     let (n, d, e) = (x.n, x.d, x.e);
+    let hf = opts.saved == SavedSet::Transformers;
     let attn_out = |l: &mut Ledger| match opts.attention {
         Attention::Flash => {
             l.alloc(x.q()); // o
@@ -488,7 +502,9 @@ fn block_forward(cfg: &ModelConfig, x: &Dims, opts: &LeanOptions) -> (u64, i128)
                     l.alloc(x.q()); // q, k, v copied out of qkv
                     l.alloc(x.kv());
                     l.alloc(x.kv());
-                    l.free(x.q() + 2 * x.kv());
+                    if !hf {
+                        l.free(x.q() + 2 * x.kv());
+                    }
                 }
             }
             for (width, heads) in [(x.q(), x.h), (x.kv(), x.hkv)] {
@@ -503,6 +519,9 @@ fn block_forward(cfg: &ModelConfig, x: &Dims, opts: &LeanOptions) -> (u64, i128)
                 l.free(width); // before
             }
             attn_out(&mut l);
+            if keeps_qkv(cfg, opts) == 1 {
+                l.free(x.kv()); // the v copy (the projection stays)
+            }
             l.mm(n, d, qd, false, true, e); // o_proj output
             x.all_reduce(&mut l);
             if sandwich {
@@ -712,9 +731,16 @@ fn block_backward(cfg: &ModelConfig, x: &Dims, opts: &LeanOptions) -> (u64, i128
             if sandwich {
                 l.free(x.nd()); // da
             }
+            let qkv_kept = keeps_qkv(cfg, opts) == 1;
+            if qkv_kept {
+                l.alloc(x.kv()); // v copied out of the kept projection
+            }
             attn_bwd(&mut l, x.q(), x.kv());
             l.free(x.q()); // d_o
             l.free(2 * x.q() + 2 * x.kv()); // q, k, v, o
+            if qkv_kept {
+                l.free(x.q() + 2 * x.kv());
+            }
             free_attn(&mut l, x, opts);
             // through RoPE (and the q/k norm: its dx, dw, then the gradient it came from and
             // its saved input and rstd freed)
