@@ -8,7 +8,7 @@ use super::layers::{
     attn_bwd, attn_fwd, AttnSaved, Grads, Lin, Norm, NormKind, NormStats, Params, WeightLayout,
 };
 use super::step::Net;
-use super::{kept, LeanOptions, SavedSet};
+use super::{kept, Attention, LeanOptions, SavedSet};
 use crate::config::{GeluForm, ModelConfig};
 use candle_core::{DType, Result, Tensor};
 
@@ -29,12 +29,13 @@ pub(crate) struct Saved {
     /// c_attn's input.
     ln1: Tensor,
     /// Attention's inputs `[B, T, H, hd]`, output (c_proj's input) and lse or probabilities.
-    /// k is a copy of its columns (`SavedSet::Fused`) or read again from the whole qkv
-    /// projection, which HF's sdpa keeps alive through its view of k.
-    q: Tensor,
+    /// q, k, v are copies of their columns (`SavedSet::Fused`); keeping what HF keeps, the
+    /// whole qkv projection stays (its views reach the attention) and only the copies HF's
+    /// sdpa makes (q and v) are kept beside it; the rest is read again from qkv in backward.
+    q: Option<Tensor>,
     k: Option<Tensor>,
+    v: Option<Tensor>,
     qkv: Option<Tensor>,
-    v: Tensor,
     o: Tensor,
     attn: AttnSaved,
     /// ln_2's input and statistics.
@@ -187,10 +188,13 @@ impl Net for Gpt2 {
             SavedSet::Transformers => Some(qkv),
         };
         let (o, attn) = attn_fwd(&q, &k_, &v, &self.spec(), opts.attention)?;
-        let k_ = match opts.saved {
-            SavedSet::Fused => Some(k_),
-            SavedSet::Transformers => None,
+        // Which copies stay: q, k, v.
+        let keep = match (opts.saved, opts.attention) {
+            (SavedSet::Fused, _) => [true; 3],
+            (SavedSet::Transformers, Attention::Flash) => [true, false, true],
+            (SavedSet::Transformers, Attention::Eager) => [false; 3],
         };
+        let [q, k_, v] = [(q, keep[0]), (k_, keep[1]), (v, keep[2])].map(|(t, k)| k.then_some(t));
         let o = o.reshape((b * t, d))?;
         let a = blk.attn_proj.fwd(&o)?;
         let x1 = (x + a)?;
@@ -251,21 +255,27 @@ impl Net for Gpt2 {
             .attn_proj
             .bwd(&s.o, &dx1, grads, None)?
             .reshape((b, t, h, hd))?;
-        let k_ = match (s.k, &s.qkv) {
-            (Some(k_), _) => k_,
-            (None, Some(qkv)) => qkv.narrow(1, d, d)?.contiguous()?.reshape((b, t, h, hd))?,
-            (None, None) => candle_core::bail!("block {i} kept neither k nor qkv"),
+        let again = |kept: Option<Tensor>, j: usize| match (kept, &s.qkv) {
+            (Some(t), _) => Ok(t),
+            (None, Some(qkv)) => qkv
+                .narrow(1, j * d, d)?
+                .contiguous()?
+                .reshape((b, t, h, hd)),
+            (None, None) => candle_core::bail!("block {i} kept neither a copy nor qkv"),
         };
+        let q = again(s.q, 0)?;
+        let k_ = again(s.k, 1)?;
+        let v = again(s.v, 2)?;
         let (dq, dk, dv) = attn_bwd(
-            &s.q,
+            &q,
             &k_,
-            &s.v,
+            &v,
             &s.o.reshape((b, t, h, hd))?,
             &s.attn,
             &d_o,
             &self.spec(),
         )?;
-        drop((d_o, s.q, k_, s.qkv, s.v, s.o, s.attn));
+        drop((d_o, q, k_, v, s.qkv, s.o, s.attn));
         let n = b * t;
         // [N, 3d]: the three gradients side by side, as c_attn produced q | k | v
         let dqkv = Tensor::cat(

@@ -368,6 +368,8 @@ pub(crate) struct Saved {
     v: std::result::Result<Tensor, Tensor>,
     o: Tensor,
     attn: AttnSaved,
+    /// HF's sdpa mask `[B, 1, T, T]` f32 when a window is in effect (held for its memory).
+    mask: Option<Tensor>,
     /// Sandwich norms: o_proj's output (post_attention_layernorm's input) and its rstd.
     a: Option<(Tensor, NormStats)>,
     /// x + attention: the MLP's pre-norm input.
@@ -590,6 +592,18 @@ impl Net for Llama {
         drop(kn);
         let v = v_lin.reshape((b, t, hkv, hd))?;
         drop(v_lin);
+        // What HF's attention holds beyond q, k, v: with a mask (a window in effect, sdpa) or
+        // eager, k and v repeated to every query head (`repeat_kv`), and sdpa's mask.
+        let (repeat, mask) = hf_attention_inputs(&self.cfg, i, t, opts);
+        let (k_, v) = if repeat {
+            (repeat_heads(k_, h / hkv)?, repeat_heads(v, h / hkv)?)
+        } else {
+            (k_, v)
+        };
+        let mask = match mask {
+            Some(w) => Some(sdpa_window_mask(b, t, w, x.device())?),
+            None => None,
+        };
         let (o, attn) = attn_fwd(&q, &k_, &v, &l.spec, opts.attention)?;
         let v = match qkv {
             None => Ok(v),
@@ -644,6 +658,7 @@ impl Net for Llama {
                 v,
                 o,
                 attn,
+                mask,
                 a,
                 x1,
                 st2,
@@ -714,6 +729,14 @@ impl Net for Llama {
                 Some(qkv),
             ),
         };
+        // k kept with every query head: it was repeated (`hf_attention_inputs`).
+        let repeat = h != hkv && s.k.dim(2)? == h;
+        // v read again from a kept fused projection has the kv heads only.
+        let v = if repeat && v.dim(2)? == hkv {
+            repeat_heads(v, h / hkv)?
+        } else {
+            v
+        };
         let (dq, dk, dv) = attn_bwd(
             &s.q,
             &s.k,
@@ -723,7 +746,13 @@ impl Net for Llama {
             &d_o,
             &l.spec,
         )?;
-        drop((d_o, s.q, s.k, v, qkv, s.o, s.attn));
+        drop((d_o, s.q, s.k, v, qkv, s.o, s.attn, s.mask));
+        // repeat_kv's backward: each kv head's gradient is the sum over its query group.
+        let (dk, dv) = if repeat {
+            (sum_groups(dk, hkv)?, sum_groups(dv, hkv)?)
+        } else {
+            (dk, dv)
+        };
         let dq_pre = k::rope_bwd(&dq, cos, sin)?;
         drop(dq);
         let dq_pre = head_norm_bwd(l.q_norm.as_ref(), dq_pre, s.q_pre, n, h, hd, grads)?;
@@ -775,6 +804,58 @@ impl Net for Llama {
     fn final_softcap(&self) -> Option<f64> {
         self.cfg.final_softcap
     }
+}
+
+/// Whether HF's attention in `layer` holds k and v repeated to every query head, and the window
+/// of the sdpa mask it holds, when the step keeps what HF keeps. sdpa takes GQA natively and
+/// no mask while the causal mask can be skipped (no window, or T < window); with a window in
+/// effect it gets an explicit mask and `repeat_kv`s; eager attention always repeats.
+fn hf_attention_inputs(
+    cfg: &ModelConfig,
+    layer: usize,
+    t: usize,
+    opts: &LeanOptions,
+) -> (bool, Option<usize>) {
+    if opts.saved != SavedSet::Transformers {
+        return (false, None);
+    }
+    let window = cfg.attention_window(layer).filter(|&w| t >= w);
+    let eager = opts.attention == crate::train::Attention::Eager;
+    let repeat = cfg.n_head != cfg.n_kv_head && (eager || window.is_some());
+    let mask = if eager { None } else { window };
+    (repeat, mask)
+}
+
+/// `[B, T, kv, hd]` -> `[B, T, kv·g, hd]`, each kv head repeated g times in a row (HF's
+/// `repeat_kv` order); the input is released.
+fn repeat_heads(x: Tensor, g: usize) -> Result<Tensor> {
+    let (b, t, kv, hd) = x.dims4()?;
+    x.unsqueeze(3)?
+        .expand((b, t, kv, g, hd))?
+        .contiguous()?
+        .reshape((b, t, kv * g, hd))
+}
+
+/// `[B, T, kv·g, hd]` -> `[B, T, kv, hd]`: the sum over each group.
+fn sum_groups(x: Tensor, kv: usize) -> Result<Tensor> {
+    let (b, t, h, hd) = x.dims4()?;
+    x.reshape((b, t, kv, h / kv, hd))?.sum(3)
+}
+
+/// HF's sdpa mask for a causal window `w`: `[B, 1, T, T]` f32, 0 where a query sees a key and
+/// the dtype's minimum elsewhere.
+fn sdpa_window_mask(b: usize, t: usize, w: usize, device: &Device) -> Result<Tensor> {
+    let mut m = vec![f32::MIN; b * t * t];
+    for row in m.chunks_mut(t * t) {
+        for (i, q) in row.chunks_mut(t).enumerate() {
+            for (j, v) in q.iter_mut().enumerate() {
+                if j <= i && i - j < w {
+                    *v = 0.0;
+                }
+            }
+        }
+    }
+    Tensor::from_vec(m, (b, 1, t, t), &Device::Cpu)?.to_device(device)
 }
 
 /// An optional RMSNorm over each head of y `[N, heads·hd]`: (the normalised heads `[N, heads·hd]`,

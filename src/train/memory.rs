@@ -172,6 +172,10 @@ struct Dims {
     /// The block's feed-forward is a mixture of experts (layers may differ: Qwen-MoE's
     /// `mlp_only_layers`, `decoder_sparse_step`).
     moe: bool,
+    /// HF's attention holds k and v repeated to every query head (`repeat_kv`).
+    repeat: bool,
+    /// HF's sdpa holds a window mask `[B, 1, T, T]` f32.
+    mask: bool,
 }
 
 impl Dims {
@@ -238,8 +242,13 @@ fn block_saved(cfg: &ModelConfig, x: &Dims, opts: &LeanOptions) -> Vec<(&'static
                 ("ln_1 mean, rstd [N] f32", 2 * x.n * STAT),
                 ("ln_1 output (c_attn's input) [N, d]", x.nd()),
             ];
-            if hf {
-                v.push(("q, v [B, T, H, hd]", 2 * x.q()));
+            if hf && opts.attention == Attention::Eager {
+                v.push((
+                    "qkv projection (the attention's views keep it) [N, 3·H·hd]",
+                    3 * x.q(),
+                ));
+            } else if hf {
+                v.push(("q, v (sdpa's copies) [B, T, H, hd]", 2 * x.q()));
                 v.push((
                     "qkv projection (sdpa's view of k keeps it) [N, 3·H·hd]",
                     3 * x.q(),
@@ -282,7 +291,18 @@ fn block_saved(cfg: &ModelConfig, x: &Dims, opts: &LeanOptions) -> Vec<(&'static
             }
             v.extend([
                 ("q after RoPE [B, T, H, hd]", x.q()),
-                ("k after RoPE, v [B, T, Hkv, hd]", 2 * x.kv()),
+                if x.repeat {
+                    (
+                        "k after RoPE and v, repeated to every query head (repeat_kv) [B, T, H, hd]",
+                        2 * x.q(),
+                    )
+                } else {
+                    ("k after RoPE, v [B, T, Hkv, hd]", 2 * x.kv())
+                },
+                (
+                    "sdpa's window mask [B, 1, T, T] f32",
+                    u64::from(x.mask) * x.b * x.t * x.t * STAT,
+                ),
                 (
                     "fused qkv projection, which v's view keeps (v not copied) [N, q + 2kv]",
                     keeps_qkv(cfg, opts) * (x.q() + x.kv()),
@@ -405,6 +425,15 @@ fn keeps_qkv(cfg: &ModelConfig, opts: &LeanOptions) -> u64 {
     )
 }
 
+/// GPT-2's q, k, v copies not kept beside its qkv projection (`gpt2.rs`).
+fn gpt2_copies_dropped(opts: &LeanOptions) -> u64 {
+    match (opts.saved, opts.attention) {
+        (SavedSet::Fused, _) => 0,
+        (SavedSet::Transformers, Attention::Flash) => 1,
+        (SavedSet::Transformers, Attention::Eager) => 3,
+    }
+}
+
 /// Whether the step keeps each RMSNorm's x̂ (HF's composed RMSNorm).
 fn keeps_xhat(cfg: &ModelConfig, opts: &LeanOptions) -> bool {
     opts.saved == SavedSet::Transformers && cfg.norm != NormKind::LayerNorm
@@ -424,9 +453,11 @@ fn block_saved_tensors(cfg: &ModelConfig, x: &Dims, opts: &LeanOptions) -> u64 {
     };
     match cfg.arch {
         // Transformers: qkv kept instead of the k copy.
-        Arch::Gpt2 => 14 + gelu_parts(cfg, opts),
-        Arch::Llama if x.moe => 11 + 1 + (4 + 2 * hf) * cfg.n_experts as u64 + switches + xhats,
-        Arch::Llama => 13 + switches + xhats + hf,
+        Arch::Gpt2 => 14 + gelu_parts(cfg, opts) + hf - gpt2_copies_dropped(opts),
+        Arch::Llama if x.moe => {
+            11 + 1 + (4 + 2 * hf) * cfg.n_experts as u64 + switches + xhats + u64::from(x.mask)
+        }
+        Arch::Llama => 13 + switches + xhats + hf + u64::from(x.mask),
     }
 }
 
@@ -462,8 +493,10 @@ fn block_forward(cfg: &ModelConfig, x: &Dims, opts: &LeanOptions) -> (u64, i128)
                 l.free(3 * x.q());
             }
             attn_out(&mut l);
-            if opts.saved == SavedSet::Transformers {
-                l.free(x.q()); // the k copy (qkv stays)
+            // The copies HF does not keep (qkv stays): k with sdpa, all three eager.
+            let dropped = gpt2_copies_dropped(opts);
+            for _ in 0..dropped {
+                l.free(x.q());
             }
             l.mm(n, d, qd, false, false, e); // c_proj output
             x.all_reduce(&mut l);
@@ -518,9 +551,19 @@ fn block_forward(cfg: &ModelConfig, x: &Dims, opts: &LeanOptions) -> (u64, i128)
                 l.alloc(width); // after RoPE
                 l.free(width); // before
             }
+            let kv_att = if x.repeat { x.q() } else { x.kv() };
+            if x.repeat {
+                for _ in 0..2 {
+                    l.alloc(x.q()); // k, v repeated
+                    l.free(x.kv());
+                }
+            }
+            if x.mask {
+                l.alloc(x.b * x.t * x.t * STAT);
+            }
             attn_out(&mut l);
             if keeps_qkv(cfg, opts) == 1 {
-                l.free(x.kv()); // the v copy (the projection stays)
+                l.free(kv_att); // the v copy (the projection stays)
             }
             l.mm(n, d, qd, false, true, e); // o_proj output
             x.all_reduce(&mut l);
@@ -659,8 +702,8 @@ fn block_backward(cfg: &ModelConfig, x: &Dims, opts: &LeanOptions) -> (u64, i128
             bias(&mut l, b, d);
             l.mm(n, qd, d, false, true, e); // d_o
             let hf = opts.saved == SavedSet::Transformers;
-            if hf {
-                l.alloc(x.q()); // k copied out of qkv
+            for _ in 0..gpt2_copies_dropped(opts) {
+                l.alloc(x.q()); // copied out of qkv again
             }
             attn_bwd(&mut l, x.q(), x.q());
             l.free(x.q()); // d_o
@@ -734,12 +777,26 @@ fn block_backward(cfg: &ModelConfig, x: &Dims, opts: &LeanOptions) -> (u64, i128
             let qkv_kept = keeps_qkv(cfg, opts) == 1;
             if qkv_kept {
                 l.alloc(x.kv()); // v copied out of the kept projection
+                if x.repeat {
+                    l.alloc(x.q());
+                    l.free(x.kv());
+                }
             }
-            attn_bwd(&mut l, x.q(), x.kv());
+            let kv_att = if x.repeat { x.q() } else { x.kv() };
+            attn_bwd(&mut l, x.q(), kv_att);
             l.free(x.q()); // d_o
-            l.free(2 * x.q() + 2 * x.kv()); // q, k, v, o
+            l.free(2 * x.q() + 2 * kv_att); // q, k, v, o
             if qkv_kept {
                 l.free(x.q() + 2 * x.kv());
+            }
+            if x.mask {
+                l.free(x.b * x.t * x.t * STAT);
+            }
+            if x.repeat {
+                for _ in 0..2 {
+                    l.alloc(x.kv()); // the group sums of dk, dv
+                    l.free(x.q());
+                }
             }
             free_attn(&mut l, x, opts);
             // through RoPE (and the q/k norm: its dx, dw, then the gradient it came from and
@@ -1026,7 +1083,22 @@ fn dims(cfg: &ModelConfig, step: Step, tp: bool) -> Dims {
         threads: rayon::current_num_threads() as u64,
         tp,
         moe: false,
+        repeat: false,
+        mask: false,
     }
+}
+
+/// (k and v repeated, a window mask held) for `layer`, as `llama::hf_attention_inputs` decides.
+fn attention_inputs(cfg: &ModelConfig, layer: usize, t: u64, opts: &LeanOptions) -> (bool, bool) {
+    if opts.saved != SavedSet::Transformers || cfg.arch != Arch::Llama {
+        return (false, false);
+    }
+    let window = cfg.attention_window(layer).is_some_and(|w| t >= w as u64);
+    let eager = opts.attention == Attention::Eager;
+    (
+        cfg.n_head != cfg.n_kv_head && (eager || window),
+        !eager && window,
+    )
 }
 
 /// The closed form of one rank's part of a parallel lean step (`RankPart`), with `cfg` the
@@ -1052,40 +1124,46 @@ pub fn predict_rank(
 
     // --- what the forward keeps, per kind of block (a stage's blocks are taken as the model's
     // first `layers`: the lean step does not split a mixture of experts over stages)
-    let dense = BlockKind::new(
-        cfg,
-        &Dims {
-            moe: false,
-            ..x.clone()
-        },
-        opts,
-    );
-    let sparse = cfg.is_moe().then(|| {
-        BlockKind::new(
-            cfg,
-            &Dims {
-                moe: true,
+    // Layers differ by their feed-forward (dense or MoE) and, keeping what HF keeps, by what
+    // its attention holds (repeated k/v, a window mask): one walk per distinct kind.
+    let key_of = |i: usize| {
+        let (repeat, mask) = attention_inputs(cfg, i, t, opts);
+        (cfg.is_moe() && cfg.layer_is_moe(i), repeat, mask)
+    };
+    let mut distinct: Vec<((bool, bool, bool), BlockKind)> = Vec::new();
+    for i in 0..layers as usize {
+        let key = key_of(i);
+        if !distinct.iter().any(|(k, _)| *k == key) {
+            let (moe, repeat, mask) = key;
+            let dims = Dims {
+                moe,
+                repeat,
+                mask,
                 ..x.clone()
-            },
-            opts,
-        )
-    });
-    let is_sparse = |i: usize| sparse.is_some() && cfg.layer_is_moe(i);
+            };
+            distinct.push((key, BlockKind::new(cfg, &dims, opts)));
+        }
+    }
     let kinds: Vec<&BlockKind> = (0..layers as usize)
-        .map(|i| match &sparse {
-            Some(s) if is_sparse(i) => s,
-            _ => &dense,
+        .filter_map(|i| {
+            let key = key_of(i);
+            distinct
+                .iter()
+                .find(|(k, _)| *k == key)
+                .map(|(_, kind)| kind)
         })
         .collect();
-    let n_sparse = (0..layers as usize).filter(|&i| is_sparse(i)).count() as u64;
-    for (kind, count, label) in [
-        (Some(&dense), layers - n_sparse, "per dense block"),
-        (sparse.as_ref(), n_sparse, "per MoE block"),
-    ] {
-        let Some(kind) = kind.filter(|_| count > 0) else {
-            continue;
+    for ((moe, repeat, mask), kind) in &distinct {
+        let label = if distinct.len() == 1 {
+            "per block".to_string()
+        } else {
+            format!(
+                "per {} block{}{}",
+                if *moe { "MoE" } else { "dense" },
+                if *repeat { ", k/v repeated" } else { "" },
+                if *mask { ", window mask" } else { "" }
+            )
         };
-        let label = if count == layers { "per block" } else { label };
         for (name, v) in &kind.saved {
             terms.push((format!("{label}: {name}"), *v));
         }
