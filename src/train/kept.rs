@@ -141,37 +141,34 @@ mod tests {
     use super::*;
 
     #[test]
-    fn gelu_new_parts_rebuild_the_activation() {
+    fn gelu_parts_rebuild_the_activation() {
         let x = Tensor::arange(-40f32, 40.0, &Device::Cpu)
             .unwrap()
             .affine(0.1, 0.0)
             .unwrap();
-        let p = gelu_intermediates(&x, GeluForm::New).unwrap();
-        assert_eq!(p.len(), 3);
-        // y = a · b, and b = 1 + t
-        let y = (&p[1] * &p[2]).unwrap();
         let want = super::super::k::gelu_tanh_fwd(&x).unwrap();
-        let err = (y - want)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert!(err < 1e-5, "{err}");
-        let fast = gelu_intermediates(&x, GeluForm::Fast).unwrap();
-        let y = (&fast[4] * &fast[5]).unwrap();
-        let want = super::super::k::gelu_tanh_fwd(&x).unwrap();
-        let err = (y - want)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert!(err < 1e-5, "{err}");
+        let max_err = |a: Tensor, b: &Tensor| {
+            (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        // (form, parts, the last product's factors ½x and 1 + tanh, tanh)
+        for (form, count, (half, one_plus), tanh) in [
+            (GeluForm::New, 3, (1, 2), 0),
+            (GeluForm::Fast, 6, (4, 5), 3),
+        ] {
+            let p = gelu_intermediates(&x, form).unwrap();
+            assert_eq!(p.len(), count, "{form:?}");
+            let y = (&p[half] * &p[one_plus]).unwrap();
+            assert!(max_err(y, &want) < 1e-5, "{form:?}: y = ½x · (1 + tanh)");
+            let t1 = (&p[tanh] + 1.0).unwrap();
+            assert!(max_err(t1, &p[one_plus]) < 1e-6, "{form:?}: 1 + tanh");
+        }
     }
 
     #[test]
