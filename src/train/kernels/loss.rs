@@ -74,6 +74,21 @@ pub fn softcap_fwd(z: Tensor, cap: f64) -> Result<Tensor> {
     (z / cap)?.tanh()? * cap
 }
 
+/// The f32 elements an in-place op may rewrite: its storage's contiguous range.
+fn contiguous_f32<'a>(
+    storage: &'a mut CpuStorage,
+    layout: &Layout,
+    op: &str,
+) -> Result<&'a mut [f32]> {
+    let CpuStorage::F32(data) = storage else {
+        candle_core::bail!("{op}: expected f32 storage")
+    };
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("{op}: input must be contiguous")
+    };
+    Ok(&mut data[start..end])
+}
+
 struct Softcap {
     cap: f64,
 }
@@ -84,16 +99,10 @@ impl candle_core::InplaceOp1 for Softcap {
     }
 
     fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> Result<()> {
-        let CpuStorage::F32(data) = storage else {
-            candle_core::bail!("softcap: expected f32 storage")
-        };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("softcap: input must be contiguous")
-        };
+        let data = contiguous_f32(storage, layout, "softcap")?;
         // The same roundings as candle's `affine(1/c)`, `tanh`, `affine(c)` in f32.
         let (inv, c) = ((1.0 / self.cap) as f32, self.cap as f32);
-        data[start..end]
-            .par_chunks_mut(4096)
+        data.par_chunks_mut(4096)
             .for_each(|ch| ch.iter_mut().for_each(|x| *x = (*x * inv).tanh() * c));
         Ok(())
     }
@@ -201,15 +210,9 @@ impl candle_core::InplaceOp1 for CeBwd {
     }
 
     fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> Result<()> {
-        let CpuStorage::F32(data) = storage else {
-            candle_core::bail!("cross-entropy-bwd: expected f32 storage")
-        };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("cross-entropy-bwd: logits must be contiguous")
-        };
+        let data = contiguous_f32(storage, layout, "cross-entropy-bwd")?;
         let v = self.v;
-        data[start..end]
-            .par_chunks_mut(v)
+        data.par_chunks_mut(v)
             .zip(self.targets.par_iter().zip(self.lse.par_iter()))
             .for_each(|(row, (&t, &lse))| {
                 if t == IGNORE_INDEX {
