@@ -108,28 +108,31 @@ pub fn counting() -> bool {
     COUNTING.load(Relaxed)
 }
 
-/// glibc's largest mmap threshold (`DEFAULT_MMAP_THRESHOLD_MAX` on 64-bit, malloc(3)): blocks up
-/// to this size come from the heap, whose freed memory is reused without new page faults.
-pub const MMAP_THRESHOLD_BYTES: i32 = 32 << 20;
-/// Free memory glibc may keep at the top of the heap before returning it to the OS.
-pub const TRIM_THRESHOLD_BYTES: i32 = 1 << 30;
-
-/// Make glibc's malloc keep tensor-sized blocks (up to 32 MiB) in its heap and reuse them,
-/// instead of mapping fresh zeroed pages for each one and unmapping them on free.
+/// Make glibc's malloc keep every freed tensor buffer in its heap and reuse it, instead of
+/// mapping fresh zeroed pages for each one and unmapping them on free.
 ///
-/// Why: candle allocates a new buffer for every op output and gradient. By default glibc serves
-/// blocks above its (dynamic, at most 32 MiB) mmap threshold with `mmap`, so each op pays page
-/// faults and kernel page zeroing: `perf` put 15–17% of a GPT-2 124M training step in the kernel
-/// (`clear_page_erms`, `exc_page_fault`, `unmap_page_range`). Measured here with one thread
-/// (batch 1, seq 256, f32, median of 3, alternated): forward + backward 6.2–6.4 s by default,
-/// 3.5–4.0 s with this setting. Counted bytes are unchanged (the counting allocator sees the
-/// requested sizes); RSS grows by the freed memory glibc now keeps (~150 MB for that run).
+/// Why: candle and the lean step allocate a new buffer for every op output and gradient. By
+/// default glibc serves blocks above its (dynamic, at most 32 MiB) mmap threshold with `mmap`,
+/// so each op pays page faults and kernel page zeroing: `perf` put 15–17% of a GPT-2 124M
+/// training step in the kernel (`clear_page_erms`, `exc_page_fault`, `unmap_page_range`).
+/// Raising the threshold to its 32 MiB maximum took that step (one thread, batch 1, seq 256)
+/// from 6.2–6.4 s to 3.5–4.0 s, but left every larger block (the logits, the [V, d] head and
+/// embedding gradients) on `mmap`, and a heap top above the trim threshold went back to the OS
+/// at the end of each step: still ~146k page faults (≈ 600 MB of fresh pages) per step. So no
+/// block is mapped on its own (`M_MMAP_MAX` 0: the heap serves all, glibc still falls back to
+/// `mmap` when the heap cannot grow) and the heap is never trimmed. Counted bytes are unchanged
+/// (the counting allocator sees the requested sizes); the process's resident set stays at its
+/// high-water mark until it exits.
 /// Call once at the start of `main`; a no-op on other platforms.
 pub fn keep_large_blocks_in_heap() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes glibc's allocation parameters; called before any threads.
     unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES);
+        // One arena: the command runs on a spawned thread, whose own arena would be a chain of
+        // 64 MiB mapped heaps (a block above that is mapped on its own whatever M_MMAP_MAX says).
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+        libc::mallopt(libc::M_MMAP_MAX, 0);
+        // -1: trimming off (malloc(3), M_TRIM_THRESHOLD).
+        libc::mallopt(libc::M_TRIM_THRESHOLD, -1);
     }
 }

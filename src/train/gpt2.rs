@@ -197,7 +197,8 @@ impl Net for Gpt2 {
         let [q, k_, v] = [(q, keep[0]), (k_, keep[1]), (v, keep[2])].map(|(t, k)| k.then_some(t));
         let o = o.reshape((b * t, d))?;
         let a = blk.attn_proj.fwd(&o)?;
-        let x1 = (x + a)?;
+        let x1 = k::add(x, &a)?;
+        drop(a);
         let (ln2, st2) = blk.ln_2.fwd(&x1)?;
         let hpre = blk.c_fc.fwd(&ln2)?;
         let g = k::gelu_tanh_fwd(&hpre)?;
@@ -206,7 +207,8 @@ impl Net for Gpt2 {
             SavedSet::Fused => Vec::new(),
         };
         let m = blk.mlp_proj.fwd(&g)?;
-        let y = (&x1 + m)?;
+        let y = k::add(&x1, &m)?;
+        drop(m);
         let saved = Saved {
             x: x.clone(),
             st1,

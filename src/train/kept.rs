@@ -14,9 +14,10 @@
 //! backward releases it; its fused backward recomputes what it needs from the minimal set
 //! instead of reading them, which is cheaper than reading a second [N, ff] buffer.
 
-use candle_core::{DType, Device, Result, Tensor, D};
+use candle_core::{DType, Device, Result, Tensor};
 use rayon::prelude::*;
 
+use super::k::simd::tanh;
 use crate::config::GeluForm;
 
 const SQRT_2_OVER_PI: f32 = 0.797_884_6;
@@ -31,14 +32,14 @@ pub(crate) fn gelu_intermediates(x: &Tensor, form: GeluForm) -> Result<Vec<Tenso
     match form {
         GeluForm::Fused => Ok(Vec::new()),
         GeluForm::New => parts(x, |x| {
-            let t = (SQRT_2_OVER_PI * (x + GELU_A * x * x * x)).tanh();
+            let t = tanh(SQRT_2_OVER_PI * (x + GELU_A * x * x * x));
             [t, 0.5 * x, 1.0 + t]
         }),
         GeluForm::Fast => parts(x, |x| {
             let c2 = GELU_A * x;
             let c1 = x * SQRT_2_OVER_PI;
             let c3 = 1.0 + c2 * x;
-            let t = (c1 * c3).tanh();
+            let t = tanh(c1 * c3);
             [c2, c1, c3, t, 0.5 * x, 1.0 + t]
         }),
     }
@@ -46,7 +47,7 @@ pub(crate) fn gelu_intermediates(x: &Tensor, form: GeluForm) -> Result<Vec<Tenso
 
 /// Every output of `f` over the elements of x, each in its own tensor: one pass on the CPU for
 /// contiguous f32, candle's elementwise ops otherwise (the same values through the host).
-fn parts<const K: usize>(x: &Tensor, f: fn(f32) -> [f32; K]) -> Result<Vec<Tensor>> {
+fn parts<const K: usize>(x: &Tensor, f: impl Fn(f32) -> [f32; K] + Sync) -> Result<Vec<Tensor>> {
     let n = x.elem_count();
     let host = x.to_dtype(DType::F32)?.flatten_all()?;
     let fused = x.dtype() == DType::F32 && x.device().is_cpu() && x.is_contiguous();
@@ -106,15 +107,12 @@ fn parts<const K: usize>(x: &Tensor, f: fn(f32) -> [f32; K]) -> Result<Vec<Tenso
 
 /// RMSNorm's normalized input x̂ = x · rstd (f32, as HF computes the norm in f32).
 pub(crate) fn rms_normalized(x: &Tensor, rstd: &Tensor) -> Result<Tensor> {
-    x.to_dtype(DType::F32)?
-        .broadcast_mul(&rstd.unsqueeze(D::Minus1)?)
+    super::k::mul_per_row(&x.to_dtype(DType::F32)?, rstd)
 }
 
 /// `log_softmax(logits.float())`: the loss's saved output `[N, V]` f32, from the rows' lse.
 pub(crate) fn log_probs(logits: &Tensor, lse: &Tensor) -> Result<Tensor> {
-    logits
-        .to_dtype(DType::F32)?
-        .broadcast_sub(&lse.unsqueeze(1)?)
+    super::k::sub_per_row(&logits.to_dtype(DType::F32)?, lse)
 }
 
 /// tanh(x / c) of the capped logits c · tanh(x / c): what HF's final soft-cap keeps `[N, V]`.

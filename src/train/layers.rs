@@ -107,7 +107,7 @@ impl Grads {
             (None, _) => weight.zeros_like()?,
             (Some(acc), EmbeddingGrad::Dense) => {
                 let dense = inplace::index_add_rows(weight.zeros_like()?, ids, dy, skip)?;
-                let sum = (&acc + &dense)?;
+                let sum = k::add(&acc, &dense)?;
                 drop((acc, dense));
                 self.0.insert(name.to_string(), sum);
                 return Ok(());
@@ -170,8 +170,8 @@ impl Lin {
     /// x `[N, in]` -> `[N, out]`; the bias is added in place (after a row-parallel map's sum).
     pub(crate) fn fwd(&self, x: &Tensor) -> Result<Tensor> {
         let y = match self.layout {
-            WeightLayout::InOut => x.matmul(&self.w)?,
-            WeightLayout::OutIn => x.matmul(&self.w.t()?)?,
+            WeightLayout::InOut => k::matmul(x, &self.w)?,
+            WeightLayout::OutIn => k::matmul(x, &self.w.t()?)?,
         };
         let y = self.reduce(y, Role::Row)?;
         match &self.b {
@@ -190,16 +190,16 @@ impl Lin {
         acc: Option<Tensor>,
     ) -> Result<Tensor> {
         let dw = match self.layout {
-            WeightLayout::InOut => x.t()?.matmul(dy)?,
-            WeightLayout::OutIn => dy.t()?.matmul(x)?,
+            WeightLayout::InOut => k::matmul(&x.t()?, dy)?,
+            WeightLayout::OutIn => k::matmul(&dy.t()?, x)?,
         };
         grads.add(&self.w_name, dw)?;
         if self.b.is_some() {
-            grads.add(&self.b_name, dy.sum(0)?)?;
+            grads.add(&self.b_name, k::sum_rows(dy)?)?;
         }
         let dx = match self.layout {
-            WeightLayout::InOut => dy.matmul(&self.w.t()?)?,
-            WeightLayout::OutIn => dy.matmul(&self.w)?,
+            WeightLayout::InOut => k::matmul(dy, &self.w.t()?)?,
+            WeightLayout::OutIn => k::matmul(dy, &self.w)?,
         };
         let dx = match acc {
             Some(a) => {

@@ -615,14 +615,20 @@ impl Net for Llama {
         let o = o.reshape((n, h * hd))?;
         let a = l.o.fwd(&o)?;
         let (x1, a, norm2) = match &l.norms {
-            SubNorms::Pre(post_attention) => ((x + a)?, None, post_attention),
+            SubNorms::Pre(post_attention) => {
+                let x1 = k::add(x, &a)?;
+                drop(a);
+                (x1, None, post_attention)
+            }
             SubNorms::Sandwich {
                 post_attention,
                 pre_feedforward,
                 ..
             } => {
                 let (an, sta) = post_attention.fwd_keeping(&a, opts.saved)?;
-                ((x + an)?, Some((a, sta)), pre_feedforward)
+                let x1 = k::add(x, &an)?;
+                drop(an);
+                (x1, Some((a, sta)), pre_feedforward)
             }
         };
         let (h2, st2) = norm2.fwd_keeping(&x1, opts.saved)?;
@@ -637,12 +643,18 @@ impl Net for Llama {
             }
         };
         let (y, m) = match &l.norms {
-            SubNorms::Pre(_) => ((&x1 + m)?, None),
+            SubNorms::Pre(_) => {
+                let y = k::add(&x1, &m)?;
+                drop(m);
+                (y, None)
+            }
             SubNorms::Sandwich {
                 post_feedforward, ..
             } => {
                 let (mn, stm) = post_feedforward.fwd_keeping(&m, opts.saved)?;
-                ((&x1 + mn)?, Some((m, stm)))
+                let y = k::add(&x1, &mn)?;
+                drop(mn);
+                (y, Some((m, stm)))
             }
         };
         Ok((

@@ -83,7 +83,7 @@ pub(crate) fn logits<N: Net>(net: &N, ids: &Tensor) -> Result<Tensor> {
     let (xf, _) = net.final_norm().fwd(&x)?;
     let (head, _) = net.head();
     let v = head.dim(0)?;
-    let logits = xf.matmul(&head.t()?)?;
+    let logits = k::matmul(&xf, &head.t()?)?;
     let logits = match net.final_softcap() {
         Some(c) => k::softcap_fwd(logits, c)?,
         None => logits,
@@ -197,7 +197,7 @@ fn head_step<N: Net>(
     let (xf, stats) = net.final_norm().fwd_keeping(&x, opts.saved)?;
     let (head, head_name) = net.head();
     // [N, d] @ [d, V] -> [N, V]
-    let logits = xf.matmul(&head.t()?)?;
+    let logits = k::matmul(&xf, &head.t()?)?;
     // Capped in place: the loss's backward reads the capped logits for the cap's derivative too.
     let cap = net.final_softcap();
     let logits = match cap {
@@ -238,9 +238,9 @@ fn head_step<N: Net>(
     };
     drop(lse);
     // [V, N] @ [N, d] -> [V, d]
-    grads.add(head_name, dlogits.t()?.matmul(&xf)?)?;
+    grads.add(head_name, k::matmul(&dlogits.t()?, &xf)?)?;
     drop(xf);
-    let dxf = dlogits.matmul(head)?;
+    let dxf = k::matmul(&dlogits, head)?;
     drop(dlogits);
     let dx = net.final_norm().bwd(&dxf, &x, &stats, grads)?;
     drop((dxf, x, stats));

@@ -15,9 +15,11 @@ mod act;
 mod attention;
 mod embed;
 mod loss;
+mod matmul;
 mod norm;
 mod rope;
-mod simd;
+pub(crate) mod simd;
+mod sum;
 
 pub use act::{activation, gated_bwd, gated_fwd, gelu_tanh_bwd, gelu_tanh_fwd, GateAct};
 pub use attention::{
@@ -25,8 +27,10 @@ pub use attention::{
 };
 pub use embed::embedding_bwd;
 pub use loss::{cross_entropy_bwd, cross_entropy_fwd, softcap_fwd, IGNORE_INDEX};
+pub use matmul::matmul;
 pub use norm::{layer_norm_bwd, layer_norm_fwd, rms_norm_bwd, rms_norm_fwd};
 pub use rope::{rope_bwd, rope_fwd};
+pub use sum::{add, mul_per_row, sub_per_row, sum_rows};
 
 use candle_core::{DType, Storage, Tensor};
 
