@@ -17,7 +17,7 @@
 use candle_core::{DType, Device, Result, Tensor};
 use rayon::prelude::*;
 
-use super::k::simd::tanh;
+use super::k::simd::{multiversion, tanh};
 use crate::config::GeluForm;
 
 const SQRT_2_OVER_PI: f32 = 0.797_884_6;
@@ -31,23 +31,43 @@ const CHUNK: usize = 16 * 1024;
 pub(crate) fn gelu_intermediates(x: &Tensor, form: GeluForm) -> Result<Vec<Tensor>> {
     match form {
         GeluForm::Fused => Ok(Vec::new()),
-        GeluForm::New => parts(x, |x| {
-            let t = tanh(SQRT_2_OVER_PI * (x + GELU_A * x * x * x));
-            [t, 0.5 * x, 1.0 + t]
-        }),
-        GeluForm::Fast => parts(x, |x| {
+        GeluForm::New => parts(x, gelu_new_block),
+        GeluForm::Fast => parts(x, gelu_fast_block),
+    }
+}
+
+multiversion! {
+    /// tanh u, ½x, 1 + tanh u with u = √(2/π)(x + 0.044715x³).
+    fn gelu_new_block(xs: &[f32], outs: &mut [&mut [f32]; 3]) {
+        let [t, half, one_plus] = outs;
+        for (((&x, t), half), one_plus) in xs.iter().zip(t.iter_mut()).zip(half.iter_mut()).zip(one_plus.iter_mut()) {
+            let v = tanh(SQRT_2_OVER_PI * (x + GELU_A * x * x * x));
+            (*t, *half, *one_plus) = (v, 0.5 * x, 1.0 + v);
+        }
+    }
+}
+
+multiversion! {
+    /// 0.044715x, x·√(2/π), 1 + 0.044715x², tanh, ½x, 1 + tanh (`gelu_fast`'s order of ops).
+    fn gelu_fast_block(xs: &[f32], outs: &mut [&mut [f32]; 6]) {
+        for (i, &x) in xs.iter().enumerate() {
             let c2 = GELU_A * x;
             let c1 = x * SQRT_2_OVER_PI;
             let c3 = 1.0 + c2 * x;
             let t = tanh(c1 * c3);
-            [c2, c1, c3, t, 0.5 * x, 1.0 + t]
-        }),
+            for (o, v) in outs.iter_mut().zip([c2, c1, c3, t, 0.5 * x, 1.0 + t]) {
+                o[i] = v;
+            }
+        }
     }
 }
 
-/// Every output of `f` over the elements of x, each in its own tensor: one pass on the CPU for
-/// contiguous f32, candle's elementwise ops otherwise (the same values through the host).
-fn parts<const K: usize>(x: &Tensor, f: impl Fn(f32) -> [f32; K] + Sync) -> Result<Vec<Tensor>> {
+/// The K outputs of `block` over the elements of x, each in its own tensor: one pass on the CPU
+/// for contiguous f32 (the values through the host otherwise).
+fn parts<const K: usize>(
+    x: &Tensor,
+    block: fn(&[f32], &mut [&mut [f32]; K]),
+) -> Result<Vec<Tensor>> {
     let n = x.elem_count();
     let host = x.to_dtype(DType::F32)?.flatten_all()?;
     let fused = x.dtype() == DType::F32 && x.device().is_cpu() && x.is_contiguous();
@@ -71,7 +91,7 @@ fn parts<const K: usize>(x: &Tensor, f: impl Fn(f32) -> [f32; K] + Sync) -> Resu
         };
         let mut slices: Vec<&mut [f32]> = outs.iter_mut().map(|v| v.as_mut_slice()).collect();
         // Split every output into the same chunks, then run each chunk on its own task.
-        let mut chunks: Vec<Vec<&mut [f32]>> = Vec::new();
+        let mut chunks: Vec<[&mut [f32]; K]> = Vec::new();
         while !slices.is_empty() && !slices[0].is_empty() {
             let take = CHUNK.min(slices[0].len());
             let mut row = Vec::with_capacity(K);
@@ -81,19 +101,16 @@ fn parts<const K: usize>(x: &Tensor, f: impl Fn(f32) -> [f32; K] + Sync) -> Resu
                 row.push(head);
                 rest.push(tail);
             }
+            let Ok(row) = <[&mut [f32]; K]>::try_from(row) else {
+                candle_core::bail!("GELU intermediates: {K} outputs expected");
+            };
             chunks.push(row);
             slices = rest;
         }
         chunks
             .into_par_iter()
             .zip(xs.par_chunks(CHUNK))
-            .for_each(|(mut outs, xs)| {
-                for (i, &x) in xs.iter().enumerate() {
-                    for (o, v) in outs.iter_mut().zip(f(x)) {
-                        o[i] = v;
-                    }
-                }
-            });
+            .for_each(|(mut outs, xs)| block(xs, &mut outs));
     }
     let device = x.device();
     outs.into_iter()

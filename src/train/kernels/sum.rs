@@ -5,7 +5,8 @@
 //! in `BarrierGuard::drop`); candle's `sum(0)` reduces along the strided axis one element at a
 //! time (2.5% of the same step). These run on rayon, a contiguous block per task.
 
-use super::{simd, with_cpu_f32};
+use super::simd::{self, multiversion};
+use super::with_cpu_f32;
 use candle_core::{Device, Result, Tensor};
 use rayon::prelude::*;
 
@@ -19,9 +20,7 @@ pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     }
     let fused = with_cpu_f32(&[a, b], |s| {
         fill(s[0].len(), CHUNK, |at, y| {
-            for (i, y) in y.iter_mut().enumerate() {
-                y.write(s[0][at + i] + s[1][at + i]);
-            }
+            add_block(y, &s[0][at..at + y.len()], &s[1][at..at + y.len()])
         })
     });
     match fused {
@@ -32,18 +31,44 @@ pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 
 /// `x[r, :] − v[r]` for every row r of `x` `[R, C]`, `v` `[R]`, in a new tensor.
 pub fn sub_per_row(x: &Tensor, v: &Tensor) -> Result<Tensor> {
-    per_row(x, v, |a, b| a - b, |x, v| x.broadcast_sub(v))
+    per_row(x, v, sub_block, |x, v| x.broadcast_sub(v))
 }
 
 /// `x[r, :] · v[r]` for every row r of `x` `[R, C]`, `v` `[R]`, in a new tensor.
 pub fn mul_per_row(x: &Tensor, v: &Tensor) -> Result<Tensor> {
-    per_row(x, v, |a, b| a * b, |x, v| x.broadcast_mul(v))
+    per_row(x, v, mul_block, |x, v| x.broadcast_mul(v))
+}
+
+type Out = [std::mem::MaybeUninit<f32>];
+
+multiversion! {
+    fn add_block(y: &mut Out, a: &[f32], b: &[f32]) {
+        for ((y, &a), &b) in y.iter_mut().zip(a).zip(b) {
+            y.write(a + b);
+        }
+    }
+}
+
+multiversion! {
+    fn sub_block(y: &mut Out, x: &[f32], v: f32) {
+        for (y, &x) in y.iter_mut().zip(x) {
+            y.write(x - v);
+        }
+    }
+}
+
+multiversion! {
+    fn mul_block(y: &mut Out, x: &[f32], v: f32) {
+        for (y, &x) in y.iter_mut().zip(x) {
+            y.write(x * v);
+        }
+    }
 }
 
 fn per_row(
     x: &Tensor,
     v: &Tensor,
-    op: impl Fn(f32, f32) -> f32 + Sync,
+    block: fn(&mut Out, &[f32], f32),
     composed: impl Fn(&Tensor, &Tensor) -> Result<Tensor>,
 ) -> Result<Tensor> {
     let (rows, c) = super::rows_cols(x)?;
@@ -51,11 +76,11 @@ fn per_row(
         candle_core::bail!("per-row operand: {} values for {rows} rows", v.elem_count());
     }
     let fused = with_cpu_f32(&[x, v], |s| {
-        fill(rows * c, c.max(1), |at, y| {
-            let (r, c0) = (at / c, at % c);
-            let row = &s[0][r * c..(r + 1) * c];
-            for (y, &x) in y.iter_mut().zip(&row[c0..]) {
-                y.write(op(x, s[1][r]));
+        // Whole rows per task (none at all when rows are empty).
+        fill(rows * c, super::min_rows(c) * c.max(1), |at, y| {
+            for (i, y) in y.chunks_mut(c).enumerate() {
+                let r = at / c + i;
+                block(y, &s[0][r * c..(r + 1) * c], s[1][r]);
             }
         })
     });
@@ -133,7 +158,13 @@ mod tests {
 
     #[test]
     fn per_row_ops_match_candle() {
-        for (r, c) in [(1, 1), (3, 5), (40, 1000)] {
+        for (r, c) in [(1, 1), (3, 5), (40, 1000), (3, 0)] {
+            if c == 0 {
+                let x = Tensor::zeros((r, 0), candle_core::DType::F32, &Device::Cpu).unwrap();
+                let v = rand(&[r], 1.0, 4).unwrap();
+                assert_eq!(sub_per_row(&x, &v).unwrap().dims(), &[r, 0]);
+                continue;
+            }
             let x = rand(&[r, c], 1.0, 3).unwrap();
             let v = rand(&[r], 1.0, 4).unwrap();
             let col = v.unsqueeze(1).unwrap();
