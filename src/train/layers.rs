@@ -344,8 +344,9 @@ impl Norm {
 pub(crate) enum AttnSaved {
     /// Per-row log-sum-exp `[B, H, T]` (f32): the probabilities are recomputed.
     Flash(Tensor),
-    /// The probabilities `[B, H, T, T]` (HF eager).
-    Eager(Tensor),
+    /// The probabilities `[B, H, T, T]` (HF eager) and, for a soft-capped attention under
+    /// `SavedSet::Transformers`, tanh(s / c) `[B, H, T, T]` (HF composes the cap).
+    Eager(Tensor, Option<Tensor>),
 }
 
 pub(crate) fn attn_fwd(
@@ -355,14 +356,27 @@ pub(crate) fn attn_fwd(
     spec: &k::AttnSpec,
     how: Attention,
 ) -> Result<(Tensor, AttnSaved)> {
+    attn_fwd_keeping(q, k_, v, spec, how, SavedSet::Fused)
+}
+
+/// `attn_fwd`, keeping what `saved` asks of eager attention (a soft-cap's tanh for HF's).
+pub(crate) fn attn_fwd_keeping(
+    q: &Tensor,
+    k_: &Tensor,
+    v: &Tensor,
+    spec: &k::AttnSpec,
+    how: Attention,
+    saved: SavedSet,
+) -> Result<(Tensor, AttnSaved)> {
     match how {
         Attention::Flash => {
             let (o, lse) = k::attention_fwd(q, k_, v, spec)?;
             Ok((o, AttnSaved::Flash(lse)))
         }
         Attention::Eager => {
-            let (o, p) = k::attention_eager_fwd(q, k_, v, spec)?;
-            Ok((o, AttnSaved::Eager(p)))
+            let keep_tanh = saved == SavedSet::Transformers;
+            let (o, p, t) = k::attention_eager_fwd_keeping(q, k_, v, spec, keep_tanh)?;
+            Ok((o, AttnSaved::Eager(p, t)))
         }
     }
 }
@@ -379,6 +393,6 @@ pub(crate) fn attn_bwd(
 ) -> Result<(Tensor, Tensor, Tensor)> {
     match saved {
         AttnSaved::Flash(lse) => k::attention_bwd(q, k_, v, o, lse, d_o, spec),
-        AttnSaved::Eager(p) => k::attention_eager_bwd(q, k_, v, p, d_o, spec),
+        AttnSaved::Eager(p, t) => k::attention_eager_bwd(q, k_, v, p, t.as_ref(), d_o, spec),
     }
 }

@@ -15,7 +15,8 @@
 use super::inplace;
 use super::k;
 use super::layers::{
-    attn_bwd, attn_fwd, AttnSaved, Grads, Lin, Norm, NormKind, NormStats, Params, WeightLayout,
+    attn_bwd, attn_fwd_keeping, AttnSaved, Grads, Lin, Norm, NormKind, NormStats, Params,
+    WeightLayout,
 };
 use super::step::Net;
 use super::{LeanOptions, SavedSet};
@@ -604,7 +605,7 @@ impl Net for Llama {
             Some(w) => Some(sdpa_window_mask(b, t, w, x.device())?),
             None => None,
         };
-        let (o, attn) = attn_fwd(&q, &k_, &v, &l.spec, opts.attention)?;
+        let (o, attn) = attn_fwd_keeping(&q, &k_, &v, &l.spec, opts.attention, opts.saved)?;
         let v = match qkv {
             None => Ok(v),
             Some(qkv) => {

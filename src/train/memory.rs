@@ -309,6 +309,10 @@ fn block_saved(cfg: &ModelConfig, x: &Dims, opts: &LeanOptions) -> Vec<(&'static
                 ),
                 ("attention output (o_proj's input) [N, H·hd]", x.q()),
                 attn,
+                (
+                    "attention soft-cap's tanh(s / c) (HF composes the cap) [B, H, T, T]",
+                    u64::from(keeps_cap_tanh(cfg, opts)) * x.probs(),
+                ),
             ]);
             if sandwich {
                 v.extend([
@@ -434,6 +438,15 @@ fn gpt2_copies_dropped(opts: &LeanOptions) -> u64 {
     }
 }
 
+/// Whether eager attention keeps tanh(s / c) of a soft-capped score beside the probabilities
+/// (HF composes the cap; autograd keeps tanh's output).
+fn keeps_cap_tanh(cfg: &ModelConfig, opts: &LeanOptions) -> bool {
+    opts.saved == SavedSet::Transformers
+        && opts.attention == Attention::Eager
+        && cfg.arch == Arch::Llama
+        && cfg.attn_softcap.is_some()
+}
+
 /// Whether the step keeps each RMSNorm's x̂ (HF's composed RMSNorm).
 fn keeps_xhat(cfg: &ModelConfig, opts: &LeanOptions) -> bool {
     opts.saved == SavedSet::Transformers && cfg.norm != NormKind::LayerNorm
@@ -457,7 +470,9 @@ fn block_saved_tensors(cfg: &ModelConfig, x: &Dims, opts: &LeanOptions) -> u64 {
         Arch::Llama if x.moe => {
             11 + 1 + (4 + 2 * hf) * cfg.n_experts as u64 + switches + xhats + u64::from(x.mask)
         }
-        Arch::Llama => 13 + switches + xhats + hf + u64::from(x.mask),
+        Arch::Llama => {
+            13 + switches + xhats + hf + u64::from(x.mask) + u64::from(keeps_cap_tanh(cfg, opts))
+        }
     }
 }
 
@@ -475,6 +490,9 @@ fn block_forward(cfg: &ModelConfig, x: &Dims, opts: &LeanOptions) -> (u64, i128)
         }
         Attention::Eager => {
             l.alloc(x.probs());
+            if keeps_cap_tanh(cfg, opts) {
+                l.alloc(x.probs());
+            }
             l.alloc(x.q());
         }
     };
@@ -711,7 +729,7 @@ fn block_backward(cfg: &ModelConfig, x: &Dims, opts: &LeanOptions) -> (u64, i128
             if hf {
                 l.free(3 * x.q()); // qkv
             }
-            free_attn(&mut l, x, opts);
+            free_attn(&mut l, cfg, x, opts);
             l.alloc(3 * x.q()); // dqkv
             l.free(3 * x.q()); // dq, dk, dv
             l.mm(d, 3 * qd, n, true, false, e); // c_attn dW
@@ -798,7 +816,7 @@ fn block_backward(cfg: &ModelConfig, x: &Dims, opts: &LeanOptions) -> (u64, i128
                     l.free(x.q());
                 }
             }
-            free_attn(&mut l, x, opts);
+            free_attn(&mut l, cfg, x, opts);
             // through RoPE (and the q/k norm: its dx, dw, then the gradient it came from and
             // its saved input and rstd freed)
             let unrotate = |l: &mut Ledger, width: u64, heads: u64| {
@@ -864,10 +882,15 @@ fn block_backward(cfg: &ModelConfig, x: &Dims, opts: &LeanOptions) -> (u64, i128
     l.result(0)
 }
 
-fn free_attn(l: &mut Ledger, x: &Dims, opts: &LeanOptions) {
+fn free_attn(l: &mut Ledger, cfg: &ModelConfig, x: &Dims, opts: &LeanOptions) {
     match opts.attention {
         Attention::Flash => l.free(x.lse()),
-        Attention::Eager => l.free(x.probs()),
+        Attention::Eager => {
+            l.free(x.probs());
+            if keeps_cap_tanh(cfg, opts) {
+                l.free(x.probs());
+            }
+        }
     }
 }
 

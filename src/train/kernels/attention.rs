@@ -91,22 +91,42 @@ pub fn attention_eager_fwd(
     v: &Tensor,
     spec: &AttnSpec,
 ) -> Result<(Tensor, Tensor)> {
+    let (o, p, _) = attention_eager_fwd_keeping(q, k, v, spec, false)?;
+    Ok((o, p))
+}
+
+/// `attention_eager_fwd`, also returning tanh(s / c) [B,H,T,T] of a soft-capped attention when
+/// `keep_cap_tanh` (HF's eager attention composes the cap, and autograd keeps tanh's output);
+/// the backward then reads it instead of recomputing the scores.
+pub fn attention_eager_fwd_keeping(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    spec: &AttnSpec,
+    keep_cap_tanh: bool,
+) -> Result<(Tensor, Tensor, Option<Tensor>)> {
     let d = Dims::of(q, k, v, spec)?;
     let dt = q.dtype();
     let (qh, kh, vh) = heads_f32(q, k, v, &d)?;
-    let (s, _) = scores(&qh, &kh, &mask(d.t, spec.window, q.device())?, spec)?;
+    let (s, tt) = scores(&qh, &kh, &mask(d.t, spec.window, q.device())?, spec)?;
     let p = s.broadcast_sub(&logsumexp(&s)?)?.exp()?;
+    drop(s);
+    let tt = match tt {
+        Some(t) if keep_cap_tanh => Some(t.to_dtype(dt)?),
+        _ => None,
+    };
     let o = p.matmul(&vh)?.transpose(1, 2)?.contiguous()?.to_dtype(dt)?;
-    Ok((o, p.to_dtype(dt)?))
+    Ok((o, p.to_dtype(dt)?, tt))
 }
 
 /// Eager backward from the kept probabilities: (dq, dk, dv). With a softcap, tanh's derivative
-/// needs the raw scores, recomputed from q and k.
+/// needs tanh(s / c): `cap_tanh` when the forward kept it, else recomputed from q and k.
 pub fn attention_eager_bwd(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     probs: &Tensor,
+    cap_tanh: Option<&Tensor>,
     d_o: &Tensor,
     spec: &AttnSpec,
 ) -> Result<(Tensor, Tensor, Tensor)> {
@@ -120,7 +140,13 @@ pub fn attention_eager_bwd(
     let dd = (&p * &dp)?.sum_keepdim(D::Minus1)?;
     let mut ds = (&p * dp.broadcast_sub(&dd)?)?;
     if spec.softcap.is_some() {
-        let (_, tt) = scores(&qh, &kh, &mask(d.t, spec.window, q.device())?, spec)?;
+        let tt = match cap_tanh {
+            Some(t) => {
+                expect_dims("cap_tanh", t, &[d.b, d.h, d.t, d.t])?;
+                Some(t.to_dtype(DType::F32)?)
+            }
+            None => scores(&qh, &kh, &mask(d.t, spec.window, q.device())?, spec)?.1,
+        };
         if let Some(tt) = tt {
             ds = (ds * tt.sqr()?.affine(-1.0, 1.0)?)?;
         }
@@ -1019,13 +1045,19 @@ mod tests {
             let (oe, probs) = attention_eager_fwd(&q, &k, &v, &spec).unwrap();
             close(&format!("o eager {what}"), &oe, &o_ref, TOL);
             assert_eq!(probs.dims(), [b, h, t, t]);
-            let (dq, dk, dv) = attention_eager_bwd(&q, &k, &v, &probs, &r, &spec).unwrap();
-            for (name, x, want) in [
-                ("dq", &dq, &grads[0]),
-                ("dk", &dk, &grads[1]),
-                ("dv", &dv, &grads[2]),
-            ] {
-                close(&format!("{name} eager {what}"), x, want, TOL);
+            let (_, _, cap_tanh) = attention_eager_fwd_keeping(&q, &k, &v, &spec, true).unwrap();
+            assert_eq!(cap_tanh.is_some(), spec.softcap.is_some(), "{what}");
+            // Recomputed and kept tanh(s / c) give the same gradients.
+            for (how, kept) in [("recomputed", None), ("kept", cap_tanh.as_ref())] {
+                let (dq, dk, dv) =
+                    attention_eager_bwd(&q, &k, &v, &probs, kept, &r, &spec).unwrap();
+                for (name, x, want) in [
+                    ("dq", &dq, &grads[0]),
+                    ("dk", &dk, &grads[1]),
+                    ("dv", &dv, &grads[2]),
+                ] {
+                    close(&format!("{name} eager ({how} cap) {what}"), x, want, TOL);
+                }
             }
         }
     }

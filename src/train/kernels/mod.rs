@@ -23,7 +23,8 @@ mod sum;
 
 pub use act::{activation, gated_bwd, gated_fwd, gelu_tanh_bwd, gelu_tanh_fwd, GateAct};
 pub use attention::{
-    attention_bwd, attention_eager_bwd, attention_eager_fwd, attention_fwd, AttnSpec,
+    attention_bwd, attention_eager_bwd, attention_eager_fwd, attention_eager_fwd_keeping,
+    attention_fwd, AttnSpec,
 };
 pub use embed::embedding_bwd;
 pub use loss::{cross_entropy_bwd, cross_entropy_fwd, softcap_fwd, IGNORE_INDEX};
