@@ -30,18 +30,56 @@ const CHUNK: usize = 16 * 1024;
 pub(crate) fn gelu_intermediates(x: &Tensor, form: GeluForm) -> Result<Vec<Tensor>> {
     match form {
         GeluForm::Fused => Ok(Vec::new()),
-        GeluForm::New => parts(x, |x| {
-            let t = (SQRT_2_OVER_PI * (x + GELU_A * x * x * x)).tanh();
-            [t, 0.5 * x, 1.0 + t]
-        }),
-        GeluForm::Fast => parts(x, |x| {
-            let c2 = GELU_A * x;
-            let c1 = x * SQRT_2_OVER_PI;
-            let c3 = 1.0 + c2 * x;
-            let t = (c1 * c3).tanh();
-            [c2, c1, c3, t, 0.5 * x, 1.0 + t]
-        }),
+        GeluForm::New => parts(x, new_parts),
+        GeluForm::Fast => parts(x, fast_parts),
     }
+}
+
+fn new_parts(x: f32) -> [f32; 3] {
+    let t = (SQRT_2_OVER_PI * (x + GELU_A * x * x * x)).tanh();
+    [t, 0.5 * x, 1.0 + t]
+}
+
+fn fast_parts(x: f32) -> [f32; 6] {
+    let c2 = GELU_A * x;
+    let c1 = x * SQRT_2_OVER_PI;
+    let c3 = 1.0 + c2 * x;
+    let t = (c1 * c3).tanh();
+    [c2, c1, c3, t, 0.5 * x, 1.0 + t]
+}
+
+/// `gelu_intermediates` under AMP, where autocast runs the composed GELU in half: from the
+/// widened input `x32`, one part at a time, each narrowed to `dt` as soon as it exists (so one
+/// f32 part is alive at a time).
+pub(crate) fn gelu_intermediates_half(
+    x32: &Tensor,
+    form: GeluForm,
+    dt: DType,
+) -> Result<Vec<Tensor>> {
+    let one: &[fn(f32) -> [f32; 1]] = match form {
+        GeluForm::Fused => &[],
+        GeluForm::New => &[
+            |x| [new_parts(x)[0]],
+            |x| [new_parts(x)[1]],
+            |x| [new_parts(x)[2]],
+        ],
+        GeluForm::Fast => &[
+            |x| [fast_parts(x)[0]],
+            |x| [fast_parts(x)[1]],
+            |x| [fast_parts(x)[2]],
+            |x| [fast_parts(x)[3]],
+            |x| [fast_parts(x)[4]],
+            |x| [fast_parts(x)[5]],
+        ],
+    };
+    one.iter()
+        .map(|f| {
+            let mut p = parts(x32, *f)?;
+            p.pop()
+                .ok_or_else(|| candle_core::Error::Msg("GELU part missing".into()))?
+                .to_dtype(dt)
+        })
+        .collect()
 }
 
 /// Every output of `f` over the elements of x, each in its own tensor: one pass on the CPU for

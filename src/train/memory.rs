@@ -1110,6 +1110,9 @@ pub fn predict_rank(
     opts: &LeanOptions,
     part: &RankPart,
 ) -> LeanPrediction {
+    if let Some(half) = opts.amp {
+        return predict_amp(cfg, step, opts, half.size_in_bytes() as u64);
+    }
     let (params, n_tensors) = (part.params, part.tensors);
     let e = step.dtype.bytes();
     let (b, t) = (step.batch as u64, step.seq as u64);
@@ -1343,6 +1346,382 @@ pub fn predict_rank(
             // _foreach_sqrt: one buffer per parameter, all at once.
             let sqrt = params * e + n_tensors * TENSOR_OVERHEAD_BYTES;
             (Some(state), Some(weights + gradients + state + sqrt))
+        }
+    };
+    LeanPrediction {
+        weights_bytes: weights,
+        saved_bytes: saved,
+        forward_peak_bytes: forward_peak,
+        backward_peak_bytes: backward_peak,
+        gradients_bytes: gradients,
+        peak_bytes: forward_peak.max(backward_peak),
+        optimizer_state_bytes,
+        optimizer_peak_bytes,
+        terms,
+    }
+}
+
+/// f32 bytes: master weights, their gradients, the residual stream and the norms under AMP.
+const F32: u64 = 4;
+
+/// The AMP step's ledger (`train::amp`): sizes in elements, `h` the half dtype's bytes.
+struct Amp<'a> {
+    x: &'a Dims,
+    h: u64,
+    l: Ledger,
+}
+
+impl Amp<'_> {
+    /// `amp::matmul` `[m, k] @ [k, n]`: both operands widened, the f32 product, then narrowed.
+    fn mm(&mut self, m: u64, n: u64, k: u64) {
+        self.l.alloc(m * k * F32);
+        self.l.alloc(k * n * F32);
+        self.l.mm(m, n, k, false, false, F32);
+        self.l.free(m * k * F32);
+        self.l.free(k * n * F32);
+        self.l.alloc(m * n * self.h);
+        self.l.free(m * n * F32);
+    }
+    /// A half tensor of `elems` widened into a new f32 buffer, then the half one freed.
+    fn widen_replace(&mut self, elems: u64) {
+        self.l.alloc(elems * F32);
+        self.l.free(elems * self.h);
+    }
+    /// An f32 tensor narrowed into a new half buffer, then the f32 one freed.
+    fn narrow_replace(&mut self, elems: u64) {
+        self.l.alloc(elems * self.h);
+        self.l.free(elems * F32);
+    }
+    /// `Lin::fwd_amp` on `[N, i]` -> `[N, o]`: the weight's half copy (kept), the product, the
+    /// bias's half copy for the in-place add.
+    fn lin_fwd(&mut self, i: u64, o: u64, bias: bool) {
+        self.l.alloc(i * o * self.h);
+        self.mm(self.x.n, o, i);
+        if bias {
+            self.l.alloc(o * self.h);
+            self.l.free(o * self.h);
+        }
+    }
+    /// `amp::sum_rows` over `[N, c]`: a block of rows widened, its sum, accumulated in f32.
+    fn sum_rows(&mut self, c: u64) {
+        let n = self.x.n;
+        let rows = n.min(super::amp::SUM_ROWS as u64);
+        self.l.alloc(rows * c * F32);
+        self.l.alloc(c * F32); // the accumulator: the bias's gradient
+        self.l.free(rows * c * F32);
+        if n > rows {
+            self.l.alloc(rows * c * F32);
+            self.l.alloc(c * F32);
+            self.l.free(rows * c * F32);
+            self.l.free(c * F32);
+        }
+    }
+    /// `Lin::bwd_amp` from the half input `[N, i]` and dy `[N, o]` (f32 when `dy_f32`, narrowed
+    /// first): dW in half then its f32 copy (the gradient), db, dx in half; the weight's half
+    /// copy and the narrowed dy freed.
+    fn lin_bwd(&mut self, i: u64, o: u64, bias: bool, dy_f32: bool) {
+        let n = self.x.n;
+        if dy_f32 {
+            self.l.alloc(n * o * self.h);
+        }
+        self.mm(i, o, n);
+        self.widen_replace(i * o);
+        if bias {
+            self.sum_rows(o);
+        }
+        self.mm(n, i, o);
+        self.l.free(i * o * self.h);
+        if dy_f32 {
+            self.l.free(n * o * self.h);
+        }
+    }
+    /// A LayerNorm's forward (y, mean, rstd in f32), its output narrowed for the next map.
+    fn layer_norm_fwd_narrowed(&mut self) {
+        let (n, d) = (self.x.n, self.x.d);
+        self.l.alloc(n * d * F32);
+        self.l.alloc(n * STAT);
+        self.l.alloc(n * STAT);
+        self.narrow_replace(n * d);
+    }
+    /// A LayerNorm's backward from a half dy: widened, dx, dw, db (f32), then dy, the saved
+    /// input and statistics freed.
+    fn layer_norm_bwd(&mut self, bias: bool) {
+        let (n, d) = (self.x.n, self.x.d);
+        self.widen_replace(n * d);
+        self.l.alloc(n * d * F32);
+        self.l.alloc(d * F32);
+        if bias {
+            self.l.alloc(d * F32);
+        }
+        self.l.free(n * d * F32); // dy
+        self.l.free(n * d * F32); // input
+        self.l.free(2 * n * STAT);
+    }
+}
+
+/// GPT-2's block under AMP: its saved set by name (`gpt2::AmpSaved` and the maps' weight copies).
+fn amp_gpt2_saved(cfg: &ModelConfig, x: &Dims, h: u64) -> Vec<(&'static str, u64)> {
+    let (n, d, ff) = (x.n, x.d, x.ff);
+    let parts = gelu_parts(cfg, &LeanOptions::default());
+    let mut v = vec![
+        ("block input x (ln_1's input) [N, d] f32", n * d * F32),
+        ("ln_1 mean, rstd [N] f32", 2 * n * STAT),
+        (
+            "ln_1 output narrowed (c_attn's input) [N, d] half",
+            n * d * h,
+        ),
+        ("c_attn weight's half copy [d, 3d]", 3 * d * d * h),
+        ("q, v (sdpa's copies) [B, T, H, hd] half", 2 * n * d * h),
+        (
+            "qkv projection (sdpa's view of k keeps it) [N, 3d] half",
+            3 * n * d * h,
+        ),
+        ("attention output (c_proj's input) [N, d] half", n * d * h),
+        ("attention lse [B, H, T] f32", x.lse()),
+        ("attention c_proj weight's half copy [d, d]", d * d * h),
+        ("x + attention (ln_2's input) [N, d] f32", n * d * F32),
+        ("ln_2 mean, rstd [N] f32", 2 * n * STAT),
+        ("ln_2 output narrowed (c_fc's input) [N, d] half", n * d * h),
+        ("c_fc weight's half copy [d, ff]", d * ff * h),
+        ("GELU input [N, ff] half", n * ff * h),
+        ("GELU output (c_proj's input) [N, ff] half", n * ff * h),
+        ("MLP c_proj weight's half copy [ff, d]", ff * d * h),
+    ];
+    if parts > 0 {
+        v.push((
+            "composed GELU's intermediates (tanh, ½x, 1 + tanh…) [N, ff] half each",
+            parts * n * ff * h,
+        ));
+    }
+    v
+}
+
+/// GPT-2's block forward under AMP (`gpt2::block_fwd_amp`): (peak above start, net change).
+fn amp_gpt2_forward(cfg: &ModelConfig, x: &Dims, h: u64) -> (u64, i128) {
+    let mut a = Amp {
+        x,
+        h,
+        l: Ledger::at(0),
+    };
+    let (n, d, ff, b) = (x.n, x.d, x.ff, cfg.bias);
+    a.layer_norm_fwd_narrowed(); // ln_1
+    a.lin_fwd(d, 3 * d, b); // qkv
+    for _ in 0..3 {
+        a.l.alloc(n * d * h); // q, k, v copied out of qkv
+    }
+    for _ in 0..3 {
+        a.l.alloc(n * d * F32); // widened for the kernel
+    }
+    a.l.alloc(n * d * F32); // o
+    a.l.scratch(x.attn_lse_bth() + x.threads * x.attn_fwd_thread());
+    a.l.alloc(x.lse());
+    a.l.scratch(x.attn_lse_bth());
+    a.l.free(3 * n * d * F32);
+    a.narrow_replace(n * d); // o
+    a.l.free(n * d * h); // the k copy (qkv stays)
+    a.lin_fwd(d, d, b); // attention c_proj
+    a.widen_replace(n * d); // its output, then x1 in place
+    a.layer_norm_fwd_narrowed(); // ln_2
+    a.lin_fwd(d, ff, b); // c_fc: the GELU input
+    a.l.alloc(n * ff * F32); // widened
+    a.l.alloc(n * ff * F32); // GELU
+    a.narrow_replace(n * ff);
+    for _ in 0..gelu_parts(cfg, &LeanOptions::default()) {
+        a.l.alloc(n * ff * F32);
+        a.narrow_replace(n * ff);
+    }
+    a.l.free(n * ff * F32); // widened input
+    a.lin_fwd(ff, d, b); // MLP c_proj
+    a.widen_replace(n * d); // its output, then y in place
+    a.l.result(0)
+}
+
+/// GPT-2's block backward under AMP (`gpt2::block_bwd_amp`): (peak above start, net change).
+fn amp_gpt2_backward(cfg: &ModelConfig, x: &Dims, h: u64) -> (u64, i128) {
+    let mut a = Amp {
+        x,
+        h,
+        l: Ledger::at(0),
+    };
+    let (n, d, ff, b) = (x.n, x.d, x.ff, cfg.bias);
+    a.lin_bwd(ff, d, b, true); // MLP c_proj: dg
+    a.l.free(n * ff * h); // g
+    a.l.alloc(n * ff * F32); // h widened
+    a.l.alloc(n * ff * F32); // dg widened
+    a.l.alloc(n * ff * F32); // dh
+    a.l.free(2 * n * ff * F32);
+    a.narrow_replace(n * ff);
+    a.l.free(n * ff * h); // dg
+    a.l.free(n * ff * h); // h
+    for _ in 0..gelu_parts(cfg, &LeanOptions::default()) {
+        a.l.free(n * ff * h);
+    }
+    a.lin_bwd(d, ff, b, false); // c_fc: dln2
+    a.l.free(n * ff * h); // dh
+    a.l.free(n * d * h); // ln2
+    a.layer_norm_bwd(b); // ln_2 (x1 freed)
+    a.l.free(n * d * F32); // its dx added into dy
+    a.lin_bwd(d, d, b, true); // attention c_proj: d_o
+    a.l.alloc(n * d * h); // k copied out of qkv again
+    for _ in 0..5 {
+        a.l.alloc(n * d * F32); // q, k, v, o, d_o widened
+    }
+    for _ in 0..3 {
+        a.l.alloc(n * d * F32); // dq, dk, dv
+    }
+    a.l.scratch(x.attn_bwd_scratch());
+    a.l.free(5 * n * d * F32);
+    for _ in 0..3 {
+        a.narrow_replace(n * d);
+    }
+    a.l.free(2 * n * d * h); // d_o, k
+    a.l.free(2 * n * d * h); // q, v
+    a.l.free(3 * n * d * h); // qkv
+    a.l.free(n * d * h); // o
+    a.l.free(x.lse());
+    a.l.alloc(3 * n * d * h); // dqkv
+    a.l.free(3 * n * d * h); // dq, dk, dv
+    a.lin_bwd(d, 3 * d, b, false); // c_attn: dln1
+    a.l.free(3 * n * d * h); // dqkv
+    a.l.free(n * d * h); // ln1
+    a.layer_norm_bwd(b); // ln_1 (x freed)
+    a.l.free(n * d * F32); // its dx added into dx1
+    a.l.result(0)
+}
+
+/// Tensors in `amp_gpt2_saved` (each with a header).
+fn amp_gpt2_saved_tensors(cfg: &ModelConfig) -> u64 {
+    19 + gelu_parts(cfg, &LeanOptions::default())
+}
+
+/// The closed form of the whole step under AMP (GPT-2; `train::supported` refuses the rest):
+/// f32 master weights, gradients and optimizer states; the saved set autocast keeps.
+fn predict_amp(cfg: &ModelConfig, step: Step, opts: &LeanOptions, h: u64) -> LeanPrediction {
+    let (params, n_tensors) = param_counts(cfg);
+    let (b, t) = (step.batch as u64, step.seq as u64);
+    let x = dims(cfg, step, false);
+    let (n, d, v) = (x.n, x.d, x.v);
+    let layers = cfg.n_layer as u64;
+    let mut terms: Vec<(String, u64)> = Vec::new();
+    let weights = params * F32 + n_tensors * (VARMAP_BYTES_PER_TENSOR + LEAN_BYTES_PER_TENSOR);
+    terms.push(("weights (f32 master)".into(), weights));
+
+    let saved_block = amp_gpt2_saved(cfg, &x, h);
+    for (name, bytes) in &saved_block {
+        terms.push((format!("per block: {name}"), *bytes));
+    }
+    let kept = saved_block.iter().map(|(_, v)| v).sum::<u64>()
+        + amp_gpt2_saved_tensors(cfg) * TENSOR_OVERHEAD_BYTES;
+    let (fwd_peak, _) = amp_gpt2_forward(cfg, &x, h);
+    let (bwd_peak, bwd_net) = amp_gpt2_backward(cfg, &x, h);
+
+    let head_saved = [
+        ("final norm input [N, d] f32", n * d * F32),
+        ("final norm statistics [N] f32", 2 * n * STAT),
+        (
+            "final norm output narrowed (head input) [N, d] half",
+            n * d * h,
+        ),
+        ("head weight's half copy [V, d]", v * d * h),
+        ("logits [N, V] half", n * v * h),
+        ("log-probabilities [N, V] f32", n * v * STAT),
+        ("loss lse [N] f32", n * STAT),
+        ("targets [N] u32", n * 4),
+    ];
+    for (name, bytes) in head_saved {
+        terms.push((name.to_string(), bytes));
+    }
+    let head_bytes = head_saved.iter().map(|(_, v)| v).sum::<u64>() + 8 * TENSOR_OVERHEAD_BYTES;
+    let blocks_kept = layers * kept;
+    let saved = blocks_kept + head_bytes;
+    terms.push((
+        format!("saved: {layers} blocks ({blocks_kept}) + head/loss"),
+        saved,
+    ));
+
+    // --- forward: the blocks, then the head and the loss
+    let start = weights + n * d * F32 + TENSOR_OVERHEAD_BYTES; // the embedding's output
+    let mut in_blocks = start;
+    let mut level = start;
+    for _ in 0..layers {
+        in_blocks = in_blocks.max(level + fwd_peak);
+        level += kept;
+    }
+    let mut a = Amp {
+        x: &x,
+        h,
+        l: Ledger::at(level),
+    };
+    a.layer_norm_fwd_narrowed(); // ln_f
+    a.l.alloc(v * d * h); // the head's half copy
+    a.mm(n, v, d); // logits
+    a.l.alloc(n * 4); // targets
+    a.l.scratch(b * t * 4 + b * 24); // host copy of the ids
+    a.l.alloc(n * v * F32); // the logits widened for the loss
+    a.l.alloc(n * STAT); // lse
+    a.l.alloc(n * v * STAT); // log-probabilities
+    a.l.free(n * v * F32);
+    let at_loss = a.l.peak as u64;
+    let forward_peak = in_blocks.max(at_loss);
+    terms.push(("forward peak: in the blocks".into(), in_blocks));
+    terms.push(("forward peak: at the loss".into(), at_loss));
+
+    // --- backward: the loss and the head
+    a.l = Ledger::at(weights + saved);
+    a.l.alloc(n * v * STAT); // the log-probabilities' gradient
+    a.l.alloc(n * v * F32); // the logits widened: their gradient, in place
+    a.l.free(n * v * STAT);
+    a.l.free(n * v * STAT); // log-probabilities
+    a.l.free(n * STAT); // lse
+    a.narrow_replace(n * v); // dlogits
+    a.mm(v, d, n); // head dW
+    a.widen_replace(v * d); // its f32 gradient
+    a.l.free(n * d * h); // head input
+    a.mm(n, d, v); // dxf
+    a.l.free(n * v * h); // dlogits
+    a.l.free(v * d * h); // the head's half copy
+    a.layer_norm_bwd(cfg.bias); // ln_f (its input freed)
+    let head_peak = a.l.peak as u64;
+    let mut level = a.l.cur.max(0) as u64;
+    let mut in_blocks_bwd = 0;
+    for _ in 0..layers {
+        in_blocks_bwd = in_blocks_bwd.max(level + bwd_peak);
+        level = (level as i128 + bwd_net).max(0) as u64;
+    }
+    // --- the embedding's gradient (f32): positions, then the tokens'
+    let mut l = Ledger::at(level);
+    let bs = cfg.block_size as u64;
+    l.alloc(t * d * F32);
+    if t < bs {
+        l.alloc((bs - t) * d * F32);
+        l.alloc(bs * d * F32);
+        l.free(t * d * F32);
+        l.free((bs - t) * d * F32);
+    }
+    l.scratch(n * 4);
+    let vd = v * d * F32;
+    if !cfg.tie_embeddings {
+        l.alloc(vd);
+    } else {
+        l.alloc(vd);
+        l.alloc(vd);
+        l.free(vd);
+        l.free(vd);
+    }
+    let embed_peak = l.peak as u64;
+    let backward_peak = head_peak.max(in_blocks_bwd).max(embed_peak);
+    terms.push(("backward peak: at the head".into(), head_peak));
+    terms.push(("backward peak: in the blocks".into(), in_blocks_bwd));
+    terms.push(("backward peak: at the embedding".into(), embed_peak));
+
+    let gradients = params * F32 + n_tensors * TENSOR_OVERHEAD_BYTES;
+    terms.push(("gradients (f32)".into(), gradients));
+    let (optimizer_state_bytes, optimizer_peak_bytes) = match opts.optimizer {
+        None => (None, None),
+        Some(Optimizer::Sgd) => (Some(0), Some(weights + gradients)),
+        Some(Optimizer::AdamW) => {
+            let state = 2 * gradients;
+            (Some(state), Some(weights + gradients + state + gradients))
         }
     };
     LeanPrediction {
