@@ -102,7 +102,6 @@ pub(crate) fn attention_bwd(
 }
 
 /// `f` on the widened `x`, its result narrowed back to `x`'s dtype.
-#[allow(dead_code)]
 pub(crate) fn widened(x: &Tensor, f: impl FnOnce(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
     let dt = x.dtype();
     let y = {

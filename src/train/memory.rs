@@ -1369,6 +1369,8 @@ struct Amp<'a> {
     x: &'a Dims,
     h: u64,
     l: Ledger,
+    /// Weights stored `[in, out]` (GPT-2's Conv1D) rather than `[out, in]`.
+    in_out: bool,
 }
 
 impl Amp<'_> {
@@ -1424,7 +1426,11 @@ impl Amp<'_> {
         if dy_f32 {
             self.l.alloc(n * o * self.h);
         }
-        self.mm(i, o, n);
+        if self.in_out {
+            self.mm(i, o, n); // xᵀ @ dy
+        } else {
+            self.mm(o, i, n); // dyᵀ @ x
+        }
         self.widen_replace(i * o);
         if bias {
             self.sum_rows(o);
@@ -1442,6 +1448,28 @@ impl Amp<'_> {
         self.l.alloc(n * STAT);
         self.l.alloc(n * STAT);
         self.narrow_replace(n * d);
+    }
+    /// The step's norm forward (LayerNorm: y, mean, rstd; RMSNorm: y, rstd, HF's x̂; all f32),
+    /// its output narrowed for the next map.
+    fn norm_fwd_narrowed(&mut self, rms: bool) {
+        if !rms {
+            return self.layer_norm_fwd_narrowed();
+        }
+        let (n, d) = (self.x.n, self.x.d);
+        self.l.alloc(n * d * F32);
+        self.l.alloc(n * STAT);
+        self.l.alloc(n * d * STAT);
+        self.narrow_replace(n * d);
+    }
+    /// An RMSNorm's backward from an f32 dy: dx, dw, then dy, the input, rstd and x̂ freed.
+    fn rms_norm_bwd(&mut self) {
+        let (n, d) = (self.x.n, self.x.d);
+        self.l.alloc(n * d * F32);
+        self.l.alloc(d * F32);
+        self.l.free(n * d * F32); // dy
+        self.l.free(n * d * F32); // input
+        self.l.free(n * STAT);
+        self.l.free(n * d * STAT); // x̂
     }
     /// A LayerNorm's backward from a half dy: widened, dx, dw, db (f32), then dy, the saved
     /// input and statistics freed.
@@ -1502,6 +1530,7 @@ fn amp_gpt2_forward(cfg: &ModelConfig, x: &Dims, h: u64) -> (u64, i128) {
         x,
         h,
         l: Ledger::at(0),
+        in_out: cfg.arch == Arch::Gpt2,
     };
     let (n, d, ff, b) = (x.n, x.d, x.ff, cfg.bias);
     a.layer_norm_fwd_narrowed(); // ln_1
@@ -1542,6 +1571,7 @@ fn amp_gpt2_backward(cfg: &ModelConfig, x: &Dims, h: u64) -> (u64, i128) {
         x,
         h,
         l: Ledger::at(0),
+        in_out: cfg.arch == Arch::Gpt2,
     };
     let (n, d, ff, b) = (x.n, x.d, x.ff, cfg.bias);
     a.lin_bwd(ff, d, b, true); // MLP c_proj: dg
@@ -1589,13 +1619,184 @@ fn amp_gpt2_backward(cfg: &ModelConfig, x: &Dims, h: u64) -> (u64, i128) {
     a.l.result(0)
 }
 
+/// The plain Llama layer under AMP: its saved set by name (`llama::AmpSaved` and the maps'
+/// weight copies).
+fn amp_llama_saved(x: &Dims, h: u64) -> Vec<(&'static str, u64)> {
+    let (n, d, ff) = (x.n, x.d, x.ff);
+    let (q, kv) = (x.h * x.hd, x.hkv * x.hd);
+    vec![
+        ("block input x (input_layernorm's input) [N, d] f32", n * d * F32),
+        ("input_layernorm rstd [N] f32", n * STAT),
+        ("input_layernorm's normalized input x̂ [N, d] f32", n * d * STAT),
+        (
+            "input_layernorm output narrowed, once per map (q, k, v inputs) [N, d] half ×3",
+            3 * n * d * h,
+        ),
+        (
+            "q, k, v, o weights' half copies [q + 2kv + q, d]",
+            (2 * q + 2 * kv) * d * h,
+        ),
+        ("q after RoPE (sdpa's half copy) [B, T, H, hd]", n * q * h),
+        ("k after RoPE (sdpa's half copy), v [B, T, Hkv, hd] half", 2 * n * kv * h),
+        ("attention output (o_proj's input) [N, H·hd] half", n * q * h),
+        ("attention lse [B, H, T] f32", x.lse()),
+        ("x + attention (post_attention_layernorm's input) [N, d] f32", n * d * F32),
+        ("post_attention_layernorm rstd [N] f32", n * STAT),
+        ("post_attention_layernorm's normalized input x̂ [N, d] f32", n * d * STAT),
+        (
+            "post_attention_layernorm output narrowed, once per map (gate, up inputs) [N, d] half ×2",
+            2 * n * d * h,
+        ),
+        ("gate, up, down weights' half copies [3 · ff, d]", 3 * ff * d * h),
+        ("gate and up (activation inputs) [N, ff] half", 2 * n * ff * h),
+        ("act(gate) [N, ff] half", n * ff * h),
+        ("gated product (down_proj's input) [N, ff] half", n * ff * h),
+    ]
+}
+
+/// Tensors in `amp_llama_saved` (each with a header).
+const AMP_LLAMA_SAVED_TENSORS: u64 = 27;
+
+/// The plain Llama layer's forward under AMP (`llama::block_fwd_amp`).
+fn amp_llama_forward(cfg: &ModelConfig, x: &Dims, h: u64) -> (u64, i128) {
+    let mut a = Amp {
+        x,
+        h,
+        l: Ledger::at(0),
+        in_out: false,
+    };
+    let (n, d, ff) = (x.n, x.d, x.ff);
+    let (q, kv) = (x.h * x.hd, x.hkv * x.hd);
+    let (qkv_b, mlp_b) = (cfg.has_qkv_bias(), cfg.mlp_bias);
+    a.l.alloc(n * d * F32); // input_layernorm output
+    a.l.alloc(n * STAT);
+    a.l.alloc(n * d * STAT); // x̂
+    for out in [q, kv, kv] {
+        a.l.alloc(n * d * h); // the map's own narrowed input
+        a.lin_fwd(d, out, qkv_b);
+    }
+    a.l.free(n * d * F32); // the f32 norm output
+    for w in [q, kv] {
+        a.l.alloc(n * w * F32); // widened
+        a.l.alloc(n * w * F32); // rotated
+        a.l.free(n * w * F32);
+        a.narrow_replace(n * w);
+        a.l.free(n * w * h); // the projection's output
+    }
+    a.l.alloc(n * q * F32); // q, k, v widened for the kernel
+    a.l.alloc(n * kv * F32);
+    a.l.alloc(n * kv * F32);
+    a.l.alloc(n * q * F32); // o
+    a.l.scratch(x.attn_lse_bth() + x.threads * x.attn_fwd_thread());
+    a.l.alloc(x.lse());
+    a.l.scratch(x.attn_lse_bth());
+    a.l.free((q + 2 * kv) * n * F32);
+    a.narrow_replace(n * q);
+    a.lin_fwd(q, d, cfg.bias); // o_proj
+    a.widen_replace(n * d); // its output, then x1 in place
+    a.l.alloc(n * d * F32); // post_attention_layernorm output
+    a.l.alloc(n * STAT);
+    a.l.alloc(n * d * STAT); // x̂
+    for _ in 0..2 {
+        a.l.alloc(n * d * h); // gate's, up's narrowed input
+        a.lin_fwd(d, ff, mlp_b);
+    }
+    a.l.free(n * d * F32);
+    for _ in 0..2 {
+        a.l.alloc(n * ff * F32); // gate and up widened
+    }
+    a.l.alloc(n * ff * F32); // gated product
+    a.l.free(2 * n * ff * F32);
+    a.narrow_replace(n * ff);
+    a.l.alloc(n * ff * F32); // gate widened
+    a.l.alloc(n * ff * F32); // act(gate)
+    a.l.free(n * ff * F32);
+    a.narrow_replace(n * ff);
+    a.lin_fwd(ff, d, mlp_b); // down
+    a.widen_replace(n * d); // its output, then y in place
+    a.l.result(0)
+}
+
+/// The plain Llama layer's backward under AMP (`llama::block_bwd_amp`).
+fn amp_llama_backward(cfg: &ModelConfig, x: &Dims, h: u64) -> (u64, i128) {
+    let mut a = Amp {
+        x,
+        h,
+        l: Ledger::at(0),
+        in_out: false,
+    };
+    let (n, d, ff) = (x.n, x.d, x.ff);
+    let (q, kv) = (x.h * x.hd, x.hkv * x.hd);
+    let (qkv_b, mlp_b) = (cfg.has_qkv_bias(), cfg.mlp_bias);
+    // A map's half input gradient widened and summed into the f32 one.
+    let add_widened = |a: &mut Amp, first: bool| {
+        a.widen_replace(n * d);
+        if !first {
+            a.l.free(n * d * F32);
+        }
+    };
+    a.lin_bwd(ff, d, mlp_b, true); // down: dh
+    a.l.free(n * ff * h); // h
+    for _ in 0..3 {
+        a.l.alloc(n * ff * F32); // gate, up, dh widened
+    }
+    a.l.alloc(n * ff * F32); // dgate
+    a.l.alloc(n * ff * F32); // dup
+    a.l.free(3 * n * ff * F32);
+    a.narrow_replace(n * ff);
+    a.narrow_replace(n * ff);
+    a.l.free(4 * n * ff * h); // dh, gate, up, act(gate)
+    for first in [true, false] {
+        a.lin_bwd(d, ff, mlp_b, false); // gate, then up
+        add_widened(&mut a, first);
+        a.l.free(n * ff * h); // dgate / dup
+        a.l.free(n * d * h); // its input
+    }
+    a.rms_norm_bwd(); // post_attention_layernorm (x1 freed)
+    a.l.free(n * d * F32); // its dx added into dy
+    a.lin_bwd(q, d, cfg.bias, true); // o_proj: d_o
+    a.l.alloc(n * q * F32); // q, k, v, o, d_o widened
+    a.l.alloc(n * kv * F32);
+    a.l.alloc(n * kv * F32);
+    a.l.alloc(n * q * F32);
+    a.l.alloc(n * q * F32);
+    a.l.alloc(n * q * F32); // dq, dk, dv
+    a.l.alloc(n * kv * F32);
+    a.l.alloc(n * kv * F32);
+    a.l.scratch(x.attn_bwd_scratch());
+    a.l.free((3 * q + 2 * kv) * n * F32);
+    for w in [q, kv, kv] {
+        a.narrow_replace(n * w);
+    }
+    a.l.free((3 * q + 2 * kv) * n * h); // d_o, q, k, v, o
+    a.l.free(x.lse());
+    for (i, (w, out)) in [(q, q), (kv, kv), (0, kv)].into_iter().enumerate() {
+        if w > 0 {
+            // through RoPE: widened, rotated back, narrowed, the incoming gradient freed
+            a.l.alloc(n * w * F32);
+            a.l.alloc(n * w * F32);
+            a.l.free(n * w * F32);
+            a.narrow_replace(n * w);
+            a.l.free(n * w * h);
+        }
+        a.lin_bwd(d, out, qkv_b, false);
+        add_widened(&mut a, i == 0);
+        a.l.free(n * out * h); // dq / dk / dv
+        a.l.free(n * d * h); // its input
+    }
+    a.rms_norm_bwd(); // input_layernorm (x freed)
+    a.l.free(n * d * F32); // its dx added into dx1
+    a.l.result(0)
+}
+
 /// Tensors in `amp_gpt2_saved` (each with a header).
 fn amp_gpt2_saved_tensors(cfg: &ModelConfig) -> u64 {
     19 + gelu_parts(cfg, &LeanOptions::default())
 }
 
-/// The closed form of the whole step under AMP (GPT-2; `train::supported` refuses the rest):
-/// f32 master weights, gradients and optimizer states; the saved set autocast keeps.
+/// The closed form of the whole step under AMP (GPT-2 and the plain Llama layer;
+/// `train::supported` refuses the rest): f32 master weights, gradients and optimizer states; the
+/// saved set autocast keeps.
 fn predict_amp(cfg: &ModelConfig, step: Step, opts: &LeanOptions, h: u64) -> LeanPrediction {
     let (params, n_tensors) = param_counts(cfg);
     let (b, t) = (step.batch as u64, step.seq as u64);
@@ -1606,18 +1807,41 @@ fn predict_amp(cfg: &ModelConfig, step: Step, opts: &LeanOptions, h: u64) -> Lea
     let weights = params * F32 + n_tensors * (VARMAP_BYTES_PER_TENSOR + LEAN_BYTES_PER_TENSOR);
     terms.push(("weights (f32 master)".into(), weights));
 
-    let saved_block = amp_gpt2_saved(cfg, &x, h);
+    let rms = cfg.arch == Arch::Llama;
+    let (saved_block, tensors, (fwd_peak, _), (bwd_peak, bwd_net)) = match cfg.arch {
+        Arch::Gpt2 => (
+            amp_gpt2_saved(cfg, &x, h),
+            amp_gpt2_saved_tensors(cfg),
+            amp_gpt2_forward(cfg, &x, h),
+            amp_gpt2_backward(cfg, &x, h),
+        ),
+        Arch::Llama => (
+            amp_llama_saved(&x, h),
+            AMP_LLAMA_SAVED_TENSORS,
+            amp_llama_forward(cfg, &x, h),
+            amp_llama_backward(cfg, &x, h),
+        ),
+    };
     for (name, bytes) in &saved_block {
         terms.push((format!("per block: {name}"), *bytes));
     }
-    let kept = saved_block.iter().map(|(_, v)| v).sum::<u64>()
-        + amp_gpt2_saved_tensors(cfg) * TENSOR_OVERHEAD_BYTES;
-    let (fwd_peak, _) = amp_gpt2_forward(cfg, &x, h);
-    let (bwd_peak, bwd_net) = amp_gpt2_backward(cfg, &x, h);
+    let kept = saved_block.iter().map(|(_, v)| v).sum::<u64>() + tensors * TENSOR_OVERHEAD_BYTES;
+    let rope = if rms {
+        2 * (t * (cfg.rotary_dim as u64 / 2) * STAT + TENSOR_OVERHEAD_BYTES)
+    } else {
+        0
+    };
 
     let head_saved = [
         ("final norm input [N, d] f32", n * d * F32),
-        ("final norm statistics [N] f32", 2 * n * STAT),
+        (
+            "final norm statistics [N] f32",
+            if rms { n * STAT } else { 2 * n * STAT },
+        ),
+        (
+            "final norm's normalized input x̂ [N, d] f32",
+            u64::from(rms) * n * d * STAT,
+        ),
         (
             "final norm output narrowed (head input) [N, d] half",
             n * d * h,
@@ -1627,6 +1851,7 @@ fn predict_amp(cfg: &ModelConfig, step: Step, opts: &LeanOptions, h: u64) -> Lea
         ("log-probabilities [N, V] f32", n * v * STAT),
         ("loss lse [N] f32", n * STAT),
         ("targets [N] u32", n * 4),
+        ("RoPE cos/sin tables", rope),
     ];
     for (name, bytes) in head_saved {
         terms.push((name.to_string(), bytes));
@@ -1640,7 +1865,7 @@ fn predict_amp(cfg: &ModelConfig, step: Step, opts: &LeanOptions, h: u64) -> Lea
     ));
 
     // --- forward: the blocks, then the head and the loss
-    let start = weights + n * d * F32 + TENSOR_OVERHEAD_BYTES; // the embedding's output
+    let start = weights + rope + n * d * F32 + TENSOR_OVERHEAD_BYTES; // the embedding's output
     let mut in_blocks = start;
     let mut level = start;
     for _ in 0..layers {
@@ -1651,8 +1876,9 @@ fn predict_amp(cfg: &ModelConfig, step: Step, opts: &LeanOptions, h: u64) -> Lea
         x: &x,
         h,
         l: Ledger::at(level),
+        in_out: cfg.arch == Arch::Gpt2,
     };
-    a.layer_norm_fwd_narrowed(); // ln_f
+    a.norm_fwd_narrowed(rms); // the final norm
     a.l.alloc(v * d * h); // the head's half copy
     a.mm(n, v, d); // logits
     a.l.alloc(n * 4); // targets
@@ -1680,7 +1906,12 @@ fn predict_amp(cfg: &ModelConfig, step: Step, opts: &LeanOptions, h: u64) -> Lea
     a.mm(n, d, v); // dxf
     a.l.free(n * v * h); // dlogits
     a.l.free(v * d * h); // the head's half copy
-    a.layer_norm_bwd(cfg.bias); // ln_f (its input freed)
+    if rms {
+        a.widen_replace(n * d);
+        a.rms_norm_bwd();
+    } else {
+        a.layer_norm_bwd(cfg.bias); // its input freed
+    }
     let head_peak = a.l.peak as u64;
     let mut level = a.l.cur.max(0) as u64;
     let mut in_blocks_bwd = 0;
@@ -1688,11 +1919,13 @@ fn predict_amp(cfg: &ModelConfig, step: Step, opts: &LeanOptions, h: u64) -> Lea
         in_blocks_bwd = in_blocks_bwd.max(level + bwd_peak);
         level = (level as i128 + bwd_net).max(0) as u64;
     }
-    // --- the embedding's gradient (f32): positions, then the tokens'
+    // --- the embedding's gradient (f32): GPT-2's positions, then the tokens'
     let mut l = Ledger::at(level);
     let bs = cfg.block_size as u64;
-    l.alloc(t * d * F32);
-    if t < bs {
+    if !rms {
+        l.alloc(t * d * F32);
+    }
+    if !rms && t < bs {
         l.alloc((bs - t) * d * F32);
         l.alloc(bs * d * F32);
         l.free(t * d * F32);
