@@ -297,6 +297,8 @@ enum FfnSaved {
 }
 
 /// q, k and v, stored separately or fused (Phi-3's `qkv_proj`, rows q | k | v).
+// One per layer, built once and never moved: the variants' size difference costs nothing.
+#[allow(clippy::large_enum_variant)]
 enum Qkv {
     Separate { q: Lin, k: Lin, v: Lin },
     Fused(Lin),
