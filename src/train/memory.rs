@@ -1110,7 +1110,13 @@ pub fn predict_rank(
     opts: &LeanOptions,
     part: &RankPart,
 ) -> LeanPrediction {
+    // Mixed precision runs whole steps only: a tensor-parallel map refuses it, and the
+    // multi-process step runs the default options.
     if let Some(half) = opts.amp {
+        debug_assert!(
+            *part == RankPart::whole(cfg),
+            "AMP is predicted for the whole step"
+        );
         return predict_amp(cfg, step, opts, half.size_in_bytes() as u64);
     }
     let (params, n_tensors) = (part.params, part.tensors);
