@@ -1,7 +1,8 @@
 //! Mixed precision in the lean step (`LeanOptions::amp`, PyTorch autocast's saved set): the
 //! closed form's peak against the counting allocator within ±2% on GPT-2 and Llama configs
-//! where the peak falls at the head and where it falls inside the blocks, and the step's loss
-//! and gradients against the f32 step's at half precision's resolution.
+//! where the peak falls at the head and where it falls inside the blocks, with and without block
+//! checkpointing, and the step's loss and gradients against the f32 step's at half precision's
+//! resolution (and, checkpointed, equal to the uncheckpointed AMP step's).
 //!
 //! The allocator's counters are process-wide: the tests take one lock so that no other test's
 //! allocations land inside a measurement.
@@ -14,7 +15,7 @@ use truesize::dtype::TrainDtype;
 use truesize::measure::alloc::CountingAlloc;
 use truesize::measure::run::probe_for;
 use truesize::model::build;
-use truesize::train::{self, memory, LeanModel, LeanOptions, Optimizer};
+use truesize::train::{self, memory, Checkpoint, LeanModel, LeanOptions, Optimizer};
 
 #[global_allocator]
 static ALLOC: CountingAlloc = CountingAlloc;
@@ -142,6 +143,10 @@ fn amp_peak_matches_the_counting_allocator() {
         optimizer: Some(Optimizer::AdamW),
         ..bf16
     };
+    let ckpt = LeanOptions {
+        checkpoint: Checkpoint::Blocks,
+        ..bf16
+    };
     let cases = [
         (&gpt2, 4, 64, bf16),
         (&gpt2, 2, 96, amp(DType::F16)),
@@ -151,13 +156,20 @@ fn amp_peak_matches_the_counting_allocator() {
         (&llama_blocks, 4, 128, bf16),
         (&llama_blocks, 2, 96, amp(DType::F16)),
         (&qwen, 2, 80, adamw),
+        (&gpt2, 4, 64, ckpt),
+        (&gpt2_blocks, 4, 128, ckpt),
+        (&llama_blocks, 4, 128, ckpt),
+        (&qwen, 2, 80, ckpt),
     ];
     let mut worst = (0.0f64, String::new());
     for (c, b, t, opts) in cases {
         let (m, p) = measure(c, b, t, &opts);
         let e = rel(p as f64, m as f64);
         if e > worst.0 {
-            worst = (e, format!("{} b{b} t{t} {:?}", c.name, opts.amp));
+            worst = (
+                e,
+                format!("{} b{b} t{t} {:?} {:?}", c.name, opts.amp, opts.checkpoint),
+            );
         }
     }
     assert!(
@@ -241,6 +253,21 @@ fn amp_gradients_match_the_f32_step() {
                 "{} {dt:?}: loss {loss:.5} vs {loss32:.5}, worst gradient difference {:.2e} ({})",
                 c.name, worst.1, worst.2
             );
+            // Block checkpointing recomputes the same half-precision forward: the same numbers.
+            let ckpt = LeanOptions {
+                checkpoint: Checkpoint::Blocks,
+                ..amp(dt)
+            };
+            let (loss_ck, g_ck) = lean.loss_and_grads(&ids, &ckpt).unwrap();
+            assert_eq!(loss_ck, loss, "{} {dt:?}: checkpointed loss", c.name);
+            for (name, want) in &g {
+                let diff = l2(&(&g_ck[name] - want).unwrap());
+                assert!(
+                    diff == 0.0,
+                    "{} {dt:?} {name}: checkpointed gradient differs by {diff}",
+                    c.name
+                );
+            }
         }
     }
 }

@@ -142,7 +142,7 @@ fn amp_runs_pass_and_refusals_name_the_flag() {
     let mistral = "arch='llama'\nvocab_size=300\nblock_size=64\nn_embd=64\nn_layer=1\nn_head=4\nn_kv_head=2\nintermediate_size=96\nsliding_window=8\n";
     let (_d, p) = temp_file("m.toml", mistral.as_bytes());
     for (extra, why) in [
-        (vec!["--checkpoint", "blocks"], "block checkpointing"),
+        (vec!["--saved", "fused"], "fused saved set"),
         (vec!["--attention", "eager"], "eager attention"),
         (vec!["--config", p.to_str().unwrap()], "sliding-window"),
     ] {

@@ -464,4 +464,12 @@ impl Net for Gpt2 {
     fn head(&self) -> (&Tensor, &str) {
         (&self.head, &self.head_name)
     }
+
+    fn release_half(&self) {
+        for b in &self.blocks {
+            for l in [&b.c_attn, &b.attn_proj, &b.c_fc, &b.mlp_proj] {
+                l.release_half();
+            }
+        }
+    }
 }

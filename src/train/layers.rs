@@ -254,6 +254,13 @@ impl Lin {
         }
     }
 
+    /// Drops the weight's half copy, as autocast's cast cache is cleared when the forward's
+    /// autocast region ends (what the graph saved keeps its copy; a checkpointed block saved
+    /// nothing).
+    pub(crate) fn release_half(&self) {
+        self.half.borrow_mut().take();
+    }
+
     /// dW₁₆ (then its f32 copy, the master weight's gradient), db in f32, and dx in half from
     /// the half input and dy (narrowed first when it arrives in f32, as autograd casts a
     /// gradient to its tensor's dtype); the weight's half copy is released here.

@@ -1024,6 +1024,20 @@ impl Net for Llama {
     fn final_softcap(&self) -> Option<f64> {
         self.cfg.final_softcap
     }
+
+    fn release_half(&self) {
+        for l in &self.layers {
+            if let (Qkv::Separate { q, k, v }, Ffn::Mlp(mlp)) = (&l.qkv, &l.ffn) {
+                for m in [q, k, v, &l.o, &mlp.down] {
+                    m.release_half();
+                }
+                if let GateUp::Separate { gate, up } = &mlp.gate_up {
+                    gate.release_half();
+                    up.release_half();
+                }
+            }
+        }
+    }
 }
 
 /// Whether HF's attention in `layer` holds k and v repeated to every query head, and the window

@@ -1795,6 +1795,17 @@ fn amp_llama_backward(cfg: &ModelConfig, x: &Dims, h: u64) -> (u64, i128) {
     a.l.result(0)
 }
 
+/// The half copies of one block's weight matrices, headers included (GPT-2: c_attn, c_proj,
+/// c_fc, the MLP's c_proj; Llama: q, k, v, o, gate, up, down).
+fn amp_weight_copies(cfg: &ModelConfig, x: &Dims, h: u64) -> u64 {
+    let (d, ff) = (x.d, x.ff);
+    let (q, kv) = (x.h * x.hd, x.hkv * x.hd);
+    match cfg.arch {
+        Arch::Gpt2 => (4 * d * d + 2 * d * ff) * h + 4 * TENSOR_OVERHEAD_BYTES,
+        Arch::Llama => ((2 * q + 2 * kv) * d + 3 * ff * d) * h + 7 * TENSOR_OVERHEAD_BYTES,
+    }
+}
+
 /// Tensors in `amp_gpt2_saved` (each with a header).
 fn amp_gpt2_saved_tensors(cfg: &ModelConfig) -> u64 {
     19 + gelu_parts(cfg, &LeanOptions::default())
@@ -1862,8 +1873,27 @@ fn predict_amp(cfg: &ModelConfig, step: Step, opts: &LeanOptions, h: u64) -> Lea
     for (name, bytes) in head_saved {
         terms.push((name.to_string(), bytes));
     }
-    let head_bytes = head_saved.iter().map(|(_, v)| v).sum::<u64>() + 8 * TENSOR_OVERHEAD_BYTES;
-    let blocks_kept = layers * kept;
+    // Eight tensors and the RMSNorm's x̂ (the RoPE tables' headers are in their term).
+    let head_bytes = head_saved.iter().map(|(_, v)| v).sum::<u64>()
+        + (8 + u64::from(rms)) * TENSOR_OVERHEAD_BYTES;
+    // Checkpointed blocks keep their input for the backward; their weight copies stay in
+    // autocast's cast cache until the forward ends, then the recompute casts again.
+    let ckpt = opts.checkpoint == Checkpoint::Blocks;
+    let input = n * d * F32 + TENSOR_OVERHEAD_BYTES;
+    let copies = amp_weight_copies(cfg, &x, h);
+    let (kept_fwd, kept_bwd) = if ckpt {
+        (input + copies, input)
+    } else {
+        (kept, kept)
+    };
+    if ckpt {
+        terms.push((
+            "per block, checkpointed: its input, and until the forward ends its weights' half copies"
+                .into(),
+            kept_fwd,
+        ));
+    }
+    let blocks_kept = layers * kept_bwd;
     let saved = blocks_kept + head_bytes;
     terms.push((
         format!("saved: {layers} blocks ({blocks_kept}) + head/loss"),
@@ -1876,7 +1906,7 @@ fn predict_amp(cfg: &ModelConfig, step: Step, opts: &LeanOptions, h: u64) -> Lea
     let mut level = start;
     for _ in 0..layers {
         in_blocks = in_blocks.max(level + fwd_peak);
-        level += kept;
+        level += kept_fwd;
     }
     let mut a = Amp {
         x: &x,
@@ -1922,6 +1952,11 @@ fn predict_amp(cfg: &ModelConfig, step: Step, opts: &LeanOptions, h: u64) -> Lea
     let mut level = a.l.cur.max(0) as u64;
     let mut in_blocks_bwd = 0;
     for _ in 0..layers {
+        if ckpt {
+            // the block's forward again, its output dropped and its saved set kept
+            in_blocks_bwd = in_blocks_bwd.max(level + fwd_peak);
+            level += kept - input;
+        }
         in_blocks_bwd = in_blocks_bwd.max(level + bwd_peak);
         level = (level as i128 + bwd_net).max(0) as u64;
     }

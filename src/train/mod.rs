@@ -182,9 +182,6 @@ pub fn supported(cfg: &ModelConfig, opts: &LeanOptions) -> std::result::Result<(
             return not_yet(what);
         }
     }
-    if opts.checkpoint == Checkpoint::Blocks {
-        return not_yet("with block checkpointing");
-    }
     if opts.attention == Attention::Eager {
         return not_yet("with eager attention");
     }

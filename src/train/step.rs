@@ -50,6 +50,8 @@ pub(crate) trait Net {
     fn final_softcap(&self) -> Option<f64> {
         None
     }
+    /// Under AMP, drops every block map's half weight copy (`Lin::release_half`).
+    fn release_half(&self) {}
 }
 
 /// What the forward kept of one block.
@@ -149,6 +151,16 @@ pub(crate) fn stage_step<N: Net>(
         grads.1 = EmbeddingGrad::Dense;
     }
     let mut kept_tail = None;
+    // With checkpointed blocks under AMP, nothing saved a block's weight copies: they go when
+    // the forward's autocast region ends (its cast cache cleared), and the recompute casts again.
+    let release = opts.amp.is_some() && opts.checkpoint == Checkpoint::Blocks;
+    let mut ending = || {
+        if release {
+            net.release_half();
+        }
+        forward_done()
+    };
+    let forward_done: &mut dyn FnMut() -> Result<()> = &mut ending;
     let (loss, mut dx) = match &part.next {
         Some(next) => {
             next.send(&x)?;
