@@ -42,6 +42,8 @@ CASES=(
   "llama-d640-tied.json 2 384 --checkpoint blocks | --checkpointing"
   "gpt2-d384.json 8 256 --dtype bf16 --amp | --amp bf16"
   "llama-d512.json 4 256 --dtype bf16 --amp | --amp bf16"
+  "gpt2-d384.json 8 256 --dtype bf16 --amp --checkpoint blocks | --amp bf16 --checkpointing"
+  "llama-d512.json 4 256 --dtype bf16 --amp --checkpoint blocks | --amp bf16 --checkpointing"
 )
 
 mib() { awk -v b="$1" 'BEGIN { printf "%.1f", b / 1048576 }'; }
