@@ -6,7 +6,8 @@
 #           (torch_nanogpt.py) vs truesize (`timing.forward_s + timing.backward_s`), medians.
 # Needs jq, and PyTorch + transformers in a virtual environment outside the project:
 #   PY=/path/to/venv/bin/python  PEERS=/path/to/peer/scripts  scripts/bench-pytorch.sh
-# PEERS holds torch_memory.py and torch_nanogpt.py. ROUNDS (default 3) alternations for time,
+# PEERS holds torch_memory.py and torch_nanogpt.py. A case whose torch flags hold --amp runs
+# torch_memory.py under CPU autocast through scripts/torch-amp-memory.py (f32 master weights). ROUNDS (default 3) alternations for time,
 # THREADS (default 2) for both sides; SKIP_TIME=1 or SKIP_MEMORY=1 to run one half.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -39,6 +40,10 @@ CASES=(
   "gpt2-d512.json 4 128 | "
   "llama-d640-tied.json 2 384 | "
   "llama-d640-tied.json 2 384 --checkpoint blocks | --checkpointing"
+  "gpt2-d384.json 8 256 --dtype bf16 --amp | --amp bf16"
+  "llama-d512.json 4 256 --dtype bf16 --amp | --amp bf16"
+  "gpt2-d384.json 8 256 --dtype bf16 --amp --checkpoint blocks | --amp bf16 --checkpointing"
+  "llama-d512.json 4 256 --dtype bf16 --amp --checkpoint blocks | --amp bf16 --checkpointing"
 )
 
 mib() { awk -v b="$1" 'BEGIN { printf "%.1f", b / 1048576 }'; }
@@ -51,7 +56,12 @@ if [ -z "${SKIP_MEMORY:-}" ]; then
     left=${c%%|*}; torch_flags=${c#*|}
     read -r json batch seq ts_flags <<<"$left"
     # shellcheck disable=SC2086
-    torch=$("$PY" "$PEERS/torch_memory.py" "$CFG/$json" "$batch" "$seq" --threads "$THREADS" $torch_flags)
+    if [[ $torch_flags == *--amp* ]]; then
+      torch=$("$PY" scripts/torch-amp-memory.py "$PEERS/torch_memory.py" "$CFG/$json" "$batch" \
+        "$seq" --threads "$THREADS" $torch_flags)
+    else
+      torch=$("$PY" "$PEERS/torch_memory.py" "$CFG/$json" "$batch" "$seq" --threads "$THREADS" $torch_flags)
+    fi
     pt=$(jq -r .peak_above_base_bytes <<<"$torch")
     # shellcheck disable=SC2086
     ours=$("$TS" verify --config "$CFG/$json" --batch "$batch" --seq "$seq" --no-artifacts \

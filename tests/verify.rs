@@ -112,6 +112,53 @@ fn half_precision_runs_pass() {
     }
 }
 
+/// `--amp`: f32 master weights (census and gradients f32), the lean engine's AMP step, its
+/// peak predicted within the gate; what the AMP step does not implement is refused naming
+/// `--amp`.
+#[test]
+fn amp_runs_pass_and_refusals_name_the_flag() {
+    for (arch, dtype) in [
+        ("arch='gpt2'\nvocab_size=300\nblock_size=64\nn_embd=64\nn_layer=2\nn_head=4\n", "bf16"),
+        ("arch='llama'\nvocab_size=300\nblock_size=64\nn_embd=64\nn_layer=2\nn_head=8\nn_kv_head=2\nintermediate_size=160\n", "f16"),
+    ] {
+        let (_d, p) = temp_file("m.toml", arch.as_bytes());
+        let cfg = p.to_str().unwrap();
+        let (code, j) = verify_json(&[
+            "--config", cfg, "--batch", "2", "--seq", "16", "--dtype", dtype, "--amp",
+        ]);
+        assert_eq!(code, 0, "{arch}: {:?}", failed_checks(&j));
+        assert_eq!(j["run"]["amp"], dtype);
+        assert_eq!(j["run"]["engine"], "lean");
+        let numel = j["params"]["total"].as_u64().unwrap();
+        assert_eq!(j["census"]["bytes"].as_u64().unwrap(), 4 * numel, "f32 master weights");
+        let grads = j["memory"]["gradients_bytes"].as_u64().unwrap();
+        assert!(grads >= 4 * numel, "f32 gradients: {grads} for {numel}");
+        let (m, p) = (
+            j["memory"]["peak_bytes"].as_f64().unwrap(),
+            j["memory"]["predicted_peak_bytes"].as_f64().unwrap(),
+        );
+        assert!((p - m).abs() / m <= 0.02, "{arch}: predicted {p} vs measured {m}");
+    }
+    let mistral = "arch='llama'\nvocab_size=300\nblock_size=64\nn_embd=64\nn_layer=1\nn_head=4\nn_kv_head=2\nintermediate_size=96\nsliding_window=8\n";
+    let (_d, p) = temp_file("m.toml", mistral.as_bytes());
+    for (extra, why) in [
+        (vec!["--saved", "fused"], "fused saved set"),
+        (vec!["--attention", "eager"], "eager attention"),
+        (vec!["--config", p.to_str().unwrap()], "sliding-window"),
+    ] {
+        truesize()
+            .args([
+                "verify", "--batch", "2", "--seq", "16", "--dtype", "bf16", "--amp",
+            ])
+            .args(&extra)
+            .assert()
+            .code(2)
+            .stderr(predicate::str::contains("--amp"))
+            .stderr(predicate::str::contains(why))
+            .stderr(predicate::str::contains("panicked").not());
+    }
+}
+
 #[test]
 fn llama_family_random_models_pass() {
     for preset_cfg in [

@@ -149,8 +149,8 @@ pub fn resolve_engine(
             _ => train::SavedSet::Transformers,
         },
     };
-    // The lean step's memory model is written for f32 weights (and AMP once implemented); pure
-    // half precision runs through candle's autograd, whose replay models bf16's widened matmuls.
+    // The lean step's memory model is written for f32 weights and AMP; pure half precision runs
+    // through candle's autograd, whose replay models bf16's widened matmuls.
     let supported = if step.dtype != TrainDtype::F32 && opts.amp.is_none() {
         Err(format!(
             "pure {} weights (its memory model covers f32; half precision is --amp)",
@@ -161,6 +161,16 @@ pub fn resolve_engine(
     };
     match supported {
         Ok(()) => Ok((Engine::Lean(opts), None)),
+        Err(why) if a.amp => Err(Error::field(
+            "command line",
+            "--amp",
+            "true",
+            format!(
+                "the lean step cannot run {} {} in mixed precision: {why}; drop --amp (candle's \
+                 autograd has no AMP either)",
+                cfg.model_type, cfg.name
+            ),
+        )),
         Err(why) => {
             let asked = a.engine.is_some() || lean_only.iter().any(|(set, _, _)| *set);
             if asked {

@@ -299,7 +299,7 @@ pub fn run(a: VerifyArgs) -> Result<u8> {
     // Shape-only census: always cheap, and the count when we cannot or need not allocate.
     let t_shapes = Instant::now();
     let components = family::components_by_name(cfg);
-    let specs = build::shapes_only(cfg, step.dtype.candle())?;
+    let specs = build::shapes_only(cfg, plan.engine.weights_dtype(step))?;
     let shape_census = Census::from_rows(
         specs
             .iter()
@@ -779,22 +779,24 @@ fn measure_real(
         ));
     }
     if plan.artifacts {
-        measure_artifacts(cfg, step, &built.varmap, real.numel, report, checks)?;
+        let weights = plan.engine.weights_dtype(step);
+        measure_artifacts(cfg, weights, &built.varmap, real.numel, report, checks)?;
     }
     report.census = Some(real);
     Ok(())
 }
 
-/// Write the model to a real `.safetensors` file and quantize its weights.
+/// Write the model to a real `.safetensors` file (in the weights' dtype: f32 master weights under
+/// AMP) and quantize its weights.
 fn measure_artifacts(
     cfg: &ModelConfig,
-    step: Step,
+    weights: candle_core::DType,
     varmap: &candle_nn::VarMap,
     numel: u64,
     report: &mut Report,
     checks: &mut Vec<Check>,
 ) -> Result<()> {
-    let specs = build::shapes_only(cfg, step.dtype.candle())?;
+    let specs = build::shapes_only(cfg, weights)?;
     let metas: Vec<TensorMeta> = specs
         .iter()
         .map(|s| TensorMeta {

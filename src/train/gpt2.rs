@@ -2,6 +2,7 @@
 //! (llm.c's `train_gpt2.c` order): pre-LayerNorm, fused qkv (HF Conv1D, `[in, out]`), causal
 //! attention, GELU (tanh) MLP, learned positions, tied or untied head.
 
+use super::amp;
 use super::inplace;
 use super::k;
 use super::layers::{
@@ -48,6 +49,34 @@ pub(crate) struct Saved {
     /// The MLP projection's input `[N, ff]`.
     g: Tensor,
     /// The composed GELU's intermediates PyTorch keeps (`kept::gelu_intermediates`).
+    gelu_kept: Vec<Tensor>,
+}
+
+/// What a block keeps, in full precision or under AMP.
+pub(crate) enum BlockSaved {
+    Full(Saved),
+    Amp(AmpSaved),
+}
+
+/// What a block keeps under AMP (autocast's saved set, `train::amp`): the residual stream and
+/// the norms' inputs and statistics in f32; the maps' inputs as half copies, the weights' half
+/// copies (held by the maps), and everything computed in half.
+pub(crate) struct AmpSaved {
+    x: Tensor,
+    st1: NormStats,
+    /// c_attn's input, ln_1's output narrowed.
+    ln1: Tensor,
+    /// sdpa's q and v copies and the qkv projection (k is read from it in backward).
+    q: Tensor,
+    v: Tensor,
+    qkv: Tensor,
+    o: Tensor,
+    lse: Tensor,
+    x1: Tensor,
+    st2: NormStats,
+    ln2: Tensor,
+    h: Tensor,
+    g: Tensor,
     gelu_kept: Vec<Tensor>,
 }
 
@@ -114,8 +143,134 @@ impl Gpt2 {
     }
 }
 
+impl Gpt2 {
+    /// `block_fwd` under AMP with half dtype `dt` (sdpa attention, HF's saved set).
+    fn block_fwd_amp(
+        &self,
+        i: usize,
+        x: &Tensor,
+        (b, t): (usize, usize),
+        dt: DType,
+    ) -> Result<(Tensor, AmpSaved)> {
+        let blk = &self.blocks[i];
+        let (h, hd) = (self.n_head, self.hd);
+        let d = h * hd;
+        let (ln1_32, st1) = blk.ln_1.fwd(x)?;
+        let ln1 = ln1_32.to_dtype(dt)?;
+        drop(ln1_32);
+        let qkv = blk.c_attn.fwd(&ln1)?;
+        let part = |j: usize| {
+            qkv.narrow(1, j * d, d)?
+                .contiguous()?
+                .reshape((b, t, h, hd))
+        };
+        let (q, k_, v) = (part(0)?, part(1)?, part(2)?);
+        let (o, lse) = amp::attention_fwd(&q, &k_, &v, &self.spec())?;
+        drop(k_);
+        let o = o.reshape((b * t, d))?;
+        // The half output added to the f32 residual: the sum is f32.
+        let a = amp::widen(&blk.attn_proj.fwd(&o)?)?;
+        let x1 = inplace::add(a, x)?;
+        let (ln2_32, st2) = blk.ln_2.fwd(&x1)?;
+        let ln2 = ln2_32.to_dtype(dt)?;
+        drop(ln2_32);
+        let hpre = blk.c_fc.fwd(&ln2)?;
+        let (g, gelu_kept) = {
+            let h32 = amp::widen(&hpre)?;
+            let g = k::gelu_tanh_fwd(&h32)?.to_dtype(dt)?;
+            (g, kept::gelu_intermediates_half(&h32, self.gelu, dt)?)
+        };
+        let m = amp::widen(&blk.mlp_proj.fwd(&g)?)?;
+        let y = inplace::add(m, &x1)?;
+        let saved = AmpSaved {
+            x: x.clone(),
+            st1,
+            ln1,
+            q,
+            v,
+            qkv,
+            o,
+            lse,
+            x1,
+            st2,
+            ln2,
+            h: hpre,
+            g,
+            gelu_kept,
+        };
+        Ok((y, saved))
+    }
+
+    fn block_bwd_amp(
+        &self,
+        i: usize,
+        s: AmpSaved,
+        dy: Tensor,
+        (b, t): (usize, usize),
+        grads: &mut Grads,
+    ) -> Result<Tensor> {
+        let blk = &self.blocks[i];
+        let (h, hd) = (self.n_head, self.hd);
+        let d = h * hd;
+        let dg = blk.mlp_proj.bwd(&s.g, &dy, grads, None)?;
+        drop(s.g);
+        let dh = amp::widened2(&s.h, &dg, k::gelu_tanh_bwd)?;
+        drop((dg, s.h, s.gelu_kept));
+        let dln2 = blk.c_fc.bwd(&s.ln2, &dh, grads, None)?;
+        drop((dh, s.ln2));
+        let dln2 = {
+            let dln2_32 = amp::widen(&dln2)?;
+            drop(dln2);
+            dln2_32
+        };
+        let dn2 = blk.ln_2.bwd(&dln2, &s.x1, &s.st2, grads)?;
+        drop((dln2, s.x1, s.st2));
+        let dx1 = inplace::add(dy, &dn2)?;
+        drop(dn2);
+        let d_o = blk
+            .attn_proj
+            .bwd(&s.o, &dx1, grads, None)?
+            .reshape((b, t, h, hd))?;
+        let k_ = s
+            .qkv
+            .narrow(1, d, d)?
+            .contiguous()?
+            .reshape((b, t, h, hd))?;
+        let (dq, dk, dv) = amp::attention_bwd(
+            &s.q,
+            &k_,
+            &s.v,
+            &s.o.reshape((b, t, h, hd))?,
+            &s.lse,
+            &d_o,
+            &self.spec(),
+        )?;
+        drop((d_o, k_, s.q, s.v, s.qkv, s.o, s.lse));
+        let n = b * t;
+        let dqkv = Tensor::cat(
+            &[
+                &dq.reshape((n, d))?,
+                &dk.reshape((n, d))?,
+                &dv.reshape((n, d))?,
+            ],
+            1,
+        )?;
+        drop((dq, dk, dv));
+        let dln1 = blk.c_attn.bwd(&s.ln1, &dqkv, grads, None)?;
+        drop((dqkv, s.ln1));
+        let dln1 = {
+            let dln1_32 = amp::widen(&dln1)?;
+            drop(dln1);
+            dln1_32
+        };
+        let dn1 = blk.ln_1.bwd(&dln1, &s.x, &s.st1, grads)?;
+        drop((dln1, s.x, s.st1));
+        inplace::add(dx1, &dn1)
+    }
+}
+
 impl Net for Gpt2 {
-    type Saved = Saved;
+    type Saved = BlockSaved;
     type Ctx = ();
 
     fn n_layer(&self) -> usize {
@@ -167,7 +322,11 @@ impl Net for Gpt2 {
         (b, t): (usize, usize),
         _ctx: &(),
         opts: &LeanOptions,
-    ) -> Result<(Tensor, Saved)> {
+    ) -> Result<(Tensor, BlockSaved)> {
+        if let Some(dt) = opts.amp {
+            let (y, s) = self.block_fwd_amp(i, x, (b, t), dt)?;
+            return Ok((y, BlockSaved::Amp(s)));
+        }
         let blk = &self.blocks[i];
         let (h, hd) = (self.n_head, self.hd);
         let d = h * hd;
@@ -226,18 +385,22 @@ impl Net for Gpt2 {
             g,
             gelu_kept,
         };
-        Ok((y, saved))
+        Ok((y, BlockSaved::Full(saved)))
     }
 
     fn block_bwd(
         &self,
         i: usize,
-        s: Saved,
+        s: BlockSaved,
         dy: Tensor,
         (b, t): (usize, usize),
         _ctx: &(),
         grads: &mut Grads,
     ) -> Result<Tensor> {
+        let s = match s {
+            BlockSaved::Full(s) => s,
+            BlockSaved::Amp(s) => return self.block_bwd_amp(i, s, dy, (b, t), grads),
+        };
         let blk = &self.blocks[i];
         let (h, hd) = (self.n_head, self.hd);
         let d = h * hd;
@@ -302,5 +465,13 @@ impl Net for Gpt2 {
 
     fn head(&self) -> (&Tensor, &str) {
         (&self.head, &self.head_name)
+    }
+
+    fn release_half(&self) {
+        for b in &self.blocks {
+            for l in [&b.c_attn, &b.attn_proj, &b.c_fc, &b.mlp_proj] {
+                l.release_half();
+            }
+        }
     }
 }

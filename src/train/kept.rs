@@ -62,6 +62,63 @@ multiversion! {
     }
 }
 
+fn new_parts(x: f32) -> [f32; 3] {
+    let t = tanh(SQRT_2_OVER_PI * (x + GELU_A * x * x * x));
+    [t, 0.5 * x, 1.0 + t]
+}
+
+fn fast_parts(x: f32) -> [f32; 6] {
+    let c2 = GELU_A * x;
+    let c1 = x * SQRT_2_OVER_PI;
+    let c3 = 1.0 + c2 * x;
+    let t = tanh(c1 * c3);
+    [c2, c1, c3, t, 0.5 * x, 1.0 + t]
+}
+
+/// `gelu_intermediates` under AMP, where autocast runs the composed GELU in half: from the
+/// widened input `x32`, one part at a time, each narrowed to `dt` as soon as it exists (so one
+/// f32 part is alive at a time).
+pub(crate) fn gelu_intermediates_half(
+    x32: &Tensor,
+    form: GeluForm,
+    dt: DType,
+) -> Result<Vec<Tensor>> {
+    // One block per part: each writes only its own output.
+    macro_rules! part {
+        ($f:ident, $i:literal) => {
+            |xs: &[f32], o: &mut [&mut [f32]; 1]| {
+                for (y, &x) in o[0].iter_mut().zip(xs) {
+                    *y = $f(x)[$i];
+                }
+            }
+        };
+    }
+    let one: &[fn(&[f32], &mut [&mut [f32]; 1])] = match form {
+        GeluForm::Fused => &[],
+        GeluForm::New => &[
+            part!(new_parts, 0),
+            part!(new_parts, 1),
+            part!(new_parts, 2),
+        ],
+        GeluForm::Fast => &[
+            part!(fast_parts, 0),
+            part!(fast_parts, 1),
+            part!(fast_parts, 2),
+            part!(fast_parts, 3),
+            part!(fast_parts, 4),
+            part!(fast_parts, 5),
+        ],
+    };
+    one.iter()
+        .map(|f| {
+            let mut p = parts(x32, *f)?;
+            p.pop()
+                .ok_or_else(|| candle_core::Error::Msg("GELU part missing".into()))?
+                .to_dtype(dt)
+        })
+        .collect()
+}
+
 /// The K outputs of `block` over the elements of x, each in its own tensor: one pass on the CPU
 /// for contiguous f32 (the values through the host otherwise).
 fn parts<const K: usize>(

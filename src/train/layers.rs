@@ -2,12 +2,14 @@
 //! and its backward: linear maps in both weight layouts, LayerNorm / RMSNorm, attention (flash
 //! or eager), and the gradient store that accumulates into one buffer per parameter.
 
+use super::amp;
 use super::inplace;
 use super::k;
 use super::parallel::{role_of, Collective, Role};
 use crate::train::{Attention, SavedSet};
 use candle_core::{DType, Result, Tensor};
 use candle_nn::VarMap;
+use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::rc::Rc;
 
@@ -137,6 +139,8 @@ pub(crate) struct Lin {
     /// Under tensor parallelism: what this map reduces, and over which group.
     role: Role,
     tp: Option<Rc<dyn Collective>>,
+    /// AMP: the weight's half copy from the forward, which the backward reads (`fwd_amp`).
+    half: RefCell<Option<Tensor>>,
 }
 
 impl Lin {
@@ -156,6 +160,7 @@ impl Lin {
                 Role::Whole
             },
             tp: p.tp.clone(),
+            half: RefCell::new(None),
         })
     }
 
@@ -169,6 +174,9 @@ impl Lin {
 
     /// x `[N, in]` -> `[N, out]`; the bias is added in place (after a row-parallel map's sum).
     pub(crate) fn fwd(&self, x: &Tensor) -> Result<Tensor> {
+        if x.dtype() != self.w.dtype() {
+            return self.fwd_amp(x);
+        }
         let y = match self.layout {
             WeightLayout::InOut => k::matmul(x, &self.w)?,
             WeightLayout::OutIn => k::matmul(x, &self.w.t()?)?,
@@ -189,6 +197,9 @@ impl Lin {
         grads: &mut Grads,
         acc: Option<Tensor>,
     ) -> Result<Tensor> {
+        if x.dtype() != self.w.dtype() {
+            return self.bwd_amp(x, dy, grads, acc);
+        }
         let dw = match self.layout {
             WeightLayout::InOut => k::matmul(&x.t()?, dy)?,
             WeightLayout::OutIn => k::matmul(&dy.t()?, x)?,
@@ -219,6 +230,71 @@ impl Lin {
             grads.add(&self.b_name, b.zeros_like()?)?;
         }
         Ok(())
+    }
+}
+
+/// Mixed precision (`train::amp`): the map's input is half, its weight f32.
+impl Lin {
+    /// autocast's linear: y = x·W₁₆ (+ b₁₆), W's half copy kept for the backward as autograd
+    /// saves it; the bias's copy lives for the add only.
+    fn fwd_amp(&self, x: &Tensor) -> Result<Tensor> {
+        if self.tp.is_some() {
+            candle_core::bail!("mixed precision under tensor parallelism is not implemented");
+        }
+        let dt = x.dtype();
+        let w = self.w.to_dtype(dt)?;
+        let y = match self.layout {
+            WeightLayout::InOut => amp::matmul(x, &w)?,
+            WeightLayout::OutIn => amp::matmul(x, &w.t()?)?,
+        };
+        *self.half.borrow_mut() = Some(w);
+        match &self.b {
+            Some(b) => inplace::add_bias(y, &b.to_dtype(dt)?),
+            None => Ok(y),
+        }
+    }
+
+    /// Drops the weight's half copy, as autocast's cast cache is cleared when the forward's
+    /// autocast region ends (what the graph saved keeps its copy; a checkpointed block saved
+    /// nothing).
+    pub(crate) fn release_half(&self) {
+        self.half.borrow_mut().take();
+    }
+
+    /// dW₁₆ (then its f32 copy, the master weight's gradient), db in f32, and dx in half from
+    /// the half input and dy (narrowed first when it arrives in f32, as autograd casts a
+    /// gradient to its tensor's dtype); the weight's half copy is released here.
+    fn bwd_amp(
+        &self,
+        x: &Tensor,
+        dy: &Tensor,
+        grads: &mut Grads,
+        acc: Option<Tensor>,
+    ) -> Result<Tensor> {
+        let dt = x.dtype();
+        let dy = dy.to_dtype(dt)?;
+        let w = self.half.borrow_mut().take().ok_or_else(|| {
+            candle_core::Error::Msg(format!("{}: backward before forward", self.w_name))
+        })?;
+        let dw = match self.layout {
+            WeightLayout::InOut => amp::matmul(&x.t()?, &dy)?,
+            WeightLayout::OutIn => amp::matmul(&dy.t()?, x)?,
+        };
+        let dw32 = amp::widen(&dw)?;
+        drop(dw);
+        grads.add(&self.w_name, dw32)?;
+        if self.b.is_some() {
+            grads.add(&self.b_name, amp::sum_rows(&dy)?)?;
+        }
+        let dx = match self.layout {
+            WeightLayout::InOut => amp::matmul(&dy, &w.t()?)?,
+            WeightLayout::OutIn => amp::matmul(&dy, &w)?,
+        };
+        drop((w, dy));
+        match acc {
+            Some(a) => inplace::add(a, &dx),
+            None => Ok(dx),
+        }
     }
 }
 

@@ -12,6 +12,7 @@
 //! input (the projection's output) and per-head rstd, as PyTorch's RMSNorm does; the normalised
 //! heads are transient (RoPE's backward needs only the tables).
 
+use super::amp;
 use super::inplace;
 use super::k;
 use super::layers::{
@@ -297,6 +298,8 @@ enum FfnSaved {
 }
 
 /// q, k and v, stored separately or fused (Phi-3's `qkv_proj`, rows q | k | v).
+// One per layer, built once and never moved: the variants' size difference costs nothing.
+#[allow(clippy::large_enum_variant)]
 enum Qkv {
     Separate { q: Lin, k: Lin, v: Lin },
     Fused(Lin),
@@ -381,6 +384,38 @@ pub(crate) struct Saved {
     ffn: FfnSaved,
     /// Sandwich norms: the MLP's output (post_feedforward_layernorm's input) and its rstd.
     m: Option<(Tensor, NormStats)>,
+}
+
+/// What a layer keeps, in full precision or under AMP.
+pub(crate) enum BlockSaved {
+    Full(Saved),
+    Amp(AmpSaved),
+}
+
+/// What a layer keeps under AMP (`train::amp`; separate q/k/v and gate/up maps, pre-norms, a
+/// dense MLP, sdpa): the residual stream and the norms' inputs, x̂ and rstd in f32; each map's
+/// own half copy of its input, as autocast casts the f32 norm output once per map; q and k
+/// after RoPE as sdpa's half copies, v, the output and lse; the MLP's half tensors.
+pub(crate) struct AmpSaved {
+    x: Tensor,
+    st1: NormStats,
+    /// The q, k and v maps' inputs (three copies of the same values).
+    h1: [Tensor; 3],
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    o: Tensor,
+    lse: Tensor,
+    x1: Tensor,
+    st2: NormStats,
+    /// The gate and up maps' inputs.
+    h2: [Tensor; 2],
+    gate: Tensor,
+    up: Tensor,
+    /// act(gate), held for its memory as in `MlpSaved`.
+    act: Tensor,
+    /// The gated product, down's input.
+    h: Tensor,
 }
 
 /// RoPE cos / sin `[T, rotary_dim / 2]` f32: global layers, and local ones when they differ.
@@ -528,8 +563,185 @@ impl Llama {
     }
 }
 
+impl Llama {
+    /// `block_fwd` under AMP with half dtype `dt` (`supported` admits the layers it handles).
+    fn block_fwd_amp(
+        &self,
+        i: usize,
+        x: &Tensor,
+        (b, t): (usize, usize),
+        ctx: &Ctx,
+        dt: DType,
+    ) -> Result<(Tensor, AmpSaved)> {
+        let l = &self.layers[i];
+        let (h, hkv, hd) = (self.cfg.n_head, self.cfg.n_kv_head, self.cfg.head_dim);
+        let n = b * t;
+        let (cos, sin) = rope_of(l, ctx);
+        let (
+            Qkv::Separate {
+                q,
+                k: kmap,
+                v: vmap,
+            },
+            SubNorms::Pre(norm2),
+            Ffn::Mlp(mlp),
+        ) = (&l.qkv, &l.norms, &l.ffn)
+        else {
+            candle_core::bail!("layer {i}: mixed precision needs separate maps and pre-norms");
+        };
+        let GateUp::Separate { gate, up } = &mlp.gate_up else {
+            candle_core::bail!("layer {i}: mixed precision needs separate gate and up maps");
+        };
+        let (h1_32, st1) = l.input_norm.fwd_keeping(x, SavedSet::Transformers)?;
+        let cast_map = |m: &Lin| -> Result<(Tensor, Tensor)> {
+            let xh = h1_32.to_dtype(dt)?;
+            let y = m.fwd(&xh)?;
+            Ok((xh, y))
+        };
+        let (h1q, q_lin) = cast_map(q)?;
+        let (h1k, k_lin) = cast_map(kmap)?;
+        let (h1v, v_lin) = cast_map(vmap)?;
+        drop(h1_32);
+        // RoPE on the widened heads; sdpa's half copy of the result is what stays.
+        let rotate = |y: Tensor, heads: usize| {
+            let r = amp::widened(&y.reshape((b, t, heads, hd))?, |y| k::rope_fwd(y, cos, sin))?;
+            drop(y);
+            Ok::<_, candle_core::Error>(r)
+        };
+        let q_ = rotate(q_lin, h)?;
+        let k_ = rotate(k_lin, hkv)?;
+        let v = v_lin.reshape((b, t, hkv, hd))?;
+        drop(v_lin);
+        let (o, lse) = amp::attention_fwd(&q_, &k_, &v, &l.spec)?;
+        let o = o.reshape((n, h * hd))?;
+        let a = amp::widen(&l.o.fwd(&o)?)?;
+        let x1 = inplace::add(a, x)?;
+        let (h2_32, st2) = norm2.fwd_keeping(&x1, SavedSet::Transformers)?;
+        let h2g = h2_32.to_dtype(dt)?;
+        let gate_y = gate.fwd(&h2g)?;
+        let h2u = h2_32.to_dtype(dt)?;
+        let up_y = up.fwd(&h2u)?;
+        drop(h2_32);
+        let act = mlp.act;
+        let hprod = amp::widened2(&gate_y, &up_y, |g, u| k::gated_fwd(g, u, act))?;
+        let act_g = amp::widened(&gate_y, |g| k::activation(g, act))?;
+        let m = amp::widen(&mlp.down.fwd(&hprod)?)?;
+        let y = inplace::add(m, &x1)?;
+        Ok((
+            y,
+            AmpSaved {
+                x: x.clone(),
+                st1,
+                h1: [h1q, h1k, h1v],
+                q: q_,
+                k: k_,
+                v,
+                o,
+                lse,
+                x1,
+                st2,
+                h2: [h2g, h2u],
+                gate: gate_y,
+                up: up_y,
+                act: act_g,
+                h: hprod,
+            },
+        ))
+    }
+
+    fn block_bwd_amp(
+        &self,
+        i: usize,
+        s: AmpSaved,
+        dy: Tensor,
+        (b, t): (usize, usize),
+        ctx: &Ctx,
+        grads: &mut Grads,
+    ) -> Result<Tensor> {
+        let l = &self.layers[i];
+        let (h, hkv, hd) = (self.cfg.n_head, self.cfg.n_kv_head, self.cfg.head_dim);
+        let n = b * t;
+        let (cos, sin) = rope_of(l, ctx);
+        let (
+            Qkv::Separate {
+                q,
+                k: kmap,
+                v: vmap,
+            },
+            SubNorms::Pre(norm2),
+            Ffn::Mlp(mlp),
+        ) = (&l.qkv, &l.norms, &l.ffn)
+        else {
+            candle_core::bail!("layer {i}: mixed precision needs separate maps and pre-norms");
+        };
+        let GateUp::Separate { gate, up } = &mlp.gate_up else {
+            candle_core::bail!("layer {i}: mixed precision needs separate gate and up maps");
+        };
+        // An f32 gradient summed from the half input gradients of maps sharing an input.
+        let add_widened = |acc: Option<Tensor>, dxh: Tensor| -> Result<Tensor> {
+            let d32 = amp::widen(&dxh)?;
+            drop(dxh);
+            match acc {
+                None => Ok(d32),
+                Some(a) => inplace::add(a, &d32),
+            }
+        };
+        let dh = mlp.down.bwd(&s.h, &dy, grads, None)?;
+        drop(s.h);
+        let (dgate, dup) = {
+            let (g, u, d) = (amp::widen(&s.gate)?, amp::widen(&s.up)?, amp::widen(&dh)?);
+            let (dg, du) = k::gated_bwd(&g, &u, &d, mlp.act)?;
+            drop((g, u, d));
+            let dg_h = dg.to_dtype(s.gate.dtype())?;
+            drop(dg);
+            let du_h = du.to_dtype(s.gate.dtype())?;
+            drop(du);
+            (dg_h, du_h)
+        };
+        drop((dh, s.gate, s.up, s.act));
+        let [h2g, h2u] = s.h2;
+        let dh2 = add_widened(None, gate.bwd(&h2g, &dgate, grads, None)?)?;
+        drop((dgate, h2g));
+        let dh2 = add_widened(Some(dh2), up.bwd(&h2u, &dup, grads, None)?)?;
+        drop((dup, h2u));
+        let dn2 = norm2.bwd(&dh2, &s.x1, &s.st2, grads)?;
+        drop((dh2, s.x1, s.st2));
+        let dx1 = inplace::add(dy, &dn2)?;
+        drop(dn2);
+        let d_o = l.o.bwd(&s.o, &dx1, grads, None)?.reshape((b, t, h, hd))?;
+        let (dq, dk, dv) = amp::attention_bwd(
+            &s.q,
+            &s.k,
+            &s.v,
+            &s.o.reshape((b, t, h, hd))?,
+            &s.lse,
+            &d_o,
+            &l.spec,
+        )?;
+        drop((d_o, s.q, s.k, s.v, s.o, s.lse));
+        let unrotate = |d: Tensor, heads: usize| {
+            let r = amp::widened(&d, |d| k::rope_bwd(d, cos, sin))?;
+            drop(d);
+            r.reshape((n, heads * hd))
+        };
+        let [h1q, h1k, h1v] = s.h1;
+        let dq = unrotate(dq, h)?;
+        let dh1 = add_widened(None, q.bwd(&h1q, &dq, grads, None)?)?;
+        drop((dq, h1q));
+        let dk = unrotate(dk, hkv)?;
+        let dh1 = add_widened(Some(dh1), kmap.bwd(&h1k, &dk, grads, None)?)?;
+        drop((dk, h1k));
+        let dv = dv.reshape((n, hkv * hd))?;
+        let dh1 = add_widened(Some(dh1), vmap.bwd(&h1v, &dv, grads, None)?)?;
+        drop((dv, h1v));
+        let dn1 = l.input_norm.bwd(&dh1, &s.x, &s.st1, grads)?;
+        drop((dh1, s.x, s.st1));
+        inplace::add(dx1, &dn1)
+    }
+}
+
 impl Net for Llama {
-    type Saved = Saved;
+    type Saved = BlockSaved;
     type Ctx = Ctx;
 
     fn n_layer(&self) -> usize {
@@ -576,7 +788,11 @@ impl Net for Llama {
         (b, t): (usize, usize),
         ctx: &Ctx,
         opts: &LeanOptions,
-    ) -> Result<(Tensor, Saved)> {
+    ) -> Result<(Tensor, BlockSaved)> {
+        if let Some(dt) = opts.amp {
+            let (y, s) = self.block_fwd_amp(i, x, (b, t), ctx, dt)?;
+            return Ok((y, BlockSaved::Amp(s)));
+        }
         let l = &self.layers[i];
         let (h, hkv, hd) = (self.cfg.n_head, self.cfg.n_kv_head, self.cfg.head_dim);
         let n = b * t;
@@ -660,7 +876,7 @@ impl Net for Llama {
         };
         Ok((
             y,
-            Saved {
+            BlockSaved::Full(Saved {
                 x: x.clone(),
                 st1,
                 h1,
@@ -678,19 +894,23 @@ impl Net for Llama {
                 h2,
                 ffn,
                 m,
-            },
+            }),
         ))
     }
 
     fn block_bwd(
         &self,
         i: usize,
-        s: Saved,
+        s: BlockSaved,
         dy: Tensor,
         (b, t): (usize, usize),
         ctx: &Ctx,
         grads: &mut Grads,
     ) -> Result<Tensor> {
+        let s = match s {
+            BlockSaved::Full(s) => s,
+            BlockSaved::Amp(s) => return self.block_bwd_amp(i, s, dy, (b, t), ctx, grads),
+        };
         let l = &self.layers[i];
         let (h, hkv, hd) = (self.cfg.n_head, self.cfg.n_kv_head, self.cfg.head_dim);
         let n = b * t;
@@ -816,6 +1036,20 @@ impl Net for Llama {
 
     fn final_softcap(&self) -> Option<f64> {
         self.cfg.final_softcap
+    }
+
+    fn release_half(&self) {
+        for l in &self.layers {
+            if let (Qkv::Separate { q, k, v }, Ffn::Mlp(mlp)) = (&l.qkv, &l.ffn) {
+                for m in [q, k, v, &l.o, &mlp.down] {
+                    m.release_half();
+                }
+                if let GateUp::Separate { gate, up } = &mlp.gate_up {
+                    gate.release_half();
+                    up.release_half();
+                }
+            }
+        }
     }
 }
 

@@ -1133,6 +1133,15 @@ pub fn predict_rank(
     opts: &LeanOptions,
     part: &RankPart,
 ) -> LeanPrediction {
+    // Mixed precision runs whole steps only: a tensor-parallel map refuses it, and the
+    // multi-process step runs the default options.
+    if let Some(half) = opts.amp {
+        debug_assert!(
+            *part == RankPart::whole(cfg),
+            "AMP is predicted for the whole step"
+        );
+        return predict_amp(cfg, step, opts, half.size_in_bytes() as u64);
+    }
     let (params, n_tensors) = (part.params, part.tensors);
     let e = step.dtype.bytes();
     let (b, t) = (step.batch as u64, step.seq as u64);
@@ -1366,6 +1375,650 @@ pub fn predict_rank(
             // _foreach_sqrt: one buffer per parameter, all at once.
             let sqrt = params * e + n_tensors * TENSOR_OVERHEAD_BYTES;
             (Some(state), Some(weights + gradients + state + sqrt))
+        }
+    };
+    LeanPrediction {
+        weights_bytes: weights,
+        saved_bytes: saved,
+        forward_peak_bytes: forward_peak,
+        backward_peak_bytes: backward_peak,
+        gradients_bytes: gradients,
+        peak_bytes: forward_peak.max(backward_peak),
+        optimizer_state_bytes,
+        optimizer_peak_bytes,
+        terms,
+    }
+}
+
+/// f32 bytes: master weights, their gradients, the residual stream and the norms under AMP.
+const F32: u64 = 4;
+
+/// The AMP step's ledger (`train::amp`): sizes in elements, `h` the half dtype's bytes.
+struct Amp<'a> {
+    x: &'a Dims,
+    h: u64,
+    l: Ledger,
+    /// Weights stored `[in, out]` (GPT-2's Conv1D) rather than `[out, in]`.
+    in_out: bool,
+}
+
+impl Amp<'_> {
+    /// `amp::matmul` `[m, k] @ [k, n]`: both operands widened, the f32 product, then narrowed.
+    fn mm(&mut self, m: u64, n: u64, k: u64) {
+        self.l.alloc(m * k * F32);
+        self.l.alloc(k * n * F32);
+        self.l.mm(m, n, k, false, false, F32);
+        self.l.free(m * k * F32);
+        self.l.free(k * n * F32);
+        self.l.alloc(m * n * self.h);
+        self.l.free(m * n * F32);
+    }
+    /// A half tensor of `elems` widened into a new f32 buffer, then the half one freed.
+    fn widen_replace(&mut self, elems: u64) {
+        self.l.alloc(elems * F32);
+        self.l.free(elems * self.h);
+    }
+    /// An f32 tensor narrowed into a new half buffer, then the f32 one freed.
+    fn narrow_replace(&mut self, elems: u64) {
+        self.l.alloc(elems * self.h);
+        self.l.free(elems * F32);
+    }
+    /// `Lin::fwd_amp` on `[N, i]` -> `[N, o]`: the weight's half copy (kept), the product, the
+    /// bias's half copy for the in-place add.
+    fn lin_fwd(&mut self, i: u64, o: u64, bias: bool) {
+        self.l.alloc(i * o * self.h);
+        self.mm(self.x.n, o, i);
+        if bias {
+            self.l.alloc(o * self.h);
+            self.l.free(o * self.h);
+        }
+    }
+    /// `amp::sum_rows` over `[N, c]`: a block of rows widened, its sum, accumulated in f32.
+    fn sum_rows(&mut self, c: u64) {
+        let n = self.x.n;
+        let rows = n.min(super::amp::SUM_ROWS as u64);
+        self.l.alloc(rows * c * F32);
+        self.l.alloc(c * F32); // the accumulator: the bias's gradient
+        self.l.free(rows * c * F32);
+        if n > rows {
+            self.l.alloc(rows * c * F32);
+            self.l.alloc(c * F32);
+            self.l.free(rows * c * F32);
+            self.l.free(c * F32);
+        }
+    }
+    /// `Lin::bwd_amp` from the half input `[N, i]` and dy `[N, o]` (f32 when `dy_f32`, narrowed
+    /// first): dW in half then its f32 copy (the gradient), db, dx in half; the weight's half
+    /// copy and the narrowed dy freed.
+    fn lin_bwd(&mut self, i: u64, o: u64, bias: bool, dy_f32: bool) {
+        let n = self.x.n;
+        if dy_f32 {
+            self.l.alloc(n * o * self.h);
+        }
+        if self.in_out {
+            self.mm(i, o, n); // xᵀ @ dy
+        } else {
+            self.mm(o, i, n); // dyᵀ @ x
+        }
+        self.widen_replace(i * o);
+        if bias {
+            self.sum_rows(o);
+        }
+        self.mm(n, i, o);
+        self.l.free(i * o * self.h);
+        if dy_f32 {
+            self.l.free(n * o * self.h);
+        }
+    }
+    /// A LayerNorm's forward (y, mean, rstd in f32), its output narrowed for the next map.
+    fn layer_norm_fwd_narrowed(&mut self) {
+        let (n, d) = (self.x.n, self.x.d);
+        self.l.alloc(n * d * F32);
+        self.l.alloc(n * STAT);
+        self.l.alloc(n * STAT);
+        self.narrow_replace(n * d);
+    }
+    /// The step's norm forward (LayerNorm: y, mean, rstd; RMSNorm: y, rstd, HF's x̂; all f32),
+    /// its output narrowed for the next map.
+    fn norm_fwd_narrowed(&mut self, rms: bool) {
+        if !rms {
+            return self.layer_norm_fwd_narrowed();
+        }
+        let (n, d) = (self.x.n, self.x.d);
+        self.l.alloc(n * d * F32);
+        self.l.alloc(n * STAT);
+        self.l.alloc(n * d * STAT);
+        self.narrow_replace(n * d);
+    }
+    /// An RMSNorm's backward from an f32 dy: dx, dw, then dy, the input, rstd and x̂ freed.
+    fn rms_norm_bwd(&mut self) {
+        let (n, d) = (self.x.n, self.x.d);
+        self.l.alloc(n * d * F32);
+        self.l.alloc(d * F32);
+        self.l.free(n * d * F32); // dy
+        self.l.free(n * d * F32); // input
+        self.l.free(n * STAT);
+        self.l.free(n * d * STAT); // x̂
+    }
+    /// A LayerNorm's backward from a half dy: widened, dx, dw, db (f32), then dy, the saved
+    /// input and statistics freed.
+    fn layer_norm_bwd(&mut self, bias: bool) {
+        let (n, d) = (self.x.n, self.x.d);
+        self.widen_replace(n * d);
+        self.l.alloc(n * d * F32);
+        self.l.alloc(d * F32);
+        if bias {
+            self.l.alloc(d * F32);
+        }
+        self.l.free(n * d * F32); // dy
+        self.l.free(n * d * F32); // input
+        self.l.free(2 * n * STAT);
+    }
+}
+
+/// GPT-2's block under AMP: its saved set by name (`gpt2::AmpSaved` and the maps' weight copies).
+fn amp_gpt2_saved(cfg: &ModelConfig, x: &Dims, h: u64) -> Vec<(&'static str, u64)> {
+    let (n, d, ff) = (x.n, x.d, x.ff);
+    let parts = gelu_parts(cfg, &LeanOptions::default());
+    let mut v = vec![
+        ("block input x (ln_1's input) [N, d] f32", n * d * F32),
+        ("ln_1 mean, rstd [N] f32", 2 * n * STAT),
+        (
+            "ln_1 output narrowed (c_attn's input) [N, d] half",
+            n * d * h,
+        ),
+        ("c_attn weight's half copy [d, 3d]", 3 * d * d * h),
+        ("q, v (sdpa's copies) [B, T, H, hd] half", 2 * n * d * h),
+        (
+            "qkv projection (sdpa's view of k keeps it) [N, 3d] half",
+            3 * n * d * h,
+        ),
+        ("attention output (c_proj's input) [N, d] half", n * d * h),
+        ("attention lse [B, H, T] f32", x.lse()),
+        ("attention c_proj weight's half copy [d, d]", d * d * h),
+        ("x + attention (ln_2's input) [N, d] f32", n * d * F32),
+        ("ln_2 mean, rstd [N] f32", 2 * n * STAT),
+        ("ln_2 output narrowed (c_fc's input) [N, d] half", n * d * h),
+        ("c_fc weight's half copy [d, ff]", d * ff * h),
+        ("GELU input [N, ff] half", n * ff * h),
+        ("GELU output (c_proj's input) [N, ff] half", n * ff * h),
+        ("MLP c_proj weight's half copy [ff, d]", ff * d * h),
+    ];
+    if parts > 0 {
+        v.push((
+            "composed GELU's intermediates (tanh, ½x, 1 + tanh…) [N, ff] half each",
+            parts * n * ff * h,
+        ));
+    }
+    v
+}
+
+/// GPT-2's block forward under AMP (`gpt2::block_fwd_amp`): (peak above start, net change).
+fn amp_gpt2_forward(cfg: &ModelConfig, x: &Dims, h: u64) -> (u64, i128) {
+    let mut a = Amp {
+        x,
+        h,
+        l: Ledger::at(0),
+        in_out: cfg.arch == Arch::Gpt2,
+    };
+    let (n, d, ff, b) = (x.n, x.d, x.ff, cfg.bias);
+    a.layer_norm_fwd_narrowed(); // ln_1
+    a.lin_fwd(d, 3 * d, b); // qkv
+    for _ in 0..3 {
+        a.l.alloc(n * d * h); // q, k, v copied out of qkv
+    }
+    for _ in 0..3 {
+        a.l.alloc(n * d * F32); // widened for the kernel
+    }
+    a.l.alloc(n * d * F32); // o
+    a.l.scratch(x.attn_lse_bth() + x.threads * x.attn_fwd_thread());
+    a.l.alloc(x.lse());
+    a.l.scratch(x.attn_lse_bth());
+    a.l.free(3 * n * d * F32);
+    a.narrow_replace(n * d); // o
+    a.l.free(n * d * h); // the k copy (qkv stays)
+    a.lin_fwd(d, d, b); // attention c_proj
+    a.widen_replace(n * d); // its output, then x1 in place
+    a.layer_norm_fwd_narrowed(); // ln_2
+    a.lin_fwd(d, ff, b); // c_fc: the GELU input
+    a.l.alloc(n * ff * F32); // widened
+    a.l.alloc(n * ff * F32); // GELU
+    a.narrow_replace(n * ff);
+    for _ in 0..gelu_parts(cfg, &LeanOptions::default()) {
+        a.l.alloc(n * ff * F32);
+        a.narrow_replace(n * ff);
+    }
+    a.l.free(n * ff * F32); // widened input
+    a.lin_fwd(ff, d, b); // MLP c_proj
+    a.widen_replace(n * d); // its output, then y in place
+    a.l.result(0)
+}
+
+/// GPT-2's block backward under AMP (`gpt2::block_bwd_amp`): (peak above start, net change).
+fn amp_gpt2_backward(cfg: &ModelConfig, x: &Dims, h: u64) -> (u64, i128) {
+    let mut a = Amp {
+        x,
+        h,
+        l: Ledger::at(0),
+        in_out: cfg.arch == Arch::Gpt2,
+    };
+    let (n, d, ff, b) = (x.n, x.d, x.ff, cfg.bias);
+    a.lin_bwd(ff, d, b, true); // MLP c_proj: dg
+    a.l.free(n * ff * h); // g
+    a.l.alloc(n * ff * F32); // h widened
+    a.l.alloc(n * ff * F32); // dg widened
+    a.l.alloc(n * ff * F32); // dh
+    a.l.free(2 * n * ff * F32);
+    a.narrow_replace(n * ff);
+    a.l.free(n * ff * h); // dg
+    a.l.free(n * ff * h); // h
+    for _ in 0..gelu_parts(cfg, &LeanOptions::default()) {
+        a.l.free(n * ff * h);
+    }
+    a.lin_bwd(d, ff, b, false); // c_fc: dln2
+    a.l.free(n * ff * h); // dh
+    a.l.free(n * d * h); // ln2
+    a.layer_norm_bwd(b); // ln_2 (x1 freed)
+    a.l.free(n * d * F32); // its dx added into dy
+    a.lin_bwd(d, d, b, true); // attention c_proj: d_o
+    a.l.alloc(n * d * h); // k copied out of qkv again
+    for _ in 0..5 {
+        a.l.alloc(n * d * F32); // q, k, v, o, d_o widened
+    }
+    for _ in 0..3 {
+        a.l.alloc(n * d * F32); // dq, dk, dv
+    }
+    a.l.scratch(x.attn_bwd_scratch());
+    a.l.free(5 * n * d * F32);
+    for _ in 0..3 {
+        a.narrow_replace(n * d);
+    }
+    a.l.free(2 * n * d * h); // d_o, k
+    a.l.free(2 * n * d * h); // q, v
+    a.l.free(3 * n * d * h); // qkv
+    a.l.free(n * d * h); // o
+    a.l.free(x.lse());
+    a.l.alloc(3 * n * d * h); // dqkv
+    a.l.free(3 * n * d * h); // dq, dk, dv
+    a.lin_bwd(d, 3 * d, b, false); // c_attn: dln1
+    a.l.free(3 * n * d * h); // dqkv
+    a.l.free(n * d * h); // ln1
+    a.layer_norm_bwd(b); // ln_1 (x freed)
+    a.l.free(n * d * F32); // its dx added into dx1
+    a.l.result(0)
+}
+
+/// The plain Llama layer under AMP: its saved set by name (`llama::AmpSaved` and the maps'
+/// weight copies).
+fn amp_llama_saved(x: &Dims, h: u64) -> Vec<(&'static str, u64)> {
+    let (n, d, ff) = (x.n, x.d, x.ff);
+    let (q, kv) = (x.h * x.hd, x.hkv * x.hd);
+    vec![
+        ("block input x (input_layernorm's input) [N, d] f32", n * d * F32),
+        ("input_layernorm rstd [N] f32", n * STAT),
+        ("input_layernorm's normalized input x̂ [N, d] f32", n * d * STAT),
+        (
+            "input_layernorm output narrowed, once per map (q, k, v inputs) [N, d] half ×3",
+            3 * n * d * h,
+        ),
+        (
+            "q, k, v, o weights' half copies [q + 2kv + q, d]",
+            (2 * q + 2 * kv) * d * h,
+        ),
+        ("q after RoPE (sdpa's half copy) [B, T, H, hd]", n * q * h),
+        ("k after RoPE (sdpa's half copy), v [B, T, Hkv, hd] half", 2 * n * kv * h),
+        ("attention output (o_proj's input) [N, H·hd] half", n * q * h),
+        ("attention lse [B, H, T] f32", x.lse()),
+        ("x + attention (post_attention_layernorm's input) [N, d] f32", n * d * F32),
+        ("post_attention_layernorm rstd [N] f32", n * STAT),
+        ("post_attention_layernorm's normalized input x̂ [N, d] f32", n * d * STAT),
+        (
+            "post_attention_layernorm output narrowed, once per map (gate, up inputs) [N, d] half ×2",
+            2 * n * d * h,
+        ),
+        ("gate, up, down weights' half copies [3 · ff, d]", 3 * ff * d * h),
+        ("gate and up (activation inputs) [N, ff] half", 2 * n * ff * h),
+        ("act(gate) [N, ff] half", n * ff * h),
+        ("gated product (down_proj's input) [N, ff] half", n * ff * h),
+    ]
+}
+
+/// Tensors in `amp_llama_saved` (each with a header).
+const AMP_LLAMA_SAVED_TENSORS: u64 = 27;
+
+/// The plain Llama layer's forward under AMP (`llama::block_fwd_amp`).
+fn amp_llama_forward(cfg: &ModelConfig, x: &Dims, h: u64) -> (u64, i128) {
+    let mut a = Amp {
+        x,
+        h,
+        l: Ledger::at(0),
+        in_out: false,
+    };
+    let (n, d, ff) = (x.n, x.d, x.ff);
+    let (q, kv) = (x.h * x.hd, x.hkv * x.hd);
+    let (qkv_b, mlp_b) = (cfg.has_qkv_bias(), cfg.mlp_bias);
+    a.l.alloc(n * d * F32); // input_layernorm output
+    a.l.alloc(n * STAT);
+    a.l.alloc(n * d * STAT); // x̂
+    for out in [q, kv, kv] {
+        a.l.alloc(n * d * h); // the map's own narrowed input
+        a.lin_fwd(d, out, qkv_b);
+    }
+    a.l.free(n * d * F32); // the f32 norm output
+    for w in [q, kv] {
+        a.l.alloc(n * w * F32); // widened
+        a.l.alloc(n * w * F32); // rotated
+        a.l.free(n * w * F32);
+        a.narrow_replace(n * w);
+        a.l.free(n * w * h); // the projection's output
+    }
+    a.l.alloc(n * q * F32); // q, k, v widened for the kernel
+    a.l.alloc(n * kv * F32);
+    a.l.alloc(n * kv * F32);
+    a.l.alloc(n * q * F32); // o
+    a.l.scratch(x.attn_lse_bth() + x.threads * x.attn_fwd_thread());
+    a.l.alloc(x.lse());
+    a.l.scratch(x.attn_lse_bth());
+    a.l.free((q + 2 * kv) * n * F32);
+    a.narrow_replace(n * q);
+    a.lin_fwd(q, d, cfg.bias); // o_proj
+    a.widen_replace(n * d); // its output, then x1 in place
+    a.l.alloc(n * d * F32); // post_attention_layernorm output
+    a.l.alloc(n * STAT);
+    a.l.alloc(n * d * STAT); // x̂
+    for _ in 0..2 {
+        a.l.alloc(n * d * h); // gate's, up's narrowed input
+        a.lin_fwd(d, ff, mlp_b);
+    }
+    a.l.free(n * d * F32);
+    for _ in 0..2 {
+        a.l.alloc(n * ff * F32); // gate and up widened
+    }
+    a.l.alloc(n * ff * F32); // gated product
+    a.l.free(2 * n * ff * F32);
+    a.narrow_replace(n * ff);
+    a.l.alloc(n * ff * F32); // gate widened
+    a.l.alloc(n * ff * F32); // act(gate)
+    a.l.free(n * ff * F32);
+    a.narrow_replace(n * ff);
+    a.lin_fwd(ff, d, mlp_b); // down
+    a.widen_replace(n * d); // its output, then y in place
+    a.l.result(0)
+}
+
+/// The plain Llama layer's backward under AMP (`llama::block_bwd_amp`).
+fn amp_llama_backward(cfg: &ModelConfig, x: &Dims, h: u64) -> (u64, i128) {
+    let mut a = Amp {
+        x,
+        h,
+        l: Ledger::at(0),
+        in_out: false,
+    };
+    let (n, d, ff) = (x.n, x.d, x.ff);
+    let (q, kv) = (x.h * x.hd, x.hkv * x.hd);
+    let (qkv_b, mlp_b) = (cfg.has_qkv_bias(), cfg.mlp_bias);
+    // A map's half input gradient widened and summed into the f32 one.
+    let add_widened = |a: &mut Amp, first: bool| {
+        a.widen_replace(n * d);
+        if !first {
+            a.l.free(n * d * F32);
+        }
+    };
+    a.lin_bwd(ff, d, mlp_b, true); // down: dh
+    a.l.free(n * ff * h); // h
+    for _ in 0..3 {
+        a.l.alloc(n * ff * F32); // gate, up, dh widened
+    }
+    a.l.alloc(n * ff * F32); // dgate
+    a.l.alloc(n * ff * F32); // dup
+    a.l.free(3 * n * ff * F32);
+    a.narrow_replace(n * ff);
+    a.narrow_replace(n * ff);
+    a.l.free(4 * n * ff * h); // dh, gate, up, act(gate)
+    for first in [true, false] {
+        a.lin_bwd(d, ff, mlp_b, false); // gate, then up
+        add_widened(&mut a, first);
+        a.l.free(n * ff * h); // dgate / dup
+        a.l.free(n * d * h); // its input
+    }
+    a.rms_norm_bwd(); // post_attention_layernorm (x1 freed)
+    a.l.free(n * d * F32); // its dx added into dy
+    a.lin_bwd(q, d, cfg.bias, true); // o_proj: d_o
+    a.l.alloc(n * q * F32); // q, k, v, o, d_o widened
+    a.l.alloc(n * kv * F32);
+    a.l.alloc(n * kv * F32);
+    a.l.alloc(n * q * F32);
+    a.l.alloc(n * q * F32);
+    a.l.alloc(n * q * F32); // dq, dk, dv
+    a.l.alloc(n * kv * F32);
+    a.l.alloc(n * kv * F32);
+    a.l.scratch(x.attn_bwd_scratch());
+    a.l.free((3 * q + 2 * kv) * n * F32);
+    for w in [q, kv, kv] {
+        a.narrow_replace(n * w);
+    }
+    a.l.free((3 * q + 2 * kv) * n * h); // d_o, q, k, v, o
+    a.l.free(x.lse());
+    for (i, (w, out)) in [(q, q), (kv, kv), (0, kv)].into_iter().enumerate() {
+        if w > 0 {
+            // through RoPE: widened, rotated back, narrowed, the incoming gradient freed
+            a.l.alloc(n * w * F32);
+            a.l.alloc(n * w * F32);
+            a.l.free(n * w * F32);
+            a.narrow_replace(n * w);
+            a.l.free(n * w * h);
+        }
+        a.lin_bwd(d, out, qkv_b, false);
+        add_widened(&mut a, i == 0);
+        a.l.free(n * out * h); // dq / dk / dv
+        a.l.free(n * d * h); // its input
+    }
+    a.rms_norm_bwd(); // input_layernorm (x freed)
+    a.l.free(n * d * F32); // its dx added into dx1
+    a.l.result(0)
+}
+
+/// The half copies of one block's weight matrices, headers included (GPT-2: c_attn, c_proj,
+/// c_fc, the MLP's c_proj; Llama: q, k, v, o, gate, up, down).
+fn amp_weight_copies(cfg: &ModelConfig, x: &Dims, h: u64) -> u64 {
+    let (d, ff) = (x.d, x.ff);
+    let (q, kv) = (x.h * x.hd, x.hkv * x.hd);
+    match cfg.arch {
+        Arch::Gpt2 => (4 * d * d + 2 * d * ff) * h + 4 * TENSOR_OVERHEAD_BYTES,
+        Arch::Llama => ((2 * q + 2 * kv) * d + 3 * ff * d) * h + 7 * TENSOR_OVERHEAD_BYTES,
+    }
+}
+
+/// Tensors in `amp_gpt2_saved` (each with a header).
+fn amp_gpt2_saved_tensors(cfg: &ModelConfig) -> u64 {
+    19 + gelu_parts(cfg, &LeanOptions::default())
+}
+
+/// The closed form of the whole step under AMP (GPT-2 and the plain Llama layer;
+/// `train::supported` refuses the rest): f32 master weights, gradients and optimizer states; the
+/// saved set autocast keeps.
+fn predict_amp(cfg: &ModelConfig, step: Step, opts: &LeanOptions, h: u64) -> LeanPrediction {
+    let (params, n_tensors) = param_counts(cfg);
+    let (b, t) = (step.batch as u64, step.seq as u64);
+    let x = dims(cfg, step, false);
+    let (n, d, v) = (x.n, x.d, x.v);
+    let layers = cfg.n_layer as u64;
+    let mut terms: Vec<(String, u64)> = Vec::new();
+    let weights = params * F32 + n_tensors * (VARMAP_BYTES_PER_TENSOR + LEAN_BYTES_PER_TENSOR);
+    terms.push(("weights (f32 master)".into(), weights));
+
+    let rms = cfg.arch == Arch::Llama;
+    let (saved_block, tensors, (fwd_peak, _), (bwd_peak, bwd_net)) = match cfg.arch {
+        Arch::Gpt2 => (
+            amp_gpt2_saved(cfg, &x, h),
+            amp_gpt2_saved_tensors(cfg),
+            amp_gpt2_forward(cfg, &x, h),
+            amp_gpt2_backward(cfg, &x, h),
+        ),
+        Arch::Llama => (
+            amp_llama_saved(&x, h),
+            AMP_LLAMA_SAVED_TENSORS,
+            amp_llama_forward(cfg, &x, h),
+            amp_llama_backward(cfg, &x, h),
+        ),
+    };
+    for (name, bytes) in &saved_block {
+        terms.push((format!("per block: {name}"), *bytes));
+    }
+    let kept = saved_block.iter().map(|(_, v)| v).sum::<u64>() + tensors * TENSOR_OVERHEAD_BYTES;
+    let rope = if rms {
+        2 * (t * (cfg.rotary_dim as u64 / 2) * STAT + TENSOR_OVERHEAD_BYTES)
+    } else {
+        0
+    };
+
+    let head_saved = [
+        ("final norm input [N, d] f32", n * d * F32),
+        (
+            "final norm statistics [N] f32",
+            if rms { n * STAT } else { 2 * n * STAT },
+        ),
+        (
+            "final norm's normalized input x̂ [N, d] f32",
+            u64::from(rms) * n * d * STAT,
+        ),
+        (
+            "final norm output narrowed (head input) [N, d] half",
+            n * d * h,
+        ),
+        ("head weight's half copy [V, d]", v * d * h),
+        ("logits [N, V] half", n * v * h),
+        ("log-probabilities [N, V] f32", n * v * STAT),
+        ("loss lse [N] f32", n * STAT),
+        ("targets [N] u32", n * 4),
+        ("RoPE cos/sin tables", rope),
+    ];
+    for (name, bytes) in head_saved {
+        terms.push((name.to_string(), bytes));
+    }
+    // Eight tensors and the RMSNorm's x̂ (the RoPE tables' headers are in their term).
+    let head_bytes = head_saved.iter().map(|(_, v)| v).sum::<u64>()
+        + (8 + u64::from(rms)) * TENSOR_OVERHEAD_BYTES;
+    // Checkpointed blocks keep their input for the backward; their weight copies stay in
+    // autocast's cast cache until the forward ends, then the recompute casts again.
+    let ckpt = opts.checkpoint == Checkpoint::Blocks;
+    let input = n * d * F32 + TENSOR_OVERHEAD_BYTES;
+    let copies = amp_weight_copies(cfg, &x, h);
+    let (kept_fwd, kept_bwd) = if ckpt {
+        (input + copies, input)
+    } else {
+        (kept, kept)
+    };
+    if ckpt {
+        terms.push((
+            "per block, checkpointed: its input, and until the forward ends its weights' half copies"
+                .into(),
+            kept_fwd,
+        ));
+    }
+    let blocks_kept = layers * kept_bwd;
+    let saved = blocks_kept + head_bytes;
+    terms.push((
+        format!("saved: {layers} blocks ({blocks_kept}) + head/loss"),
+        saved,
+    ));
+
+    // --- forward: the blocks, then the head and the loss
+    let start = weights + rope + n * d * F32 + TENSOR_OVERHEAD_BYTES; // the embedding's output
+    let mut in_blocks = start;
+    let mut level = start;
+    for _ in 0..layers {
+        in_blocks = in_blocks.max(level + fwd_peak);
+        level += kept_fwd;
+    }
+    let mut a = Amp {
+        x: &x,
+        h,
+        l: Ledger::at(level),
+        in_out: cfg.arch == Arch::Gpt2,
+    };
+    a.norm_fwd_narrowed(rms); // the final norm
+    a.l.alloc(v * d * h); // the head's half copy
+    a.mm(n, v, d); // logits
+    a.l.alloc(n * 4); // targets
+    a.l.scratch(b * t * 4 + b * 24); // host copy of the ids
+    a.l.alloc(n * v * F32); // the logits widened for the loss
+    a.l.alloc(n * STAT); // lse
+    a.l.alloc(n * v * STAT); // log-probabilities
+    a.l.free(n * v * F32);
+    let at_loss = a.l.peak as u64;
+    let forward_peak = in_blocks.max(at_loss);
+    terms.push(("forward peak: in the blocks".into(), in_blocks));
+    terms.push(("forward peak: at the loss".into(), at_loss));
+
+    // --- backward: the loss and the head
+    a.l = Ledger::at(weights + saved);
+    a.l.alloc(n * v * STAT); // the log-probabilities' gradient
+    a.l.alloc(n * v * F32); // the logits widened: their gradient, in place
+    a.l.free(n * v * STAT);
+    a.l.free(n * v * STAT); // log-probabilities
+    a.l.free(n * STAT); // lse
+    a.narrow_replace(n * v); // dlogits
+    a.mm(v, d, n); // head dW
+    a.widen_replace(v * d); // its f32 gradient
+    a.l.free(n * d * h); // head input
+    a.mm(n, d, v); // dxf
+    a.l.free(n * v * h); // dlogits
+    a.l.free(v * d * h); // the head's half copy
+    if rms {
+        a.widen_replace(n * d);
+        a.rms_norm_bwd();
+    } else {
+        a.layer_norm_bwd(cfg.bias); // its input freed
+    }
+    let head_peak = a.l.peak as u64;
+    let mut level = a.l.cur.max(0) as u64;
+    let mut in_blocks_bwd = 0;
+    for _ in 0..layers {
+        if ckpt {
+            // the block's forward again, its output dropped and its saved set kept
+            in_blocks_bwd = in_blocks_bwd.max(level + fwd_peak);
+            level += kept - input;
+        }
+        in_blocks_bwd = in_blocks_bwd.max(level + bwd_peak);
+        level = (level as i128 + bwd_net).max(0) as u64;
+    }
+    // --- the embedding's gradient (f32): GPT-2's positions, then the tokens'
+    let mut l = Ledger::at(level);
+    let bs = cfg.block_size as u64;
+    if !rms {
+        l.alloc(t * d * F32);
+    }
+    if !rms && t < bs {
+        l.alloc((bs - t) * d * F32);
+        l.alloc(bs * d * F32);
+        l.free(t * d * F32);
+        l.free((bs - t) * d * F32);
+    }
+    l.scratch(n * 4);
+    let vd = v * d * F32;
+    if !cfg.tie_embeddings {
+        l.alloc(vd);
+    } else {
+        l.alloc(vd);
+        l.alloc(vd);
+        l.free(vd);
+        l.free(vd);
+    }
+    let embed_peak = l.peak as u64;
+    let backward_peak = head_peak.max(in_blocks_bwd).max(embed_peak);
+    terms.push(("backward peak: at the head".into(), head_peak));
+    terms.push(("backward peak: in the blocks".into(), in_blocks_bwd));
+    terms.push(("backward peak: at the embedding".into(), embed_peak));
+
+    let gradients = params * F32 + n_tensors * TENSOR_OVERHEAD_BYTES;
+    terms.push(("gradients (f32)".into(), gradients));
+    let (optimizer_state_bytes, optimizer_peak_bytes) = match opts.optimizer {
+        None => (None, None),
+        Some(Optimizer::Sgd) => (Some(0), Some(weights + gradients)),
+        Some(Optimizer::AdamW) => {
+            let state = 2 * gradients;
+            (Some(state), Some(weights + gradients + state + gradients))
         }
     };
     LeanPrediction {

@@ -42,6 +42,7 @@
 //! `step::stage_step` runs its stage's block range between the neighbouring stages; the whole
 //! step is the one stage with no neighbours.
 
+mod amp;
 mod gpt2;
 mod inplace;
 mod kept;
@@ -56,7 +57,7 @@ mod step;
 
 use kernels as k;
 
-use crate::config::{Arch, ModelConfig};
+use crate::config::{Arch, ModelConfig, NormPlacement, Storage};
 use candle_core::{Result, Tensor};
 use candle_nn::VarMap;
 use layers::Params;
@@ -145,10 +146,47 @@ impl Default for LeanOptions {
 }
 
 /// Why the lean step cannot run this config (a switch it does not implement), or Ok. Every
-/// switch of the Llama skeleton and GPT-2 is implemented; what remains refused is a step option.
-pub fn supported(_cfg: &ModelConfig, opts: &LeanOptions) -> std::result::Result<(), String> {
-    if opts.amp.is_some() {
-        return Err("mixed precision (amp) is not implemented by the lean step yet".into());
+/// switch of the Llama skeleton and GPT-2 is implemented in f32; mixed precision covers GPT-2
+/// and the plain Llama layer (separate maps, pre-norms, dense MLP, no window) with HF's saved
+/// set and sdpa attention.
+pub fn supported(cfg: &ModelConfig, opts: &LeanOptions) -> std::result::Result<(), String> {
+    if opts.amp.is_none() {
+        return Ok(());
+    }
+    let not_yet = |what: &str| {
+        Err(format!(
+            "mixed precision (amp) {what} is not implemented yet"
+        ))
+    };
+    if cfg.arch == Arch::Llama {
+        let windowed = (0..cfg.n_layer).any(|i| cfg.attention_window(i).is_some());
+        let unsupported = [
+            (
+                cfg.qkv_storage == Storage::Fused,
+                "with a fused qkv projection",
+            ),
+            (
+                cfg.gate_up_storage == Storage::Fused,
+                "with a fused gate/up projection",
+            ),
+            (cfg.qk_norm, "with q/k norms"),
+            (
+                cfg.norm_placement == NormPlacement::Sandwich,
+                "with sandwich norms",
+            ),
+            (cfg.is_moe(), "for a mixture of experts"),
+            (cfg.final_softcap.is_some(), "with a final soft-cap"),
+            (windowed, "with sliding-window attention"),
+        ];
+        if let Some((_, what)) = unsupported.iter().find(|(on, _)| *on) {
+            return not_yet(what);
+        }
+    }
+    if opts.attention == Attention::Eager {
+        return not_yet("with eager attention");
+    }
+    if opts.saved == SavedSet::Fused {
+        return not_yet("with the fused saved set");
     }
     Ok(())
 }

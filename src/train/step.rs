@@ -2,6 +2,7 @@
 //! (or only its input, with block checkpointing), the final norm, the head and the loss; then the
 //! backward in reverse, each block's saved tensors dropped as soon as its gradients are done.
 
+use super::amp;
 use super::k;
 use super::layers::{EmbeddingGrad, Grads, Norm};
 use super::parallel::Parallel;
@@ -49,6 +50,8 @@ pub(crate) trait Net {
     fn final_softcap(&self) -> Option<f64> {
         None
     }
+    /// Under AMP, drops every block map's half weight copy (`Lin::release_half`).
+    fn release_half(&self) {}
 }
 
 /// What the forward kept of one block.
@@ -148,6 +151,16 @@ pub(crate) fn stage_step<N: Net>(
         grads.1 = EmbeddingGrad::Dense;
     }
     let mut kept_tail = None;
+    // With checkpointed blocks under AMP, nothing saved a block's weight copies: they go when
+    // the forward's autocast region ends (its cast cache cleared), and the recompute casts again.
+    let release = opts.amp.is_some() && opts.checkpoint == Checkpoint::Blocks;
+    let mut ending = || {
+        if release {
+            net.release_half();
+        }
+        forward_done()
+    };
+    let forward_done: &mut dyn FnMut() -> Result<()> = &mut ending;
     let (loss, mut dx) = match &part.next {
         Some(next) => {
             next.send(&x)?;
@@ -193,6 +206,9 @@ fn head_step<N: Net>(
     grads: &mut Grads,
     forward_done: &mut dyn FnMut() -> Result<()>,
 ) -> Result<(f64, Tensor, (Tensor, Option<Tensor>))> {
+    if let Some(dt) = opts.amp {
+        return head_step_amp(net, ids, x, dt, opts, grads, forward_done);
+    }
     let (b, t) = ids.dims2()?;
     let (xf, stats) = net.final_norm().fwd_keeping(&x, opts.saved)?;
     let (head, head_name) = net.head();
@@ -245,4 +261,57 @@ fn head_step<N: Net>(
     let dx = net.final_norm().bwd(&dxf, &x, &stats, grads)?;
     drop((dxf, x, stats));
     Ok((loss, dx, (targets, held_logits)))
+}
+
+/// `head_step` under AMP (HF's loss on the half logits of autocast's linear): the final norm in
+/// f32, its output and the head's weight narrowed (both kept for the backward), the half logits
+/// (held until the step ends), the loss on their f32 copy with its f32 log-probabilities kept;
+/// in backward the logits' f32 gradient, narrowed before the head's products.
+#[allow(clippy::type_complexity)]
+fn head_step_amp<N: Net>(
+    net: &N,
+    ids: &Tensor,
+    x: Tensor,
+    dt: DType,
+    opts: &LeanOptions,
+    grads: &mut Grads,
+    forward_done: &mut dyn FnMut() -> Result<()>,
+) -> Result<(f64, Tensor, (Tensor, Option<Tensor>))> {
+    let (b, t) = ids.dims2()?;
+    let (xf32, stats) = net.final_norm().fwd_keeping(&x, opts.saved)?;
+    let xf = xf32.to_dtype(dt)?;
+    drop(xf32);
+    let (head, head_name) = net.head();
+    let head = head.to_dtype(dt)?;
+    // [N, d] @ [d, V] -> [N, V]
+    let logits = amp::matmul(&xf, &head.t()?)?;
+    let targets = targets(ids)?;
+    let (loss, lse, logp) = {
+        let logits32 = amp::widen(&logits)?;
+        let (loss, lse) = k::cross_entropy_fwd(&logits32, &targets)?;
+        let logp = kept::log_probs(&logits32, &lse)?;
+        (loss, lse, logp)
+    };
+    forward_done()?;
+
+    // --- backward
+    let rows = b * (t - 1);
+    let scale = 1.0 / rows as f64;
+    let dlogp = kept::nll_grad(&targets, logits.dim(1)?, scale)?;
+    let dlogits = k::cross_entropy_bwd(amp::widen(&logits)?, &targets, &lse, scale, None)?;
+    drop((dlogp, logp, lse));
+    let dlogits = {
+        let d = dlogits.to_dtype(dt)?;
+        drop(dlogits);
+        d
+    };
+    // [V, N] @ [N, d] -> [V, d], the master weight's gradient in f32
+    let dw = amp::widen(&amp::matmul(&dlogits.t()?, &xf)?)?;
+    grads.add(head_name, dw)?;
+    drop(xf);
+    let dxf = amp::widen(&amp::matmul(&dlogits, &head)?)?;
+    drop((dlogits, head));
+    let dx = net.final_norm().bwd(&dxf, &x, &stats, grads)?;
+    drop((dxf, x, stats));
+    Ok((loss, dx, (targets, Some(logits))))
 }
