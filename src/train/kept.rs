@@ -93,7 +93,7 @@ pub(crate) fn gelu_intermediates_half(
             }
         };
     }
-    let one: &[fn(&[f32], &mut [&mut [f32]; 1])] = match form {
+    let one: &[Block<1>] = match form {
         GeluForm::Fused => &[],
         GeluForm::New => &[
             part!(new_parts, 0),
@@ -119,12 +119,12 @@ pub(crate) fn gelu_intermediates_half(
         .collect()
 }
 
+/// Writes a chunk of each of K outputs from the same chunk of the input.
+type Block<const K: usize> = fn(&[f32], &mut [&mut [f32]; K]);
+
 /// The K outputs of `block` over the elements of x, each in its own tensor: one pass on the CPU
 /// for contiguous f32 (the values through the host otherwise).
-fn parts<const K: usize>(
-    x: &Tensor,
-    block: fn(&[f32], &mut [&mut [f32]; K]),
-) -> Result<Vec<Tensor>> {
+fn parts<const K: usize>(x: &Tensor, block: Block<K>) -> Result<Vec<Tensor>> {
     let n = x.elem_count();
     let host = x.to_dtype(DType::F32)?.flatten_all()?;
     let fused = x.dtype() == DType::F32 && x.device().is_cpu() && x.is_contiguous();
