@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 use std::path::PathBuf;
+use truesize::config::{Arch, Dims, ModelConfig};
 
 pub fn truesize() -> assert_cmd::Command {
     assert_cmd::Command::cargo_bin("truesize").expect("the truesize binary is built by cargo test")
@@ -21,4 +22,34 @@ pub fn temp_file(name: &str, text: &[u8]) -> (tempfile::TempDir, PathBuf) {
     let p = dir.path().join(name);
     std::fs::write(&p, text).expect("write temp file");
     (dir, p)
+}
+
+/// A small valid config of `arch`: vocabulary v, width d, l layers, h query / kv key-value heads,
+/// MLP width ff, 512 positions.
+pub fn tiny_config(
+    arch: Arch,
+    v: usize,
+    d: usize,
+    l: usize,
+    h: usize,
+    kv: usize,
+    ff: usize,
+) -> ModelConfig {
+    let c = ModelConfig::plain(
+        format!("{arch:?} v{v} d{d} l{l} h{h}/{kv} ff{ff}"),
+        arch,
+        if arch == Arch::Gpt2 { "gpt2" } else { "llama" },
+        Dims {
+            vocab_size: v,
+            block_size: 512,
+            n_embd: d,
+            n_layer: l,
+            n_head: h,
+            n_kv_head: kv,
+            head_dim: d / h,
+            intermediate_size: ff,
+        },
+    );
+    c.validate().unwrap();
+    c
 }

@@ -7,10 +7,13 @@
 //! The allocator's counters are process-wide: the tests take one lock so that no other test's
 //! allocations land inside a measurement.
 
+mod common;
+
 use candle_core::{DType, Device, Tensor};
+use common::tiny_config as cfg;
 use std::collections::BTreeMap;
 use std::sync::Mutex;
-use truesize::config::{Arch, Dims, ModelConfig, Step};
+use truesize::config::{Arch, ModelConfig, Step};
 use truesize::dtype::TrainDtype;
 use truesize::measure::alloc::CountingAlloc;
 use truesize::measure::run::probe_for;
@@ -24,26 +27,6 @@ static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 /// verify's gate for the lean step's predicted vs measured peak.
 const PEAK_TOL: f64 = 0.02;
-
-fn cfg(arch: Arch, v: usize, d: usize, l: usize, h: usize, kv: usize, ff: usize) -> ModelConfig {
-    let c = ModelConfig::plain(
-        format!("{arch:?} v{v} d{d} l{l} h{h}/{kv} ff{ff}"),
-        arch,
-        if arch == Arch::Gpt2 { "gpt2" } else { "llama" },
-        Dims {
-            vocab_size: v,
-            block_size: 512,
-            n_embd: d,
-            n_layer: l,
-            n_head: h,
-            n_kv_head: kv,
-            head_dim: d / h,
-            intermediate_size: ff,
-        },
-    );
-    c.validate().unwrap();
-    c
-}
 
 fn ids(cfg: &ModelConfig, b: usize, t: usize) -> Tensor {
     let ids: Vec<u32> = (0..b * t)

@@ -7,9 +7,12 @@
 //! One test function: the allocator's counters are process-wide, so the measurements must not
 //! overlap with another test's allocations.
 
+mod common;
+
 use candle_core::{DType, Device, Tensor};
+use common::tiny_config as cfg;
 use truesize::config::{
-    Arch, Attention as AttnKind, Dims, EmbeddingScale, ExpertNames, GeluForm, MlpKind, ModelConfig,
+    Arch, Attention as AttnKind, EmbeddingScale, ExpertNames, GeluForm, MlpKind, ModelConfig,
     NormKind, NormPlacement, Step, Storage,
 };
 use truesize::dtype::TrainDtype;
@@ -25,26 +28,6 @@ static ALLOC: CountingAlloc = CountingAlloc;
 
 /// verify's gate for the lean step's predicted vs measured peak.
 const PEAK_TOL: f64 = 0.02;
-
-fn cfg(arch: Arch, v: usize, d: usize, l: usize, h: usize, kv: usize, ff: usize) -> ModelConfig {
-    let c = ModelConfig::plain(
-        format!("{arch:?} v{v} d{d} l{l} h{h}/{kv} ff{ff}"),
-        arch,
-        if arch == Arch::Gpt2 { "gpt2" } else { "llama" },
-        Dims {
-            vocab_size: v,
-            block_size: 512,
-            n_embd: d,
-            n_layer: l,
-            n_head: h,
-            n_kv_head: kv,
-            head_dim: d / h,
-            intermediate_size: ff,
-        },
-    );
-    c.validate().unwrap();
-    c
-}
 
 struct Case {
     cfg: ModelConfig,
