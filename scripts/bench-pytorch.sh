@@ -42,6 +42,8 @@ CASES=(
   "llama-d640-tied.json 2 384 --checkpoint blocks | --checkpointing"
   "gpt2-d384.json 8 256 --dtype bf16 --amp | --amp bf16"
   "llama-d512.json 4 256 --dtype bf16 --amp | --amp bf16"
+  "qwen2-d256.json 2 512 --dtype bf16 --amp | --amp bf16"
+  "mistral-d512-window.json 4 255 --dtype bf16 --amp | --amp bf16"
   "gpt2-d384.json 8 256 --dtype bf16 --amp --checkpoint blocks | --amp bf16 --checkpointing"
   "llama-d512.json 4 256 --dtype bf16 --amp --checkpoint blocks | --amp bf16 --checkpointing"
 )

@@ -144,7 +144,10 @@ fn amp_runs_pass_and_refusals_name_the_flag() {
     for (extra, why) in [
         (vec!["--saved", "fused"], "fused saved set"),
         (vec!["--attention", "eager"], "eager attention"),
-        (vec!["--config", p.to_str().unwrap()], "sliding-window"),
+        (
+            vec!["--config", p.to_str().unwrap()],
+            "sliding window in effect",
+        ),
     ] {
         truesize()
             .args([
@@ -157,6 +160,15 @@ fn amp_runs_pass_and_refusals_name_the_flag() {
             .stderr(predicate::str::contains(why))
             .stderr(predicate::str::contains("panicked").not());
     }
+    // Shorter than the window, the window is not in effect: plain causal attention, as HF's.
+    let windowed = "arch='llama'\nvocab_size=300\nblock_size=64\nn_embd=64\nn_layer=2\nn_head=8\nn_kv_head=2\nintermediate_size=160\nsliding_window=32\n";
+    let (_d, p) = temp_file("w.toml", windowed.as_bytes());
+    let cfg = p.to_str().unwrap();
+    let (code, j) = verify_json(&[
+        "--config", cfg, "--batch", "2", "--seq", "16", "--dtype", "bf16", "--amp",
+    ]);
+    assert_eq!(code, 0, "{:?}", failed_checks(&j));
+    assert_eq!(j["run"]["amp"], "bf16");
 }
 
 #[test]

@@ -157,7 +157,7 @@ pub fn resolve_engine(
             step.dtype.name()
         ))
     } else {
-        train::supported(cfg, &opts)
+        train::supported_at(cfg, &opts, step.seq)
     };
     match supported {
         Ok(()) => Ok((Engine::Lean(opts), None)),

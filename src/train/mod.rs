@@ -147,9 +147,20 @@ impl Default for LeanOptions {
 
 /// Why the lean step cannot run this config (a switch it does not implement), or Ok. Every
 /// switch of the Llama skeleton and GPT-2 is implemented in f32; mixed precision covers GPT-2
-/// and the plain Llama layer (separate maps, pre-norms, dense MLP, no window) with HF's saved
-/// set and sdpa attention.
+/// and the plain Llama layer (separate maps, pre-norms, dense MLP, no window in effect) with
+/// HF's saved set and sdpa attention. Without a sequence length, any sliding window counts as in
+/// effect; `supported_at` knows the length.
 pub fn supported(cfg: &ModelConfig, opts: &LeanOptions) -> std::result::Result<(), String> {
+    supported_at(cfg, opts, usize::MAX)
+}
+
+/// `supported` for sequences of `seq` tokens: a sliding window w is in effect from seq ≥ w (HF
+/// then hands sdpa an explicit mask); shorter sequences see plain causal attention.
+pub fn supported_at(
+    cfg: &ModelConfig,
+    opts: &LeanOptions,
+    seq: usize,
+) -> std::result::Result<(), String> {
     if opts.amp.is_none() {
         return Ok(());
     }
@@ -159,7 +170,7 @@ pub fn supported(cfg: &ModelConfig, opts: &LeanOptions) -> std::result::Result<(
         ))
     };
     if cfg.arch == Arch::Llama {
-        let windowed = (0..cfg.n_layer).any(|i| cfg.attention_window(i).is_some());
+        let windowed = (0..cfg.n_layer).any(|i| cfg.attention_window(i).is_some_and(|w| seq >= w));
         let unsupported = [
             (
                 cfg.qkv_storage == Storage::Fused,
@@ -176,7 +187,7 @@ pub fn supported(cfg: &ModelConfig, opts: &LeanOptions) -> std::result::Result<(
             ),
             (cfg.is_moe(), "for a mixture of experts"),
             (cfg.final_softcap.is_some(), "with a final soft-cap"),
-            (windowed, "with sliding-window attention"),
+            (windowed, "with a sliding window in effect (seq ≥ window)"),
         ];
         if let Some((_, what)) = unsupported.iter().find(|(on, _)| *on) {
             return not_yet(what);
