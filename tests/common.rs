@@ -3,6 +3,8 @@
 
 use std::path::PathBuf;
 use truesize::config::{Arch, Dims, ModelConfig};
+use truesize::measure::run::PhaseBytes;
+use truesize::train::memory::LeanPrediction;
 
 pub fn truesize() -> assert_cmd::Command {
     assert_cmd::Command::cargo_bin("truesize").expect("the truesize binary is built by cargo test")
@@ -52,4 +54,27 @@ pub fn tiny_config(
     );
     c.validate().unwrap();
     c
+}
+
+/// One line comparing a lean step's measured phases with the closed form's (shown on failure).
+pub fn print_phases(what: &str, m: &PhaseBytes, p: &LeanPrediction) {
+    eprintln!(
+        "{what}: peak {} / {} ({:+.2}%), fwd peak {} / {}, after fwd {} / {}, \
+         bwd peak {} / {}, weights {} / {}, grads {} / {}, opt {:?} / {:?}",
+        m.peak_bytes,
+        p.peak_bytes,
+        100.0 * (p.peak_bytes as f64 - m.peak_bytes as f64) / m.peak_bytes as f64,
+        m.forward_peak_bytes,
+        p.forward_peak_bytes,
+        m.after_forward_bytes,
+        p.weights_bytes + p.saved_bytes,
+        m.backward_peak_bytes,
+        p.backward_peak_bytes,
+        m.weights_bytes,
+        p.weights_bytes,
+        m.gradients_bytes,
+        p.gradients_bytes,
+        m.optimizer_peak_bytes,
+        p.optimizer_peak_bytes,
+    );
 }

@@ -71,27 +71,7 @@ fn measure(cfg: &ModelConfig, b: usize, t: usize, opts: &LeanOptions) -> (u64, u
         opts,
     );
     let m = r.memory;
-    eprintln!(
-        "{} b{b} t{t} {:?}: peak {} / {} ({:+.2}%), fwd peak {} / {}, after fwd {} / {}, \
-         bwd peak {} / {}, weights {} / {}, grads {} / {}, opt {:?} / {:?}",
-        cfg.name,
-        opts.amp,
-        m.peak_bytes,
-        p.peak_bytes,
-        100.0 * (p.peak_bytes as f64 - m.peak_bytes as f64) / m.peak_bytes as f64,
-        m.forward_peak_bytes,
-        p.forward_peak_bytes,
-        m.after_forward_bytes,
-        p.weights_bytes + p.saved_bytes,
-        m.backward_peak_bytes,
-        p.backward_peak_bytes,
-        m.weights_bytes,
-        p.weights_bytes,
-        m.gradients_bytes,
-        p.gradients_bytes,
-        m.optimizer_peak_bytes,
-        p.optimizer_peak_bytes,
-    );
+    common::print_phases(&format!("{} b{b} t{t} {:?}", cfg.name, opts.amp), &m, &p);
     assert!(r.missing_grads.is_empty(), "{:?}", r.missing_grads);
     // f32 master weights and f32 gradients, whatever the compute dtype.
     let params: u64 = lean.params().map(|(_, t)| t.elem_count() as u64).sum();

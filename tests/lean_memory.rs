@@ -60,28 +60,10 @@ fn measure(c: &Case) -> (u64, u64) {
     };
     let p = memory::predict(&c.cfg, step, &c.opts);
     let m = r.memory;
-    eprintln!(
-        "{} b{} t{} {:?}: peak {} / {} ({:+.2}%), fwd peak {} / {}, after fwd {} / {}, \
-         bwd peak {} / {}, weights {} / {}, grads {} / {}, opt {:?} / {:?}",
-        c.cfg.name,
-        c.b,
-        c.t,
-        c.opts,
-        m.peak_bytes,
-        p.peak_bytes,
-        100.0 * (p.peak_bytes as f64 - m.peak_bytes as f64) / m.peak_bytes as f64,
-        m.forward_peak_bytes,
-        p.forward_peak_bytes,
-        m.after_forward_bytes,
-        p.weights_bytes + p.saved_bytes,
-        m.backward_peak_bytes,
-        p.backward_peak_bytes,
-        m.weights_bytes,
-        p.weights_bytes,
-        m.gradients_bytes,
-        p.gradients_bytes,
-        m.optimizer_peak_bytes,
-        p.optimizer_peak_bytes,
+    common::print_phases(
+        &format!("{} b{} t{} {:?}", c.cfg.name, c.b, c.t, c.opts),
+        &m,
+        &p,
     );
     assert!(r.missing_grads.is_empty(), "{:?}", r.missing_grads);
     if let (Some(mo), Some(po)) = (m.optimizer_peak_bytes, p.optimizer_peak_bytes) {
